@@ -1,0 +1,85 @@
+"""Loading the frozen backbone, truncated to the layers the head reads.
+
+Only layers 0..deepest selected are instantiated (the config is shortened before the
+weights are read), so the real 4B model never has to fit in memory whole, and the LM
+head is never built.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import ArtifactError
+
+SUPPORTED_MODEL_TYPES = ("qwen3",)
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class LoadedBackbone:
+    model: Any            # transformers Qwen3Model with only the kept layers
+    tokenizer: Any        # transformers fast tokenizer
+    model_id: str
+    revision: Optional[str]
+    num_layers: int       # layers of the full backbone (decides the runtime readout's norm)
+    kept_layers: int
+    hidden_size: int
+    intermediate_size: int
+    config: Any
+
+
+def load_backbone_config(model_id: str, revision: Optional[str]):
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    except Exception as e:
+        raise ArtifactError(f"could not load the backbone config of {model_id!r}"
+                            f"{f' at revision {revision}' if revision else ''}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ArtifactError(f"backbone {model_id!r} is a {config.model_type!r} model; "
+                            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if getattr(config, "use_sliding_window", False):
+        raise ArtifactError(f"backbone {model_id!r} uses sliding-window attention, which this exporter does not model")
+    return config
+
+
+def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtype: str = "fp32",
+                  config=None) -> LoadedBackbone:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    config = config or load_backbone_config(model_id, revision)
+    num_layers = int(config.num_hidden_layers)
+    if kept_layers > num_layers:
+        raise ArtifactError(f"asked for {kept_layers} layers of a {num_layers}-layer backbone")
+    config.num_hidden_layers = kept_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:kept_layers]
+
+    # Weights of the dropped layers and the LM head are expected to be unused.
+    tf_logger = logging.getLogger("transformers.modeling_utils")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        model = AutoModel.from_pretrained(
+            model_id, revision=revision, config=config, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+            attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
+    except Exception as e:
+        raise ArtifactError(f"could not load backbone weights from {model_id!r}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        tf_logger.setLevel(level)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ArtifactError(f"backbone {model_id!r} has no fast tokenizer (tokenizer.json); the runtime needs one")
+    return LoadedBackbone(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision,
+                          num_layers=num_layers, kept_layers=kept_layers,
+                          hidden_size=int(config.hidden_size),
+                          intermediate_size=int(config.intermediate_size), config=config)

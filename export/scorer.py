@@ -1,0 +1,92 @@
+"""The torch module that becomes the ONNX graph: truncated backbone + gather-pool-MLP head.
+
+It walks the decoder layers itself (same sub-modules, same order as transformers'
+Qwen3DecoderLayer) so the MLP output of a layer can be read without hooks, and the
+readout of each selected layer is explicit:
+
+- ``runtime`` readout (llm-siren): ``hidden_states[L+1]``, i.e. the raw layer output,
+  except for the backbone's last layer, which transformers returns final-RMSNorm-ed;
+- ``training`` readout (the paper's training code): the raw output of every layer.
+
+Pooling happens in fp32 and excludes padding by selection (``where``), so a
+non-finite value at a pad position cannot reach the mean.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+READOUTS = ("runtime", "training")
+
+
+class SirenScorer(nn.Module):
+    def __init__(self, backbone, num_layers: int, artifact, readout: str = "runtime"):
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        self.embed_tokens = backbone.embed_tokens
+        self.rotary_emb = backbone.rotary_emb
+        self.layers = backbone.layers
+        self.norm = backbone.norm
+        self.pooling = artifact.pooling_type
+        self.selected = list(artifact.selected_layers)
+        # Only the backbone's own last layer is normed, and only in the runtime readout.
+        self.normed_layer = num_layers - 1 if readout == "runtime" else -1
+        for layer in self.selected:
+            self.register_buffer(f"neurons_{layer}", torch.tensor(artifact.neurons[layer], dtype=torch.long),
+                                 persistent=False)
+        self.layer_weights = {l: float(artifact.layer_weights[l]) for l in self.selected}
+        modules: list[nn.Module] = []
+        for spec in artifact.head:
+            linear = nn.Linear(spec.weight.shape[1], spec.weight.shape[0])
+            with torch.no_grad():
+                linear.weight.copy_(spec.weight)
+                linear.bias.copy_(spec.bias)
+            modules.append(linear)
+            if spec.relu:
+                modules.append(nn.ReLU())
+        self.head = nn.Sequential(*modules).float()
+
+    def _attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, seq, seq] boolean: causal, padding keys excluded; every query may
+        also see itself, so an all-padding row never has an empty softmax (no NaN)."""
+        seq = attention_mask.shape[1]
+        positions = torch.arange(seq, device=attention_mask.device)
+        causal = positions[None, :] <= positions[:, None]
+        keys = attention_mask.bool()[:, None, :]
+        allowed = (causal[None] & keys) | torch.eye(seq, dtype=torch.bool, device=attention_mask.device)[None]
+        return allowed[:, None, :, :]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        valid = attention_mask.bool()[:, :, None]                     # [B, S, 1]
+        counts = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+        hidden = self.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        mask = self._attention_mask(attention_mask)
+
+        features = []
+        for index in range(self.selected[-1] + 1):
+            layer = self.layers[index]
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            x, _ = layer.self_attn(hidden_states=x, attention_mask=mask,
+                                   position_embeddings=position_embeddings)
+            hidden = residual + x
+            residual = hidden
+            mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + mlp_out
+            if index in self.layer_weights:
+                if self.pooling == "mlp_mean":
+                    rep = mlp_out
+                elif index == self.normed_layer:
+                    rep = self.norm(hidden)
+                else:
+                    rep = hidden
+                picked = rep.index_select(-1, getattr(self, f"neurons_{index}")).to(torch.float32)
+                pooled = torch.where(valid, picked, 0.0).sum(dim=1) / counts
+                features.append(pooled * self.layer_weights[index])
+
+        logits = self.head(torch.cat(features, dim=-1))
+        score = torch.softmax(logits, dim=-1)[:, 1]
+        return score, logits

@@ -1,0 +1,84 @@
+"""Tiny random Qwen3 backbones and synthetic SIREN heads in the exact artifact format.
+
+The real backbone and head cannot be downloaded offline; these stand in for them in the
+demo, the tests and the benchmarks. The head's output layer is scaled so scores spread
+over (0, 1): saturated scores would hide parity errors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .qwen_tokenizer_build import QWEN3_VOCAB_SIZE, save_qwen3_tokenizer
+
+
+def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128,
+                  num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
+                  tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096) -> Path:
+    """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    # Random init is too tame to make layers differ much; widen it so every layer matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    save_qwen3_tokenizer(folder, tokenizer_cache)
+    return folder
+
+
+def make_head(folder: Path, backbone: str, *, num_layers: int, width: int,
+              selected_layers: Sequence[int], neurons_per_layer: int = 8, pooling_type: str = "residual_mean",
+              layer_dims: Sequence[int] = (32, 16), dropout_rates: Optional[Sequence[float]] = None,
+              max_length: int = 64, default_threshold: float = 0.5, output_scale: float = 4.0,
+              task: str = "content", seed: int = 0, revision: Optional[str] = None) -> Path:
+    """Write `siren_config.json` + `siren.safetensors` exactly as the real artifact lays them out.
+
+    width: the hidden size (residual_mean) or MLP intermediate size (mlp_mean).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    layers = sorted(selected_layers)
+    neurons = {f"layer{l}_{pooling_type}": torch.randperm(width, generator=gen)[:neurons_per_layer].tolist()
+               for l in layers}
+    weights = {str(l): round(0.5 + float(torch.rand(1, generator=gen)), 4) for l in layers}
+    dropout_rates = list(dropout_rates) if dropout_rates is not None else [0.1] + [0.0] * (len(layer_dims) - 1)
+    input_dim = neurons_per_layer * len(layers)
+    tensors, index, prev = {}, 0, input_dim
+    for dim, rate in zip(layer_dims, dropout_rates):
+        tensors[f"network.{index}.weight"] = torch.randn(dim, prev, generator=gen) / prev ** 0.5
+        tensors[f"network.{index}.bias"] = 0.1 * torch.randn(dim, generator=gen)
+        index += 3 if rate > 0 else 2
+        prev = dim
+    tensors[f"network.{index}.weight"] = output_scale * torch.randn(2, prev, generator=gen) / prev ** 0.5
+    tensors[f"network.{index}.bias"] = torch.zeros(2)
+    config = {
+        "task": task,
+        "base_model": {"model_id": str(backbone), "revision": revision},
+        "siren_module": {"pooling_type": pooling_type, "selected_layers": layers, "layer_weights": weights,
+                         "selected_neurons_dict": neurons},
+        "mlp": {"input_dim": input_dim, "layer_dims": list(layer_dims), "dropout_rates": dropout_rates,
+                "num_classes": 2},
+        "inference": {"max_length": max_length, "default_threshold": default_threshold},
+    }
+    (folder / "siren_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "siren.safetensors"))
+    return folder

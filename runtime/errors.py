@@ -1,0 +1,10 @@
+"""Exception types the runtime raises on purpose, so callers can tell them apart."""
+
+
+class BundleError(ValueError):
+    """A bundle exists but cannot be trusted: malformed manifest, wrong format version,
+    a file that does not match its recorded checksum, a path escaping the bundle."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend (or device) cannot run on this machine."""

@@ -1,0 +1,139 @@
+"""SirenGuard: llm-siren's API over an exported bundle, without torch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .backends import create_runner
+from .batching import length_groups
+from .manifest import read_manifest, safe_relative_path, verify_files
+from .result import ScoreResult
+from .text import clean_text, join_prompt_response
+from .tokenization import TextEncoder
+from .validation import check_text, check_texts, check_threshold
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_TOKEN_BUDGET = 16384
+
+
+class SirenGuard:
+    """Scores text for harmfulness from an exported SIREN bundle.
+
+    Same calls and results as ``siren_guard.SirenGuard`` (llm-siren). A guard may be
+    shared by threads for ``score``/``score_batch``: the tokenizer and an ONNX Runtime
+    session are safe for concurrent runs.
+    """
+
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner, encoder: TextEncoder,
+                 max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET):
+        self._bundle_dir = Path(bundle_dir)
+        self._manifest = manifest
+        self._runner = runner
+        self._encoder = encoder
+        self._default_threshold = float(manifest["inference"]["default_threshold"])
+        self._max_batch = int(max_batch_size)
+        self._token_budget = int(token_budget)
+
+    @classmethod
+    def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
+                        backend: Optional[str] = None, *, verify: bool = True,
+                        max_batch_size: int = DEFAULT_MAX_BATCH,
+                        token_budget: int = DEFAULT_TOKEN_BUDGET, **backend_options) -> "SirenGuard":
+        """Load a bundle made by ``siren export``.
+
+        device: "cpu", "cuda" or None (GPU when usable, else CPU).
+        backend: "onnxruntime" or None (best available).
+        verify: check every bundle file against its manifest sha256 before loading;
+            pass False only for trusted, read-only bundle paths.
+        """
+        if not isinstance(bundle_dir, (str, Path)):
+            raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+        bundle_dir = Path(bundle_dir)
+        manifest = read_manifest(bundle_dir)
+        if verify:
+            verify_files(bundle_dir, manifest)
+        inference = manifest["inference"]
+        encoder = TextEncoder(safe_relative_path(bundle_dir, manifest["tokenizer"]["path"]),
+                              max_length=inference["max_length"],
+                              pad_token_id=inference["pad_token_id"])
+        runner = create_runner(bundle_dir, manifest, backend=backend, device=device, **backend_options)
+        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def default_threshold(self) -> float:
+        return self._default_threshold
+
+    @property
+    def backend(self) -> str:
+        return self._runner.name
+
+    @property
+    def device(self) -> str:
+        return self._runner.device
+
+    @property
+    def max_length(self) -> int:
+        return self._encoder.max_length
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    # -- scoring API ------------------------------------------------------------------
+    def score(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
+              response: Optional[str] = None, threshold: Optional[float] = None) -> ScoreResult:
+        """Score one text, or a prompt/response pair joined as SIREN was trained."""
+        if text is not None and (prompt is not None or response is not None):
+            raise ValueError("Pass either `text` or `prompt`/`response`, not both.")
+        if text is None:
+            if prompt is None and response is None:
+                raise ValueError("Provide `text`, or at least one of `prompt`/`response`.")
+            if prompt is not None:
+                check_text(prompt, "prompt")
+            if response is not None:
+                check_text(response, "response")
+            text = join_prompt_response(prompt, response)
+        else:
+            check_text(text, "text")
+        thr = check_threshold(threshold, self._default_threshold)
+        return self._score_texts([text], thr)[0]
+
+    def score_batch(self, texts: Sequence[str], threshold: Optional[float] = None) -> list[ScoreResult]:
+        """Score many texts; results come back in the caller's order."""
+        items = check_texts(texts)
+        thr = check_threshold(threshold, self._default_threshold)
+        return self._score_texts(items, thr)
+
+    def score_streaming(self, response_so_far: str, threshold: Optional[float] = None) -> ScoreResult:
+        """Score a growing prefix as a whole (same value as ``score(prefix)``)."""
+        check_text(response_so_far, "response_so_far")
+        thr = check_threshold(threshold, self._default_threshold)
+        return self._score_texts([response_so_far], thr)[0]
+
+    def __call__(self, *args, **kwargs) -> ScoreResult:
+        return self.score(*args, **kwargs)
+
+    # -- internals --------------------------------------------------------------------
+    def score_token_ids(self, id_lists: list[list[int]]) -> np.ndarray:
+        """Scores for already-tokenized texts, run in padding-aware groups."""
+        scores = np.empty(len(id_lists), dtype=np.float32)
+        lengths = [len(ids) for ids in id_lists]
+        for group in length_groups(lengths, self._max_batch, self._token_budget):
+            input_ids, attention_mask = self._encoder.pad([id_lists[i] for i in group])
+            scores[group] = self._runner.run(input_ids, attention_mask)
+        return scores
+
+    def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
+        if not texts:
+            return []
+        id_lists = self._encoder.token_ids([clean_text(t) for t in texts])
+        scores = self.score_token_ids(id_lists)
+        return [ScoreResult(score=float(s), is_harmful=bool(float(s) >= threshold), threshold=threshold)
+                for s in scores]

@@ -20,6 +20,9 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from transformers.utils import logging as tf_logging
+    tf_logging.disable_progress_bar()
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=hidden_size,

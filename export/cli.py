@@ -1,0 +1,107 @@
+"""The `siren` command: export, score, demo.
+
+Heavy imports (torch, transformers) happen inside the subcommands that need them, so
+`siren score` runs on a machine with only the runtime installed. Errors print one line
+(set SIREN_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_ERROR = 2
+
+
+def _cmd_export(args) -> int:
+    from .pipeline import export_bundle
+    bundle = export_bundle(args.artifact, args.output, backbone=args.backbone, dtype=args.dtype,
+                           readout=args.readout, overwrite=args.overwrite,
+                           parity_tolerance=args.parity_tolerance, cache_dir=args.cache_dir)
+    print(bundle)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from siren_runtime import SirenGuard
+    from siren_runtime.validation import check_threshold
+
+    if args.texts and (args.prompt is not None or args.response is not None):
+        raise ValueError("give TEXT arguments or --prompt/--response, not both")
+    threshold = check_threshold(args.threshold, 0.5) if args.threshold is not None else None
+    guard = SirenGuard.from_pretrained(args.bundle, device=args.device, backend=args.backend)
+    if args.prompt is not None or args.response is not None:
+        texts = [None]
+        results = [guard.score(prompt=args.prompt, response=args.response, threshold=threshold)]
+        labels = [f"prompt={args.prompt!r} response={args.response!r}"]
+    else:
+        texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+        results = guard.score_batch(texts, threshold=threshold)
+        labels = texts
+    for label, result in zip(labels, results):
+        if args.json:
+            print(json.dumps({"text": label, **result.to_dict()}, ensure_ascii=False))
+        else:
+            shown = label.replace("\n", "\\n")
+            shown = shown if len(shown) <= 70 else shown[:67] + "..."
+            print(f"{result.score:.6f}\t{'HARMFUL' if result.is_harmful else 'ok'}\t{shown}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siren", description="SIREN guard deployment: export, score, demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a SIREN artifact + backbone into a bundle (needs torch)")
+    p.add_argument("artifact", help="Hugging Face repo id (e.g. UofTCSSLab/SIREN-Qwen3-4B) or local folder")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--backbone", help="backbone id or local path (overrides the artifact's pinned base model)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="backbone precision in the graph")
+    p.add_argument("--readout", choices=["runtime", "training"], default="runtime",
+                   help="runtime = llm-siren (last layer final-normed); training = raw layer outputs (paper)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--parity-tolerance", type=float, help="max |Δscore| allowed by the export self-check")
+    p.add_argument("--cache-dir", help="Hugging Face cache directory")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("score", help="score texts with a bundle (torch-free)")
+    p.add_argument("bundle")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score (default: one per line from stdin)")
+    p.add_argument("--prompt")
+    p.add_argument("--response")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--backend", help="onnxruntime (default: best available)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("demo", help="build a tiny random model, export it and score it (no network)")
+    p.add_argument("--workdir", help="where to build (default: a new temporary directory)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("siren: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; the traceback only on request
+        if os.environ.get("SIREN_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"siren {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`siren export`: artifact + backbone -> bundle directory.
+
+The bundle is written into a temporary sibling directory and renamed into place at the
+end, so an interrupted export never leaves something that looks like a valid bundle.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from siren_runtime.manifest import MANIFEST_NAME, describe_file, write_manifest
+from siren_runtime.tokenization import TextEncoder
+
+from . import __version__
+from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
+from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
+from .errors import ArtifactError
+from .onnx_export import export_onnx
+from .parity import calibration_texts, check_onnx_against_module, check_tokenizer
+from .progress import Progress
+from .scorer import READOUTS, SirenScorer
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _versions() -> dict:
+    out = {"siren-deploy": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as tf_logging
+        tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
+                  readout: str = "runtime", overwrite: bool = False, parity_tolerance: Optional[float] = None,
+                  cache_dir: Optional[str] = None, show_progress: bool = True) -> Path:
+    """Export `artifact` (Hub id or folder) into the bundle directory `output`."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    output = Path(output).expanduser().resolve()
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    _quiet_transformers()
+    progress = Progress(total_steps=6, enabled=show_progress)
+
+    progress.start(f"reading SIREN artifact {artifact}")
+    art = load_artifact(artifact, cache_dir=cache_dir)
+    model_id = backbone or art.base_model_id
+    revision = None if backbone else art.base_model_revision
+    config = load_backbone_config(model_id, revision)
+    check_against_backbone(art, int(config.num_hidden_layers), int(config.hidden_size),
+                           int(config.intermediate_size))
+    kept = art.deepest_layer + 1
+    progress.done(f"{art.pooling_type}, {len(art.selected_layers)} layers, {art.feature_dim} features")
+
+    progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {dtype})")
+    loaded = load_backbone(model_id, revision, kept, dtype=dtype, config=config)
+    scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
+    progress.done()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        progress.start("tracing and writing the ONNX graph")
+        graph = export_onnx(scorer, staging / MODEL_FILE)
+        progress.done()
+
+        progress.start("writing the tokenizer")
+        tokenizer = loaded.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
+        if pad_id is None:
+            raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
+        backend = tokenizer.backend_tokenizer
+        backend.no_padding()
+        backend.no_truncation()
+        backend.save(str(staging / TOKENIZER_FILE))
+        encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
+        texts = calibration_texts()
+        check_tokenizer(tokenizer, encoder, texts)
+        progress.done()
+
+        progress.start("checking the ONNX graph against the torch module")
+        parity = check_onnx_against_module(scorer, staging / MODEL_FILE, encoder, texts, dtype, parity_tolerance)
+        detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
+                  else f"not checked: {parity.get('reason')}")
+        progress.done(detail)
+
+        progress.start("writing the manifest")
+        files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE]
+        for name in files:
+            os.chmod(staging / name, 0o644)
+        manifest = {
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {
+                "artifact": art.source,
+                "files": {CONFIG_NAME: art.file_sha256[CONFIG_NAME], WEIGHTS_NAME: art.file_sha256[WEIGHTS_NAME]},
+                "declared_backbone": {"model_id": art.base_model_id, "revision": art.base_model_revision},
+            },
+            "backbone": {
+                "model_id": model_id, "revision": revision, "model_type": config.model_type,
+                "num_hidden_layers": loaded.num_layers, "hidden_size": loaded.hidden_size,
+                "intermediate_size": loaded.intermediate_size,
+                "vocab_size": int(config.vocab_size),
+            },
+            "siren": {
+                "task": "content", "pooling_type": art.pooling_type, "selected_layers": art.selected_layers,
+                "layer_weights": {str(k): v for k, v in art.layer_weights.items()},
+                "neurons_per_layer": {str(k): len(v) for k, v in art.neurons.items()},
+                "feature_dim": art.feature_dim, "readout": readout, "backbone_layers": kept,
+                "last_layer_normed": readout == "runtime" and art.pooling_type == "residual_mean"
+                                     and art.deepest_layer == loaded.num_layers - 1,
+            },
+            "inference": {
+                "max_length": art.max_length, "default_threshold": art.default_threshold,
+                "pad_token_id": int(pad_id), "pad_token": pad_token, "padding_side": "right",
+            },
+            "model": {"path": MODEL_FILE, "dtype": dtype, **graph},
+            "tokenizer": {"path": TOKENIZER_FILE},
+            "files": {name: describe_file(staging, name) for name in files},
+            "tools": _versions(),
+            "parity": parity,
+        }
+        write_manifest(staging, manifest)
+        os.chmod(staging, 0o755)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+        progress.done(f"{output / MANIFEST_NAME}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output

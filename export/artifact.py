@@ -217,14 +217,14 @@ def load_artifact(source: str, cache_dir: Optional[str] = None) -> SirenArtifact
     )
 
 
-def check_against_backbone(artifact: SirenArtifact, num_layers: int, hidden_size: int,
-                           intermediate_size: int) -> None:
+def check_against_backbone(artifact: SirenArtifact, num_layers: int, hidden_size: int) -> None:
     """Layer and neuron indices must exist in the backbone they will be read from."""
     src = artifact.source
     _require(artifact.deepest_layer < num_layers, src,
              f"selected layer {artifact.deepest_layer} is out of range for a backbone with {num_layers} layers")
-    width = hidden_size if artifact.pooling_type == "residual_mean" else intermediate_size
-    what = "hidden size" if artifact.pooling_type == "residual_mean" else "MLP intermediate size"
+    # Both readouts are hidden-size vectors: the residual stream, or the MLP's output
+    # (after down_proj, before the residual add).
+    width, what = hidden_size, "hidden size"
     for layer, idx in artifact.neurons.items():
         _require(max(idx) < width, src,
                  f"layer {layer} selects neuron {max(idx)}, out of range for the backbone's {what} {width}")

@@ -68,8 +68,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     model_id = backbone or art.base_model_id
     revision = None if backbone else art.base_model_revision
     config = load_backbone_config(model_id, revision)
-    check_against_backbone(art, int(config.num_hidden_layers), int(config.hidden_size),
-                           int(config.intermediate_size))
+    check_against_backbone(art, int(config.num_hidden_layers), int(config.hidden_size))
     kept = art.deepest_layer + 1
     progress.done(f"{art.pooling_type}, {len(art.selected_layers)} layers, {art.feature_dim} features")
 

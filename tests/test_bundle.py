@@ -1,0 +1,104 @@
+"""Bundle format, integrity checks and atomic export."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from siren_runtime import BundleError, SirenGuard
+from siren_runtime.manifest import MANIFEST_NAME, read_manifest
+
+
+@pytest.fixture()
+def bundle_copy(all_layers, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(all_layers.bundle, dst)
+    return dst
+
+
+def test_manifest_contents(all_layers):
+    m = read_manifest(all_layers.bundle)
+    assert m["format"] == "siren-bundle" and m["format_version"] == 1
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
+    assert m["source"]["files"]["siren_config.json"] and m["source"]["files"]["siren.safetensors"]
+    assert m["backbone"]["model_id"] == str(all_layers.backbone)
+    assert m["siren"]["pooling_type"] == "residual_mean" and m["siren"]["readout"] == "runtime"
+    assert m["siren"]["selected_layers"] == [0, 1, 2, 3]
+    assert m["inference"] == {"max_length": 64, "default_threshold": 0.5, "pad_token_id": 151643,
+                              "pad_token": "<|endoftext|>", "padding_side": "right"}
+    io = {v["name"]: v for v in m["model"]["inputs"] + m["model"]["outputs"]}
+    assert io["input_ids"]["dtype"] == "int64" and io["input_ids"]["shape"] == ["batch", "sequence"]
+    assert io["score"]["dtype"] == "float32" and io["score"]["shape"] == ["batch"]
+    assert m["parity"]["checked"] and m["parity"]["passed"] and m["parity"]["max_abs_diff"] <= 1e-5
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(m["tools"])
+
+
+def test_altered_file_is_refused(bundle_copy):
+    data = bundle_copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="model.onnx.data.*sha256"):
+        SirenGuard.from_pretrained(bundle_copy)
+    # explicit opt-out for trusted paths still loads
+    SirenGuard.from_pretrained(bundle_copy, verify=False)
+
+
+def test_truncated_file_is_refused(bundle_copy):
+    tok = bundle_copy / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="tokenizer.json.*size"):
+        SirenGuard.from_pretrained(bundle_copy)
+
+
+def test_missing_file_is_refused(bundle_copy):
+    (bundle_copy / "model.onnx.data").unlink()
+    with pytest.raises(FileNotFoundError, match="model.onnx.data is missing"):
+        SirenGuard.from_pretrained(bundle_copy)
+
+
+def _edit_manifest(bundle, edit):
+    path = bundle / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.onnx", "/etc/passwd", "a/../../b"])
+def test_manifest_paths_cannot_escape(bundle_copy, bad_path):
+    _edit_manifest(bundle_copy, lambda m: m["files"].__setitem__(bad_path, {"sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="escapes"):
+        SirenGuard.from_pretrained(bundle_copy)
+
+
+def test_unsupported_format_version(bundle_copy):
+    _edit_manifest(bundle_copy, lambda m: m.__setitem__("format_version", 99))
+    with pytest.raises(BundleError, match="format version 99"):
+        SirenGuard.from_pretrained(bundle_copy)
+
+
+def test_corrupted_manifest(bundle_copy):
+    (bundle_copy / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        SirenGuard.from_pretrained(bundle_copy)
+
+
+def test_export_refuses_existing_output(all_layers):
+    from siren_export.pipeline import export_bundle
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_bundle(str(all_layers.artifact), all_layers.bundle, show_progress=False)
+
+
+def test_failed_export_leaves_nothing(all_layers, tmp_path, monkeypatch):
+    """An export interrupted mid-way leaves no bundle and no staging directory."""
+    from siren_export import pipeline
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "check_onnx_against_module", boom)
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_bundle(str(all_layers.artifact), target, show_progress=False)
+    assert list(tmp_path.iterdir()) == []

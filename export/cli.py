@@ -19,7 +19,8 @@ def _cmd_export(args) -> int:
     from .pipeline import export_bundle
     bundle = export_bundle(args.artifact, args.output, backbone=args.backbone, dtype=args.dtype,
                            readout=args.readout, overwrite=args.overwrite,
-                           parity_tolerance=args.parity_tolerance, cache_dir=args.cache_dir)
+                           parity_tolerance=args.parity_tolerance, cache_dir=args.cache_dir,
+                           streaming=not args.no_streaming)
     print(bundle)
     return 0
 
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--parity-tolerance", type=float, help="max |Δscore| allowed by the export self-check")
     p.add_argument("--cache-dir", help="Hugging Face cache directory")
+    p.add_argument("--no-streaming", action="store_true",
+                   help="skip the incremental step graph (score_streaming then rescores the prefix)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("score", help="score texts with a bundle (torch-free)")

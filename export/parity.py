@@ -62,3 +62,50 @@ def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, te
         raise ParityError(f"exported ONNX disagrees with the torch module: max |Δscore| = {diff.max():.3g} "
                           f"> tolerance {tol:g} over {len(texts)} calibration texts")
     return report
+
+
+def check_step_against_module(module, step_path: Path, encoder: TextEncoder, texts: list[str], meta: dict,
+                              dtype: str, tolerance: float | None = None) -> dict:
+    """Feed each calibration text to the step graph in uneven chunks; every step's score
+    must equal the full module's score on that prefix."""
+    import onnxruntime as ort
+    import torch
+
+    tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype}) on each prefix", "tolerance": tol}
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(step_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if dtype == "fp32":
+            raise ParityError(f"ONNX Runtime could not load the streaming graph: {e}") from e
+        report.update(checked=False, reason=f"ONNX Runtime CPU cannot run the {dtype} step graph: "
+                                           f"{str(e).splitlines()[0][:200]}")
+        return report
+    kv_dtype = session.get_inputs()[1].type
+    np_kv = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_dtype)
+    if np_kv is None:
+        report.update(checked=False, reason=f"numpy cannot hold {kv_dtype} past_kv here")
+        return report
+    diffs, steps = [], 0
+    for ids in encoder.token_ids([clean_text(t) for t in texts]):
+        kv = np.zeros((meta["kv_layers"], 2, 1, meta["kv_heads"], 0, meta["head_dim"]), dtype=np_kv)
+        sums = np.zeros((1, meta["feature_dim"]), dtype=np.float32)
+        count = np.zeros((1, 1), dtype=np.float32)
+        start, chunk = 0, 1
+        while start < len(ids):
+            end = min(len(ids), start + chunk)
+            score, kv, sums, count = session.run(None, {
+                "input_ids": np.asarray([ids[start:end]], dtype=np.int64), "past_kv": kv,
+                "past_sums": sums, "past_count": count})
+            with torch.no_grad():
+                prefix = torch.tensor([ids[:end]], dtype=torch.long)
+                expected = module(prefix, torch.ones_like(prefix))[0].float().numpy()
+            diffs.append(float(np.abs(score.astype(np.float64) - expected).max()))
+            start, chunk, steps = end, chunk % 4 + 1, steps + 1
+    worst = max(diffs)
+    report.update(checked=True, steps=steps, max_abs_diff=worst, passed=bool(worst <= tol))
+    if not worst <= tol:
+        raise ParityError(f"streaming graph disagrees with the torch module: max |Δscore| = {worst:.3g} > {tol:g}")
+    return report

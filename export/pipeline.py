@@ -21,12 +21,14 @@ from . import __version__
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
-from .onnx_export import export_onnx
-from .parity import calibration_texts, check_onnx_against_module, check_tokenizer
+from .onnx_export import export_scorer, export_step, share_weights
+from .parity import calibration_texts, check_onnx_against_module, check_step_against_module, check_tokenizer
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
+from .step_scorer import SirenStepScorer
 
 MODEL_FILE = "model.onnx"
+STEP_FILE = "step.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -51,8 +53,11 @@ def _quiet_transformers() -> None:
 
 def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
                   readout: str = "runtime", overwrite: bool = False, parity_tolerance: Optional[float] = None,
-                  cache_dir: Optional[str] = None, show_progress: bool = True) -> Path:
-    """Export `artifact` (Hub id or folder) into the bundle directory `output`."""
+                  cache_dir: Optional[str] = None, show_progress: bool = True, streaming: bool = True) -> Path:
+    """Export `artifact` (Hub id or folder) into the bundle directory `output`.
+
+    streaming: also write the incremental step graph (shares the weights file).
+    """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     if readout not in READOUTS:
@@ -61,7 +66,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     _quiet_transformers()
-    progress = Progress(total_steps=6, enabled=show_progress)
+    progress = Progress(total_steps=7 if streaming else 6, enabled=show_progress)
 
     progress.start(f"reading SIREN artifact {artifact}")
     art = load_artifact(artifact, cache_dir=cache_dir)
@@ -81,8 +86,24 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         progress.start("tracing and writing the ONNX graph")
-        graph = export_onnx(scorer, staging / MODEL_FILE)
+        graph = export_scorer(scorer, staging / MODEL_FILE)
         progress.done()
+
+        streaming_meta = None
+        if streaming:
+            progress.start("tracing the streaming step graph (KV cache + running sums)")
+            step = SirenStepScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
+            attn = loaded.model.layers[0].self_attn
+            kv = {"kv_layers": kept, "kv_heads": int(config.num_key_value_heads), "head_dim": int(attn.head_dim),
+                  "kv_dtype": dtype, "feature_dim": art.feature_dim}
+            import torch
+            step_graph = export_step(step, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
+                                     art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]))
+            sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
+            if not (staging / (STEP_FILE + ".data")).exists():
+                step_graph["external_data"] = None
+            streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
+            progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
         progress.start("writing the tokenizer")
         tokenizer = loaded.tokenizer
@@ -103,10 +124,17 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         parity = check_onnx_against_module(scorer, staging / MODEL_FILE, encoder, texts, dtype, parity_tolerance)
         detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
                   else f"not checked: {parity.get('reason')}")
+        if streaming_meta is not None:
+            streaming_meta["parity"] = check_step_against_module(
+                scorer, staging / STEP_FILE, encoder, texts, streaming_meta, dtype, parity_tolerance)
+            if streaming_meta["parity"].get("checked"):
+                detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
         progress.done(detail)
 
         progress.start("writing the manifest")
         files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE]
+        if streaming_meta is not None:
+            files += [f for f in (STEP_FILE, streaming_meta["external_data"]) if f]
         for name in files:
             os.chmod(staging / name, 0o644)
         manifest = {
@@ -136,6 +164,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             },
             "model": {"path": MODEL_FILE, "dtype": dtype, **graph},
             "tokenizer": {"path": TOKENIZER_FILE},
+            **({"streaming": streaming_meta} if streaming_meta is not None else {}),
             "files": {name: describe_file(staging, name) for name in files},
             "tools": _versions(),
             "parity": parity,

@@ -6,16 +6,19 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends import create_runner
+from .backends import create_runner, create_step_runner
 from .batching import length_groups
 from .manifest import read_manifest, safe_relative_path, verify_files
 from .result import ScoreResult
+from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState
 from .text import clean_text, join_prompt_response
 from .tokenization import TextEncoder
 from .validation import check_text, check_texts, check_threshold
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_TOKEN_BUDGET = 16384
+DEFAULT_STREAM_CACHE = 64
+DEFAULT_STREAM_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class SirenGuard:
@@ -27,7 +30,8 @@ class SirenGuard:
     """
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner, encoder: TextEncoder,
-                 max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET):
+                 max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 incremental: Optional[IncrementalScorer] = None, stream_cache: Optional[StreamCache] = None):
         self._bundle_dir = Path(bundle_dir)
         self._manifest = manifest
         self._runner = runner
@@ -35,18 +39,26 @@ class SirenGuard:
         self._default_threshold = float(manifest["inference"]["default_threshold"])
         self._max_batch = int(max_batch_size)
         self._token_budget = int(token_budget)
+        self._incremental = incremental
+        self._stream_cache = stream_cache if stream_cache is not None else StreamCache()
 
     @classmethod
     def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
                         backend: Optional[str] = None, *, verify: bool = True,
                         max_batch_size: int = DEFAULT_MAX_BATCH,
-                        token_budget: int = DEFAULT_TOKEN_BUDGET, **backend_options) -> "SirenGuard":
+                        token_budget: int = DEFAULT_TOKEN_BUDGET, incremental_streaming: bool = True,
+                        stream_cache_size: int = DEFAULT_STREAM_CACHE,
+                        stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, **backend_options) -> "SirenGuard":
         """Load a bundle made by ``siren export``.
 
         device: "cpu", "cuda" or None (GPU when usable, else CPU).
         backend: "onnxruntime" or None (best available).
         verify: check every bundle file against its manifest sha256 before loading;
             pass False only for trusted, read-only bundle paths.
+        incremental_streaming: run score_streaming / stream sessions on the bundle's step
+            graph (only new tokens); False rescores the whole prefix every call.
+        stream_cache_size / stream_cache_bytes: bounds of the implicit stream-state cache
+            behind score_streaming (least recently used states are evicted).
         """
         if not isinstance(bundle_dir, (str, Path)):
             raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
@@ -62,8 +74,13 @@ class SirenGuard:
         encoder = TextEncoder(safe_relative_path(bundle_dir, manifest["tokenizer"]["path"]),
                               max_length=inference["max_length"],
                               pad_token_id=inference["pad_token_id"])
+        stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
         runner = create_runner(bundle_dir, manifest, backend=backend, device=device, **backend_options)
-        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget)
+        incremental = None
+        if incremental_streaming and isinstance(manifest.get("streaming"), dict):
+            step = create_step_runner(bundle_dir, manifest, runner.name, runner.device, **backend_options)
+            incremental = IncrementalScorer(step, manifest["streaming"])
+        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget, incremental, stream_cache)
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -112,10 +129,33 @@ class SirenGuard:
         return self._score_texts(items, thr)
 
     def score_streaming(self, response_so_far: str, threshold: Optional[float] = None) -> ScoreResult:
-        """Score a growing prefix as a whole (same value as ``score(prefix)``)."""
+        """Score a growing prefix as a whole (same value as ``score(prefix)``).
+
+        With a streaming bundle, a prefix extending a recently scored one runs only the new
+        tokens (recent stream states are kept in a bounded LRU cache)."""
         check_text(response_so_far, "response_so_far")
         thr = check_threshold(threshold, self._default_threshold)
-        return self._score_texts([response_so_far], thr)[0]
+        if self._incremental is None:
+            return self._score_texts([response_so_far], thr)[0]
+        ids = self._encoder.token_ids([clean_text(response_so_far)])[0]
+        key, state, shared = self._stream_cache.best_match(ids)
+        replace = key if state is not None and shared >= state.resume_point else None
+        score, new_state = self._incremental.advance(state or self._incremental.new_state(), ids)
+        self._stream_cache.store(new_state, replace)
+        return self._result(score, thr)
+
+    def stream(self, threshold: Optional[float] = None) -> StreamSession:
+        """An explicit stream session (``feed(delta)``, ``score``, ``reset()``, context manager)
+        with private state, for servers holding many concurrent streams."""
+        return StreamSession(self, threshold)
+
+    @property
+    def stream_cache(self) -> StreamCache:
+        return self._stream_cache
+
+    @property
+    def incremental_streaming(self) -> bool:
+        return self._incremental is not None
 
     def __call__(self, *args, **kwargs) -> ScoreResult:
         return self.score(*args, **kwargs)
@@ -130,10 +170,21 @@ class SirenGuard:
             scores[group] = self._runner.run(input_ids, attention_mask)
         return scores
 
+    @staticmethod
+    def _result(score: float, threshold: float) -> ScoreResult:
+        return ScoreResult(score=float(score), is_harmful=bool(float(score) >= threshold), threshold=threshold)
+
+    def _score_stream_text(self, text: str, state: Optional[StreamState], threshold: float):
+        """A session's step: (result, new state); full rescoring without a step graph."""
+        if self._incremental is None:
+            return self._score_texts([text], threshold)[0], None
+        ids = self._encoder.token_ids([clean_text(text)])[0]
+        score, new_state = self._incremental.advance(state or self._incremental.new_state(), ids)
+        return self._result(score, threshold), new_state
+
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
         if not texts:
             return []
         id_lists = self._encoder.token_ids([clean_text(t) for t in texts])
         scores = self.score_token_ids(id_lists)
-        return [ScoreResult(score=float(s), is_harmful=bool(float(s) >= threshold), threshold=threshold)
-                for s in scores]
+        return [self._result(s, threshold) for s in scores]

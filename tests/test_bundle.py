@@ -20,7 +20,8 @@ def bundle_copy(all_layers, tmp_path):
 def test_manifest_contents(all_layers):
     m = read_manifest(all_layers.bundle)
     assert m["format"] == "siren-bundle" and m["format_version"] == 1
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "step.onnx"} <= set(m["files"])
+    assert m["streaming"]["parity"]["checked"] and m["streaming"]["parity"]["max_abs_diff"] <= 1e-5
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
     assert m["source"]["files"]["siren_config.json"] and m["source"]["files"]["siren.safetensors"]
     assert m["backbone"]["model_id"] == str(all_layers.backbone)

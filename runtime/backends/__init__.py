@@ -43,6 +43,11 @@ def create_runner(bundle_dir: Path, manifest: dict[str, Any], backend: Optional[
     raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors))
 
 
+def create_step_runner(bundle_dir: Path, manifest: dict[str, Any], backend: str, device: Optional[str], **options):
+    """The streaming step runner of the same backend and device as the main runner."""
+    return _load(backend).create_step(bundle_dir, manifest, device=device, **options)
+
+
 def _load(name: str):
     return importlib.import_module(_BACKENDS[name])
 
@@ -53,4 +58,4 @@ def warn_once(message: str, _seen=set()) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["Runner", "create_runner", "backend_names", "warn_once"]
+__all__ = ["Runner", "create_runner", "create_step_runner", "backend_names", "warn_once"]

@@ -96,3 +96,32 @@ def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = N
     if device == "cuda" and used_device != "cuda":
         raise BackendUnavailableError("ONNX Runtime fell back to the CPU although device='cuda' was asked for")
     return OnnxRuntimeRunner(session, used_device)
+
+
+class OnnxRuntimeStepRunner:
+    """Runs the streaming step graph: (new ids, past KV, sums, count) -> (score, KV, sums, count)."""
+    name = "onnxruntime"
+
+    def __init__(self, session, device: str):
+        self._session = session
+        self.device = device
+        self._outputs = ["score", "present_kv", "sums", "count"]
+        kv_type = session.get_inputs()[1].type
+        self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
+        if self.kv_dtype is None:
+            raise BackendUnavailableError(f"streaming graph keeps its KV cache as {kv_type}, which numpy cannot hold")
+
+    def step(self, input_ids: np.ndarray, past_kv: np.ndarray, past_sums: np.ndarray, past_count: np.ndarray):
+        score, kv, sums, count = self._session.run(self._outputs, {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "past_kv": np.ascontiguousarray(past_kv),
+            "past_sums": np.ascontiguousarray(past_sums, dtype=np.float32),
+            "past_count": np.ascontiguousarray(past_count, dtype=np.float32),
+        })
+        return np.asarray(score, dtype=np.float32).reshape(-1), kv, sums, count
+
+
+def create_step(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None,
+                **options) -> OnnxRuntimeStepRunner:
+    runner = create(bundle_dir, manifest, device=device, model_key="streaming", **options)
+    return OnnxRuntimeStepRunner(runner._session, runner.device)

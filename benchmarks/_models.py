@@ -1,0 +1,31 @@
+"""Random-weight models for benchmarks: a Qwen3 backbone of given dimensions, a synthetic
+head in the exact artifact format, and its exported bundle (cached under a work dir)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SIZES = {
+    "tiny": dict(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16),
+    "mid": dict(num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, head_dim=64),
+    "qwen3-0.6b": dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8,
+                       head_dim=128),
+}
+
+
+def build(size: str, workdir: Path, max_length: int = 512, neurons_per_layer: int = 32, streaming: bool = True):
+    """Returns (artifact_dir, bundle_dir), building what is missing."""
+    from siren_export.pipeline import export_bundle
+    from siren_export.synthetic import make_backbone, make_head
+
+    dims = SIZES[size]
+    root = Path(workdir) / size
+    backbone, artifact, bundle = root / "backbone", root / "artifact", root / "bundle"
+    if not (backbone / "config.json").is_file():
+        make_backbone(backbone, **dims)
+    if not (artifact / "siren.safetensors").is_file():
+        make_head(artifact, backbone, num_layers=dims["num_layers"], width=dims["hidden_size"],
+                  selected_layers=list(range(dims["num_layers"])), neurons_per_layer=neurons_per_layer,
+                  layer_dims=(256, 64), max_length=max_length)
+    if not (bundle / "siren_bundle.json").is_file():
+        export_bundle(str(artifact), bundle, overwrite=True, streaming=streaming)
+    return artifact, bundle

@@ -96,9 +96,10 @@ def check_step_against_module(module, step_path: Path, encoder: TextEncoder, tex
         start, chunk = 0, 1
         while start < len(ids):
             end = min(len(ids), start + chunk)
-            score, kv, sums, count = session.run(None, {
+            score, kv, sums_by_token, count = session.run(None, {
                 "input_ids": np.asarray([ids[start:end]], dtype=np.int64), "past_kv": kv,
                 "past_sums": sums, "past_count": count})
+            sums = sums_by_token[:, -1, :]
             with torch.no_grad():
                 prefix = torch.tensor([ids[:end]], dtype=torch.long)
                 expected = module(prefix, torch.ones_like(prefix))[0].float().numpy()

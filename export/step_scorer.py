@@ -7,8 +7,10 @@ and returns the updated cache, sums and score. Same numerics as :class:`SirenSco
 (fp32 pooling, same readout); it reads the same sub-modules.
 
 Shapes: past_kv [layers, 2, batch, kv_heads, past, head_dim] (backbone dtype),
-past_sums [batch, features] float32, past_count [batch, 1] float32. Rows of a batch
-must share their past length and carry no padding (one stream per row).
+past_sums [batch, features] float32, past_count [batch, 1] float32. Outputs the score,
+present_kv (past + new), the running sums after *each* new token [batch, new, features]
+(so a stream can resume at any token, not only at call boundaries) and the new count.
+Rows of a batch must share their past length and carry no padding (one stream per row).
 """
 from __future__ import annotations
 
@@ -66,10 +68,11 @@ class SirenStepScorer(SirenScorer):
                 else:
                     rep = hidden
                 picked = rep.index_select(-1, getattr(self, f"neurons_{index}")).to(torch.float32)
-                sums.append(picked.sum(dim=1))
+                sums.append(picked.cumsum(dim=1))
 
-        new_sums = past_sums + torch.cat(sums, dim=-1)
+        # Running sums after every new token, so a stream can later resume at any position.
+        new_sums = past_sums[:, None, :] + torch.cat(sums, dim=-1)          # [B, new, F]
         new_count = past_count + new
-        logits = self.head(new_sums / new_count * self.feature_weights)
+        logits = self.head(new_sums[:, -1, :] / new_count * self.feature_weights)
         score = torch.softmax(logits, dim=-1)[:, 1]
         return score, torch.stack(presents), new_sums, new_count

@@ -139,7 +139,9 @@ class SirenGuard:
             return self._score_texts([response_so_far], thr)[0]
         ids = self._encoder.token_ids([clean_text(response_so_far)])[0]
         key, state, shared = self._stream_cache.best_match(ids)
-        replace = key if state is not None and shared >= state.resume_point else None
+        # the same stream moving on (its last tokens may have been re-merged) replaces its
+        # entry; a different continuation of a shared opening gets its own
+        replace = key if state is not None and shared >= state.start else None
         score, new_state = self._incremental.advance(state or self._incremental.new_state(), ids)
         self._stream_cache.store(new_state, replace)
         return self._result(score, thr)

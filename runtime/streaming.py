@@ -1,11 +1,11 @@
 """Incremental streaming: each call runs only the tokens the stream has not seen.
 
-A stream's state is its token ids, the KV cache of every kept layer, and checkpoints of
-the running selected-neuron sums at the end of each call. A new prefix is tokenized whole
+A stream's state is its token ids, the KV cache of every kept layer, and the running
+selected-neuron sums after every token. A new prefix is tokenized whole
 (as the reference does) and compared with the state's ids: appending text can change the
 last tokens (BPE merges across the boundary, whitespace the cleaner strips or collapses, a
-chat artifact completed across chunks), so the scorer rolls back to the last checkpoint
-inside the common token prefix, slices the KV cache there, and runs the rest. Past
+chat artifact completed across chunks), so the scorer rolls back to the end of the common
+token prefix, slices the KV cache and takes the sums there, and runs the rest. Past
 `max_length` the ids stop changing and the score is frozen, exactly as truncation makes it.
 """
 from __future__ import annotations
@@ -13,38 +13,28 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 
-@dataclass
-class Checkpoint:
-    position: int              # tokens consumed
-    sums: np.ndarray           # float32 [1, features]: running sums of selected neurons
-    score: Optional[float]     # score at this position (None for the empty start)
-
-
-@dataclass
+@dataclass(frozen=True)
 class StreamState:
-    ids: list[int] = field(default_factory=list)
-    kv: Optional[np.ndarray] = None           # [layers, 2, 1, kv_heads, len(ids), head_dim]
-    checkpoints: list[Checkpoint] = field(default_factory=list)
-
-    @property
-    def resume_point(self) -> int:
-        """Where the last call started: a new prefix sharing at least this much is the
-        same stream moving on (its last tokens may have been re-merged)."""
-        return self.checkpoints[-2].position if len(self.checkpoints) >= 2 else 0
+    """Everything needed to resume a stream at any of its tokens. Never modified in
+    place: advance() returns a new state, so a failed call loses nothing."""
+    ids: tuple                   # token ids scored so far
+    kv: np.ndarray               # [layers, 2, 1, kv_heads, len(ids), head_dim]
+    sums: np.ndarray             # float32 [len(ids) + 1, features]: running sums after each token
+    score: Optional[float]       # score of `ids` (None for the empty state)
+    start: int = 0               # first token the last call had to run
 
     @property
     def nbytes(self) -> int:
-        kv = self.kv.nbytes if self.kv is not None else 0
-        return kv + sum(c.sums.nbytes for c in self.checkpoints) + 8 * len(self.ids)
+        return self.kv.nbytes + self.sums.nbytes + 8 * len(self.ids)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a, b) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -61,25 +51,25 @@ class IncrementalScorer:
         self._features = int(meta["feature_dim"])
 
     def new_state(self) -> StreamState:
-        return StreamState(ids=[], kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
-                           checkpoints=[Checkpoint(0, np.zeros((1, self._features), np.float32), None)])
+        return StreamState(ids=(), kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
+                           sums=np.zeros((1, self._features), np.float32), score=None)
 
-    def advance(self, state: StreamState, ids: list[int]) -> tuple[float, StreamState]:
-        """Score `ids` starting from `state`; returns the score and the state for `ids`
-        (a new object: `state` itself is never modified, so a failed call loses nothing)."""
+    def advance(self, state: StreamState, ids) -> tuple[float, StreamState]:
+        """Score `ids` resuming from `state` at their longest common token prefix."""
         if not ids:
             raise ValueError("cannot score an empty token sequence")
+        ids = tuple(ids)
         shared = common_prefix(state.ids, ids)
-        keep = [c for c in state.checkpoints if c.position <= shared]
-        start = keep[-1]
-        if start.position == len(ids) and start.score is not None:
-            return start.score, StreamState(ids=list(ids), kv=state.kv[..., :len(ids), :], checkpoints=keep)
-        new_ids = np.asarray([ids[start.position:]], dtype=np.int64)
-        past = state.kv[..., :start.position, :]
-        count = np.full((1, 1), float(start.position), dtype=np.float32)
-        scores, kv, sums, _ = self._runner.step(new_ids, past, start.sums, count)
+        if shared == len(ids) == len(state.ids) and state.score is not None:
+            return state.score, state
+        resume = min(shared, len(ids) - 1)   # at least one token must run to produce a score
+        new_ids = np.asarray([ids[resume:]], dtype=np.int64)
+        count = np.full((1, 1), float(resume), dtype=np.float32)
+        scores, kv, sums_by_token, _ = self._runner.step(new_ids, state.kv[..., :resume, :],
+                                                         state.sums[resume][None, :], count)
         score = float(scores[0])
-        return score, StreamState(ids=list(ids), kv=kv, checkpoints=keep + [Checkpoint(len(ids), sums, score)])
+        sums = np.concatenate([state.sums[:resume + 1], sums_by_token[0]], axis=0)
+        return score, StreamState(ids=ids, kv=kv, sums=sums, score=score, start=resume)
 
 
 class StreamSession:
@@ -127,7 +117,7 @@ class StreamCache:
     """Recent stream states, bounded in count and bytes, least recently used evicted.
 
     Thread-safe; each lookup hands out the state object, which is immutable by
-    convention (advance() returns new states), so concurrent streams never share writes.
+    value (advance() returns new states), so concurrent streams never share writes.
     """
 
     def __init__(self, max_streams: int = 64, max_bytes: int = 256 * 1024 * 1024):

@@ -56,6 +56,14 @@ def _cmd_demo(args) -> int:
     return run_demo(args.workdir)
 
 
+def _cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+    rows, texts, tokens = run_bench(args.bundle, reference=args.reference, texts_file=args.texts, batch=args.batch,
+                                    repeat=args.repeat, breakdown=args.breakdown, backend=args.backend)
+    print(format_table(rows, texts, tokens))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siren", description="SIREN guard deployment: export, score, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="onnxruntime (default: best available)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("bench", help="throughput, latency, RSS and import time vs llm-siren on the same weights")
+    p.add_argument("bundle")
+    p.add_argument("--reference", help="the SIREN artifact the bundle came from: also run llm-siren on it")
+    p.add_argument("--texts", help="file with one text per line (default: 12 texts of 4-160 words)")
+    p.add_argument("--batch", type=int, help="repeat/trim the texts to this many per score_batch call")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
+    p.add_argument("--backend", help="runtime backend (default: best available)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="build a tiny random model, export it and score it (no network)")
     p.add_argument("--workdir", help="where to build (default: a new temporary directory)")

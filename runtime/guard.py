@@ -17,6 +17,9 @@ from .validation import check_text, check_texts, check_threshold
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_TOKEN_BUDGET = 16384
+# Share of padding a batch group may hold: on a CPU every padded token costs a real
+# token's compute; a GPU at small batch is bound by weight reads, so fuller batches win.
+DEFAULT_MAX_PADDING = {"cpu": 0.25, "cuda": 0.6}
 DEFAULT_STREAM_CACHE = 64
 DEFAULT_STREAM_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -31,7 +34,8 @@ class SirenGuard:
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner, encoder: TextEncoder,
                  max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 incremental: Optional[IncrementalScorer] = None, stream_cache: Optional[StreamCache] = None):
+                 incremental: Optional[IncrementalScorer] = None, stream_cache: Optional[StreamCache] = None,
+                 max_padding: Optional[float] = None):
         self._bundle_dir = Path(bundle_dir)
         self._manifest = manifest
         self._runner = runner
@@ -40,13 +44,16 @@ class SirenGuard:
         self._max_batch = int(max_batch_size)
         self._token_budget = int(token_budget)
         self._incremental = incremental
+        self._max_padding = (DEFAULT_MAX_PADDING.get(runner.device, 0.6) if max_padding is None
+                             else float(max_padding))
         self._stream_cache = stream_cache if stream_cache is not None else StreamCache()
 
     @classmethod
     def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
                         backend: Optional[str] = None, *, verify: bool = True,
                         max_batch_size: int = DEFAULT_MAX_BATCH,
-                        token_budget: int = DEFAULT_TOKEN_BUDGET, incremental_streaming: bool = True,
+                        token_budget: int = DEFAULT_TOKEN_BUDGET, max_padding: Optional[float] = None,
+                        incremental_streaming: bool = True,
                         stream_cache_size: int = DEFAULT_STREAM_CACHE,
                         stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, **backend_options) -> "SirenGuard":
         """Load a bundle made by ``siren export``.
@@ -57,6 +64,9 @@ class SirenGuard:
             pass False only for trusted, read-only bundle paths.
         incremental_streaming: run score_streaming / stream sessions on the bundle's step
             graph (only new tokens); False rescores the whole prefix every call.
+        max_batch_size / token_budget / max_padding: score_batch sorts texts by length and
+            runs groups of at most this many rows, padded tokens, and share of padding
+            (default 0.25 on CPU, 0.6 on GPU).
         stream_cache_size / stream_cache_bytes: bounds of the implicit stream-state cache
             behind score_streaming (least recently used states are evicted).
         """
@@ -66,6 +76,8 @@ class SirenGuard:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+        if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
+            raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir)
         if verify:
@@ -80,7 +92,8 @@ class SirenGuard:
         if incremental_streaming and isinstance(manifest.get("streaming"), dict):
             step = create_step_runner(bundle_dir, manifest, runner.name, runner.device, **backend_options)
             incremental = IncrementalScorer(step, manifest["streaming"])
-        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget, incremental, stream_cache)
+        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget, incremental, stream_cache,
+                   max_padding)
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -167,7 +180,7 @@ class SirenGuard:
         """Scores for already-tokenized texts, run in padding-aware groups."""
         scores = np.empty(len(id_lists), dtype=np.float32)
         lengths = [len(ids) for ids in id_lists]
-        for group in length_groups(lengths, self._max_batch, self._token_budget):
+        for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
             input_ids, attention_mask = self._encoder.pad([id_lists[i] for i in group])
             scores[group] = self._runner.run(input_ids, attention_mask)
         return scores

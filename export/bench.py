@@ -1,0 +1,169 @@
+"""`siren bench`: this runtime against llm-siren on the same weights, same texts, same run.
+
+Each side runs in its own fresh process so peak RSS and import time are its own: the
+runtime's process cannot import torch or transformers at all. With `--breakdown`, the
+reference process also runs the exported torch module (truncated, no LM head) padded to
+the longest text and then padding-aware, which splits the gain into truncation/LM head,
+batching, and the engine.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+WORDS = ("the of and to in is was for on that with as by at from his an were are which this be or had not "
+         "but have one they all there been she their has who more when will would can if into some time "
+         "only other new about two what could water people also first after way many most made over did "
+         "down years because through where just any much same those very well back good how should long "
+         "little world under great while might state never system city during without again place house "
+         "number point country different since began group public form thought school course").split()
+
+
+def default_texts(count: int = 12, min_words: int = 4, max_words: int = 160, seed: int = 0) -> list[str]:
+    """Deterministic texts of evenly spread lengths (4 to 160 words by default)."""
+    rng = random.Random(seed)
+    sizes = [round(min_words + (max_words - min_words) * i / max(count - 1, 1)) for i in range(count)]
+    rng.shuffle(sizes)
+    return [" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "." for n in sizes]
+
+
+# The worker measures one implementation in a fresh process and prints JSON.
+_WORKER = r'''
+import json, resource, sys, time
+spec = json.loads(sys.stdin.read())
+if spec["side"] == "runtime":
+    import importlib.abc
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers"):
+                raise ImportError(name + " is blocked in the runtime benchmark process")
+    sys.meta_path.insert(0, _Block())
+t0 = time.perf_counter()
+if spec["side"] == "runtime":
+    import siren_runtime
+else:
+    import torch, siren_guard
+import_s = time.perf_counter() - t0
+texts, repeat = spec["texts"], spec["repeat"]
+
+def measure(score_batch, score_one):
+    score_batch(texts); score_one(texts[0])                           # warm-up
+    batch_times = []
+    for _ in range(repeat):
+        t = time.perf_counter(); scores = score_batch(texts); batch_times.append(time.perf_counter() - t)
+    single = []
+    for _ in range(repeat):
+        for text in texts:
+            t = time.perf_counter(); score_one(text); single.append(time.perf_counter() - t)
+    return scores, batch_times, single
+
+out = {"import_s": import_s, "variants": {}}
+t0 = time.perf_counter()
+if spec["side"] == "runtime":
+    guard = siren_runtime.SirenGuard.from_pretrained(spec["bundle"], device="cpu", backend=spec.get("backend"))
+    out["load_s"] = time.perf_counter() - t0
+    ids = guard._encoder.token_ids([siren_runtime.text.clean_text(t) for t in texts])
+    out["tokens"] = sum(len(i) for i in ids)
+    batch = lambda ts: [r.score for r in guard.score_batch(ts)]
+    one = lambda t: guard.score(t).score
+    out["variants"]["siren_runtime (" + guard.backend + ")"] = measure(batch, one)
+else:
+    torch.set_grad_enabled(False)
+    ref = siren_guard.SirenGuard.from_pretrained(spec["artifact"], device="cpu", dtype=torch.float32)
+    out["load_s"] = time.perf_counter() - t0
+    batch = lambda ts: [r.score for r in ref.score_batch(ts)]
+    one = lambda t: ref.score(t).score
+    out["variants"]["llm-siren (torch)"] = measure(batch, one)
+    if spec.get("breakdown"):
+        import numpy as np
+        from siren_export.artifact import load_artifact
+        from siren_export.backbone import load_backbone
+        from siren_export.scorer import SirenScorer
+        from siren_runtime.batching import length_groups
+        from siren_runtime.text import clean_text
+        from siren_runtime.tokenization import TextEncoder
+        art = load_artifact(spec["artifact"])
+        loaded = load_backbone(art.base_model_id, art.base_model_revision, art.deepest_layer + 1)
+        module = SirenScorer(loaded.model, loaded.num_layers, art).eval()
+        enc = TextEncoder(spec["bundle"] + "/tokenizer.json", art.max_length,
+                          loaded.tokenizer.pad_token_id)
+        def run_groups(ts, grouped):
+            ids = enc.token_ids([clean_text(t) for t in ts])
+            groups = (length_groups([len(i) for i in ids], 32, 16384, 0.25) if grouped
+                      else [list(range(len(ids)))])
+            scores = [0.0] * len(ids)
+            for g in groups:
+                a, m = enc.pad([ids[i] for i in g])
+                s = module(torch.from_numpy(a), torch.from_numpy(m))[0].tolist()
+                for i, v in zip(g, s):
+                    scores[i] = v
+            return scores
+        out["variants"]["torch, truncated, no LM head"] = measure(lambda ts: run_groups(ts, False),
+                                                                   lambda t: run_groups([t], False)[0])
+        out["variants"]["torch, truncated + length groups"] = measure(lambda ts: run_groups(ts, True),
+                                                                       lambda t: run_groups([t], True)[0])
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+'''
+
+
+def _run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(spec), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['side']} benchmark process failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional[str] = None,
+              batch: Optional[int] = None, repeat: int = 3, breakdown: bool = False,
+              backend: Optional[str] = None) -> list[dict]:
+    texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
+             if texts_file else default_texts())
+    if batch:
+        texts = (texts * (batch // len(texts) + 1))[:batch]
+    spec = {"bundle": str(bundle), "artifact": reference, "texts": texts, "repeat": repeat,
+            "breakdown": breakdown, "backend": backend}
+    sides = [_run_worker({**spec, "side": "runtime"})]
+    if reference:
+        sides.insert(0, _run_worker({**spec, "side": "reference"}))
+    tokens = sides[-1]["tokens"]
+    rows, reference_scores = [], None
+    for side in sides:
+        for name, (scores, batch_times, single) in side["variants"].items():
+            reference_scores = reference_scores or scores
+            best = min(batch_times)
+            rows.append({
+                "implementation": name, "texts_per_s": len(texts) / best, "tokens_per_s": tokens / best,
+                "batch_s": best, "p50_ms": 1e3 * statistics.median(single), "p95_ms": 1e3 * _pct(single, 0.95),
+                "peak_rss_mb": side["peak_rss_mb"], "import_s": side["import_s"], "load_s": side["load_s"],
+                "max_dscore": max(abs(a - b) for a, b in zip(scores, reference_scores)),
+            })
+    return rows, texts, tokens
+
+
+def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
+    base = rows[0]
+    words = [len(t.split()) for t in texts]
+    lines = [f"{len(texts)} texts, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; CPU fp32",
+             "", f"{'implementation':<34} {'texts/s':>8} {'tokens/s':>9} {'x thrpt':>7} {'p50 ms':>8} "
+                 f"{'p95 ms':>8} {'x p50':>6} {'peak RSS MB':>11} {'import s':>8} {'max|Δ|':>8}"]
+    lines.append("-" * len(lines[-1]))
+    for r in rows:
+        lines.append(f"{r['implementation']:<34} {r['texts_per_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
+                     f"{r['texts_per_s'] / base['texts_per_s']:>6.2f}x {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+                     f"{base['p50_ms'] / r['p50_ms']:>5.2f}x {r['peak_rss_mb']:>11.0f} {r['import_s']:>8.2f} "
+                     f"{r['max_dscore']:>8.1e}")
+    lines.append("")
+    lines.append(f"x thrpt / x p50: relative to {base['implementation']}; peak RSS and import time are per process "
+                 "(torch variants share the llm-siren process).")
+    return "\n".join(lines)

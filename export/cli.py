@@ -64,6 +64,14 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_triton(args) -> int:
+    from .triton_repo import write_repository
+    repo = write_repository(args.bundle, args.output, scorer=args.scorer, max_batch=args.max_batch,
+                            instances=args.instances, name=args.name, overwrite=args.overwrite)
+    print(repo)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siren", description="SIREN guard deployment: export, score, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
     p.add_argument("--backend", help="runtime backend (default: best available)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("-o", "--output", required=True, help="model repository directory to create")
+    p.add_argument("--scorer", choices=["python", "onnxruntime", "tensorrt"], default="python",
+                   help="python: siren_runtime on ONNX Runtime (CPU servers); onnxruntime: onnxruntime_onnx; "
+                        "tensorrt: the bundle's engine")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--name", default="siren_guard", help="ensemble model name")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_triton)
 
     p = sub.add_parser("demo", help="build a tiny random model, export it and score it (no network)")
     p.add_argument("--workdir", help="where to build (default: a new temporary directory)")

@@ -32,13 +32,15 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
                          bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    # Random init is too tame to make layers differ much; widen it so every layer matters.
+    # Random init is too tame to make layers differ much; widen it so every layer matters,
+    # scaled with the width so deep, wide models do not saturate the residual stream.
+    std = 0.08 * (64 / hidden_size) ** 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif p.dim() == 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, std)
     model.save_pretrained(str(folder), safe_serialization=True)
     save_qwen3_tokenizer(folder, tokenizer_cache)
     return folder

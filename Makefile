@@ -7,7 +7,13 @@ PIP := $(PY) -m pip
 # The project's own ranges stay open for users with CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install-demo install-test clean
+# The real Triton server for the tests: the nvidia-pytriton wheel carries tritonserver 2.51
+# and the Python backend; it is unpacked (not installed: it would pin numpy<2 here), and the
+# models get their own environment, as on a real server.
+TRITON_HOME ?= .cache/tritonserver
+PYTRITON ?= nvidia-pytriton==0.7.0
+
+.PHONY: demo test install-demo install-test triton-server clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +28,26 @@ $(VENV)/.test-installed: $(VENV)/.demo-installed pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
 
+$(TRITON_HOME)/.ready: pyproject.toml
+	rm -rf $(TRITON_HOME) && mkdir -p $(TRITON_HOME)/wheel
+	$(PIP) download --quiet --no-deps --dest $(TRITON_HOME)/wheel "$(PYTRITON)"
+	$(PY) -m zipfile -e $(TRITON_HOME)/wheel/*.whl $(TRITON_HOME)
+	chmod +x $(TRITON_HOME)/pytriton/tritonserver/bin/tritonserver $(TRITON_HOME)/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+	$(PYTHON) -m venv $(TRITON_HOME)/venv
+	$(TRITON_HOME)/venv/bin/pip install --quiet "numpy<2" "onnxruntime>=1.18" "tokenizers>=0.20"
+	$(TRITON_HOME)/venv/bin/pip install --quiet --no-deps -e .
+	rm -rf $(TRITON_HOME)/wheel
+	touch $@
+
 install-demo: $(VENV)/.demo-installed
 install-test: $(VENV)/.test-installed
+triton-server: $(TRITON_HOME)/.ready
 
 demo: install-demo
 	$(VENV)/bin/siren demo
 
-test: install-test
+test: install-test triton-server
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache

@@ -1,0 +1,135 @@
+"""A real tritonserver serving the generated repository (python scorer, CPU)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from corpus import CORPUS, PROMPT_RESPONSE
+from triton_server import TritonServer, server_binary
+
+TOL = 1e-5
+
+
+def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from siren_export.triton_repo import ensemble_config, scorer_config, tokenizer_config, write_repository
+    texts = [tokenizer_config(16, 2), ensemble_config("siren_guard", "python", 16)]
+    texts += [scorer_config(flavor, 16, 2) for flavor in ("python", "onnxruntime", "tensorrt")]
+    texts += [ensemble_config("guard", flavor, 8) for flavor in ("onnxruntime", "tensorrt")]
+    for text in texts:
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.max_batch_size in (8, 16)
+    onnx_repo = write_repository(all_layers.bundle, tmp_path / "repo", scorer="onnxruntime")
+    parsed = text_format.Parse((onnx_repo / "siren_scorer" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert parsed.platform == "onnxruntime_onnx" and (onnx_repo / "siren_scorer" / "1" / "model.onnx").is_file()
+    ens = text_format.Parse((onnx_repo / "siren_guard" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["siren_tokenizer", "siren_scorer"]
+    with pytest.raises(ValueError, match="no TensorRT engine.*siren build"):
+        write_repository(all_layers.bundle, tmp_path / "trt", scorer="tensorrt")
+    with pytest.raises(FileExistsError):
+        write_repository(all_layers.bundle, tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(all_layers, tmp_path_factory):
+    if not server_binary().is_file():
+        pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
+    from siren_export.triton_repo import write_repository
+    repo = write_repository(all_layers.bundle, tmp_path_factory.mktemp("triton") / "repo", scorer="python",
+                            max_batch=16)
+    srv = TritonServer(repo)
+    try:
+        srv.start()
+    except RuntimeError as e:
+        pytest.skip(f"tritonserver could not start here: {e}")
+    yield srv
+    srv.stop()
+
+
+def _text_input(module, name, values, dtype="BYTES"):
+    arr = np.array([[v] for v in values], dtype=object)
+    tensor = module.InferInput(name, list(arr.shape), dtype)
+    tensor.set_data_from_numpy(arr)
+    return tensor
+
+
+def _score(client, module, texts):
+    result = client.infer("siren_guard", [_text_input(module, "TEXT", [t.encode("utf-8") for t in texts])])
+    return result.as_numpy("SCORE").reshape(-1)
+
+
+def test_scores_match_runtime(server, guard):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url)
+    expected = np.array([r.score for r in guard.score_batch(CORPUS)])
+    got = np.concatenate([_score(client, httpclient, CORPUS[i:i + 5]) for i in range(0, len(CORPUS), 5)])
+    assert np.max(np.abs(got - expected)) <= TOL
+    for prompt, response in PROMPT_RESPONSE:
+        inputs = []
+        if prompt is not None:
+            inputs.append(_text_input(httpclient, "PROMPT", [prompt.encode()]))
+        if response is not None:
+            inputs.append(_text_input(httpclient, "RESPONSE", [response.encode()]))
+        score = client.infer("siren_guard", inputs).as_numpy("SCORE").reshape(-1)[0]
+        assert abs(score - guard.score(prompt=prompt, response=response).score) <= TOL
+    gclient = grpcclient.InferenceServerClient(server.grpc_url)
+    gscore = _score(gclient, grpcclient, ["hello over gRPC"])[0]
+    assert abs(gscore - guard.score("hello over gRPC").score) <= TOL
+
+
+def test_concurrent_clients_lose_nothing(server, guard):
+    import tritonclient.http as httpclient
+    texts = [f"client text {i}: " + "please explain " * (i % 9) + ("weapons" if i % 4 else "gardening")
+             for i in range(40)]
+    expected = {t: r.score for t, r in zip(texts, guard.score_batch(texts))}
+    failures, done = [], []
+
+    def worker(w):
+        client = httpclient.InferenceServerClient(server.http_url)  # one client per thread
+        for n in range(200):
+            text = texts[(w * 7 + n) % len(texts)]
+            try:
+                score = _score(client, httpclient, [text])[0]
+                if abs(score - expected[text]) > TOL:
+                    failures.append((text, score, expected[text]))
+                done.append(1)
+            except Exception as e:  # reported below
+                failures.append((text, repr(e)))
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures[:5] and len(done) == 1600
+
+
+def test_malformed_requests_get_errors_and_server_keeps_serving(server, guard):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+    client = httpclient.InferenceServerClient(server.http_url)
+    baseline = _score(client, httpclient, ["still serving"])[0]
+
+    wrong_type = httpclient.InferInput("TEXT", [1, 1], "INT32")
+    wrong_type.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    bad = [
+        [wrong_type],                                                       # wrong datatype
+        [],                                                                 # missing input
+        [_text_input(httpclient, "TEXT", [b"\xff\xfe not utf-8"])],         # invalid UTF-8
+        [_text_input(httpclient, "TEXT", [b"x"]), _text_input(httpclient, "PROMPT", [b"p"])],  # both forms
+    ]
+    empty = httpclient.InferInput("TEXT", [0, 1], "BYTES")
+    empty.set_data_from_numpy(np.zeros((0, 1), dtype=object))
+    bad.append([empty])                                                     # empty batch
+    for inputs in bad:
+        with pytest.raises(InferenceServerException):
+            client.infer("siren_guard", inputs)
+        assert _score(client, httpclient, ["still serving"])[0] == pytest.approx(baseline, abs=TOL)
+    # a 1 MB text is truncated to max_length tokens and scored like the runtime scores it
+    huge = "harmless filler text " * 50_000
+    assert abs(_score(client, httpclient, [huge])[0] - guard.score(huge).score) <= TOL
+    assert _score(client, httpclient, ["still serving"])[0] == pytest.approx(baseline, abs=TOL)

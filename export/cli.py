@@ -72,6 +72,25 @@ def _cmd_triton(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from siren_engines.build import build_engines
+    result = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq,
+                           opt_batch=args.opt_batch, opt_seq=args.opt_seq, workspace_gib=args.workspace,
+                           timing_cache=args.timing_cache, streaming=not args.no_streaming,
+                           reference_bundle=args.reference_bundle)
+    for entry in result["engines"]:
+        print(f"{args.bundle}/{entry['path']}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from siren_engines.verify import format_report, verify_bundle
+    report = verify_bundle(args.bundle, backend=args.backend, reference_bundle=args.reference_bundle,
+                           device=args.device)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siren", description="SIREN guard deployment: export, score, demo")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="siren_guard", help="ensemble model name")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_triton)
+
+    p = sub.add_parser("build", help="build TensorRT engines into a bundle (needs TensorRT and an NVIDIA GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="must match the bundle's export dtype (precision lives in the graph)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-seq", type=int, help="default: the bundle's max_length")
+    p.add_argument("--opt-batch", type=int)
+    p.add_argument("--opt-seq", type=int)
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GiB")
+    p.add_argument("--timing-cache", help="timing cache file (default: BUNDLE/engines/timing.cache)")
+    p.add_argument("--no-streaming", action="store_true", help="skip the streaming step engine")
+    p.add_argument("--reference-bundle", help="fp32 export to verify an fp16/bf16 engine against")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("verify", help="parity gate: a backend vs the fp32 graph on ONNX Runtime CPU")
+    p.add_argument("bundle")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="onnxruntime")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--reference-bundle", help="fp32 bundle of the same artifact (default: BUNDLE when it is fp32)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("demo", help="build a tiny random model, export it and score it (no network)")
     p.add_argument("--workdir", help="where to build (default: a new temporary directory)")

@@ -14,6 +14,10 @@ from .errors import ParityError
 
 # Score tolerance of the gate (the tests hold fp32 to 1e-5 against llm-siren itself).
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
+FP16_MAX = 65504.0
+# Refuse fp16 when an activation on the calibration texts reaches this share of its range:
+# unseen texts run hotter than a handful of calibration ones.
+FP16_HEADROOM = 0.25
 
 
 def calibration_texts() -> list[str]:
@@ -110,3 +114,26 @@ def check_step_against_module(module, step_path: Path, encoder: TextEncoder, tex
     if not worst <= tol:
         raise ParityError(f"streaming graph disagrees with the torch module: max |Δscore| = {worst:.3g} > {tol:g}")
     return report
+
+
+def activation_peak(module, encoder: TextEncoder, texts: list[str]) -> float:
+    """Largest |activation| (residual stream, attention and MLP outputs) over the texts."""
+    import torch
+
+    ids, mask = encoder.pad(encoder.token_ids([clean_text(t) for t in texts]))
+    module.peaks = []
+    try:
+        with torch.no_grad():
+            module(torch.from_numpy(ids), torch.from_numpy(mask))
+        return max(module.peaks)
+    finally:
+        module.peaks = None
+
+
+def check_fp16_range(peak: float) -> None:
+    from .errors import ArtifactError
+    if not peak < FP16_HEADROOM * FP16_MAX:
+        raise ArtifactError(
+            f"refusing --dtype fp16: the largest |activation| on the calibration texts is {peak:.4g}, "
+            f"too near fp16's maximum {FP16_MAX:g} (limit {FP16_HEADROOM * FP16_MAX:g}); "
+            "export with --dtype bf16 (same range as fp32) instead")

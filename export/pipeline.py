@@ -22,7 +22,8 @@ from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_ar
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
 from .onnx_export import export_scorer, export_step, share_weights
-from .parity import calibration_texts, check_onnx_against_module, check_step_against_module, check_tokenizer
+from .parity import (activation_peak, calibration_texts, check_fp16_range, check_onnx_against_module,
+                     check_step_against_module, check_tokenizer)
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
@@ -51,6 +52,16 @@ def _quiet_transformers() -> None:
         pass
 
 
+def _measure_peak(scorer, tokenizer, max_length: int, pad_id: int) -> float:
+    """Largest |activation| on the calibration texts, tokenized as the runtime will."""
+    import tempfile as _tempfile
+    with _tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TOKENIZER_FILE
+        tokenizer.backend_tokenizer.save(str(path))
+        encoder = TextEncoder(path, max_length=max_length, pad_token_id=pad_id)
+        return activation_peak(scorer, encoder, calibration_texts())
+
+
 def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
                   readout: str = "runtime", overwrite: bool = False, parity_tolerance: Optional[float] = None,
                   cache_dir: Optional[str] = None, show_progress: bool = True, streaming: bool = True) -> Path:
@@ -77,10 +88,26 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     kept = art.deepest_layer + 1
     progress.done(f"{art.pooling_type}, {len(art.selected_layers)} layers, {art.feature_dim} features")
 
-    progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {dtype})")
-    loaded = load_backbone(model_id, revision, kept, dtype=dtype, config=config)
+    # fp16 is checked for overflow first, on a bf16 copy (fp32's range, half the memory).
+    load_dtype = "bf16" if dtype == "fp16" else dtype
+    progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {load_dtype})")
+    loaded = load_backbone(model_id, revision, kept, dtype=load_dtype, config=config)
     scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
-    progress.done()
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
+    if pad_id is None:
+        raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
+    peak = _measure_peak(scorer, tokenizer, art.max_length, pad_id)
+    if dtype == "fp16":
+        check_fp16_range(peak)
+        import torch
+        rotary = loaded.model.rotary_emb
+        inv_freq = rotary.inv_freq.detach().clone()        # RoPE frequencies stay as loaded
+        loaded.model.to(torch.float16)
+        rotary.inv_freq = inv_freq
+        scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
+    progress.done(f"largest |activation| on calibration texts: {peak:.4g}")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -106,11 +133,6 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
         progress.start("writing the tokenizer")
-        tokenizer = loaded.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
-        if pad_id is None:
-            raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
         backend = tokenizer.backend_tokenizer
         backend.no_padding()
         backend.no_truncation()
@@ -162,7 +184,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
                 "max_length": art.max_length, "default_threshold": art.default_threshold,
                 "pad_token_id": int(pad_id), "pad_token": pad_token, "padding_side": "right",
             },
-            "model": {"path": MODEL_FILE, "dtype": dtype, **graph},
+            "model": {"path": MODEL_FILE, "dtype": dtype, "activation_peak": peak, **graph},
             "tokenizer": {"path": TOKENIZER_FILE},
             **({"streaming": streaming_meta} if streaming_meta is not None else {}),
             "files": {name: describe_file(staging, name) for name in files},

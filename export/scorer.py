@@ -46,6 +46,8 @@ class SirenScorer(nn.Module):
             if spec.relu:
                 modules.append(nn.ReLU())
         self.head = nn.Sequential(*modules).float()
+        # Set to a list to record the largest |activation| per layer (eager runs only).
+        self.peaks = None
 
     def _attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, 1, seq, seq] boolean: causal, padding keys excluded; every query may
@@ -76,6 +78,8 @@ class SirenScorer(nn.Module):
             residual = hidden
             mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = residual + mlp_out
+            if self.peaks is not None:
+                self.peaks.append(float(torch.stack([hidden.abs().max(), mlp_out.abs().max(), x.abs().max()]).max()))
             if index in self.layer_weights:
                 if self.pooling == "mlp_mean":
                     rep = mlp_out

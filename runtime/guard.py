@@ -6,7 +6,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends import create_runner, create_step_runner
+from .backends import create_runner, create_step_runner, warn_once
+from .errors import BackendUnavailableError
 from .batching import length_groups
 from .manifest import read_manifest, safe_relative_path, verify_files
 from .result import ScoreResult
@@ -90,8 +91,18 @@ class SirenGuard:
         runner = create_runner(bundle_dir, manifest, backend=backend, device=device, **backend_options)
         incremental = None
         if incremental_streaming and isinstance(manifest.get("streaming"), dict):
-            step = create_step_runner(bundle_dir, manifest, runner.name, runner.device, **backend_options)
-            incremental = IncrementalScorer(step, manifest["streaming"])
+            step = None
+            for name in dict.fromkeys([runner.name, "onnxruntime"]):
+                try:
+                    step = create_step_runner(bundle_dir, manifest, name, runner.device, **backend_options)
+                    break
+                except BackendUnavailableError:
+                    continue
+            if step is None:
+                warn_once("siren_runtime: no backend runs the streaming step graph here; "
+                          "score_streaming rescores the prefix")
+            else:
+                incremental = IncrementalScorer(step, manifest["streaming"])
         return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget, incremental, stream_cache,
                    max_padding)
 

@@ -14,10 +14,12 @@ from typing import Any, Optional
 from ..errors import BackendUnavailableError
 from .base import Runner
 
+# In order of preference for backend=None.
 _BACKENDS = {
+    "tensorrt": "siren_runtime.backends.tensorrt_runner",
     "onnxruntime": "siren_runtime.backends.onnxruntime_runner",
 }
-_ALIASES = {"ort": "onnxruntime"}
+_ALIASES = {"ort": "onnxruntime", "trt": "tensorrt"}
 
 
 def backend_names() -> list[str]:
@@ -36,10 +38,16 @@ def create_runner(bundle_dir: Path, manifest: dict[str, Any], backend: Optional[
         return _load(name).create(bundle_dir, manifest, device=device, **options)
     errors = []
     for name in _BACKENDS:
+        if name == "tensorrt" and (not manifest.get("engines") or device == "cpu"):
+            continue  # nothing to fall back from
         try:
-            return _load(name).create(bundle_dir, manifest, device=device, **options)
+            runner = _load(name).create(bundle_dir, manifest, device=device, **options)
         except BackendUnavailableError as e:
             errors.append(f"{name}: {e}")
+            continue
+        if errors:
+            warn_once(f"siren_runtime: {errors[0]}; falling back to {name}")
+        return runner
     raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors))
 
 

@@ -37,7 +37,9 @@ RESPONSE = (
     "quality is monitored continuously: samples are taken at the plant and throughout the network and "
     "analysed for turbidity, residual chlorine, coliform bacteria, lead, nitrates and dozens of other "
     "parameters. Results are reported to regulators, and most utilities publish an annual consumer "
-    "confidence report that lists what was found and how it compares with the legal limits."
+    "confidence report that lists what was found and how it compares with the legal limits. If your "
+    "local water tastes or smells unusual, contact the utility, which can test a sample from your home. "
+    "Boiling advisories are issued when pressure drops or contamination is suspected."
 )
 CHUNK = 12
 

@@ -33,6 +33,8 @@ class TextEncoder:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated, unpadded."""
         self._check_encodable(texts)
+        if len(texts) == 1:  # the streaming path: skip the batch encoder's thread-pool round trip
+            return [self._tokenizer.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
 
     def pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ class OnnxRuntimeRunner:
 
 def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None,
            providers: Optional[Sequence[str]] = None, intra_op_threads: Optional[int] = None,
-           model_key: str = "model") -> OnnxRuntimeRunner:
+           model_key: str = "model", spinning: bool = True) -> OnnxRuntimeRunner:
     ort = _import_ort()
     model_path = safe_relative_path(Path(bundle_dir), manifest[model_key]["path"])
     available = ort.get_available_providers()
@@ -82,6 +82,8 @@ def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = N
     options.intra_op_num_threads = intra_op_threads or physical_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
@@ -89,7 +91,7 @@ def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = N
             from . import warn_once
             warn_once(f"ONNX Runtime could not use the GPU ({e}); scoring on the CPU")
             return create(bundle_dir, manifest, device="cpu", intra_op_threads=intra_op_threads,
-                          model_key=model_key)
+                          model_key=model_key, spinning=spinning)
         raise BackendUnavailableError(f"ONNX Runtime could not load {model_path}: {e}") from e
     active = session.get_providers()
     used_device = "cuda" if any(p in active for p in _GPU_PROVIDERS) else "cpu"
@@ -123,5 +125,7 @@ class OnnxRuntimeStepRunner:
 
 def create_step(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None,
                 **options) -> OnnxRuntimeStepRunner:
+    # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
+    options.setdefault("spinning", False)
     runner = create(bundle_dir, manifest, device=device, model_key="streaming", **options)
     return OnnxRuntimeStepRunner(runner._session, runner.device)

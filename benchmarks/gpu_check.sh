@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU check, one command (< 10 minutes) on a machine with an NVIDIA GPU:
+#   benchmarks/gpu_check.sh [--full]
+# Installs the project with its tensorrt/export/test extras into .venv-gpu, builds the demo
+# bundle's TensorRT engine (and a random-weight bundle at Qwen3-4B dimensions with --full),
+# runs `siren verify`, and prints latency/throughput for batch 1/8/32 x sequence 64/256 with
+# TensorRT, ONNX Runtime CUDA (when onnxruntime-gpu is installed) and llm-siren on torch CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FULL=()
+[[ "${1:-}" == "--full" ]] && FULL=(--full)
+nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader || {
+  echo "gpu_check: no NVIDIA GPU visible (nvidia-smi failed)" >&2; exit 2; }
+python3 -m venv .venv-gpu
+. .venv-gpu/bin/activate
+pip install --quiet --upgrade pip
+# torch from the index is a CUDA build on GPU machines; TensorRT 10.12+/11.x from PyPI.
+pip install --quiet -e ".[tensorrt,export,test]"
+python benchmarks/gpu_latency.py --workdir "${SIREN_GPU_WORKDIR:-/tmp/siren-gpu}" "${FULL[@]}"

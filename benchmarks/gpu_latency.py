@@ -1,0 +1,101 @@
+"""GPU check: build engines, verify them, and time TensorRT / ONNX Runtime CUDA / llm-siren.
+
+Run through benchmarks/gpu_check.sh on a machine with an NVIDIA GPU and TensorRT. Prints a
+latency/throughput table for batch 1/8/32 x sequence 64/256 on the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _models import SIZES  # noqa: E402
+
+SIZES.setdefault("qwen3-4b", dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32,
+                                  num_kv_heads=8, head_dim=128))
+SHAPES = [(b, s) for b in (1, 8, 32) for s in (64, 256)]
+
+
+def sh(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def prepare(size: str, workdir: Path) -> tuple[Path, Path, Path]:
+    """(artifact, fp32 bundle, bf16 bundle with engines)."""
+    from siren_export.pipeline import export_bundle
+    from siren_export.synthetic import make_backbone, make_head
+    dims = SIZES[size]
+    root = workdir / size
+    if not (root / "backbone" / "config.json").is_file():
+        make_backbone(root / "backbone", **dims)
+    if not (root / "artifact" / "siren.safetensors").is_file():
+        make_head(root / "artifact", root / "backbone", num_layers=dims["num_layers"], width=dims["hidden_size"],
+                  selected_layers=list(range(dims["num_layers"])), neurons_per_layer=32, layer_dims=(256, 64),
+                  max_length=512)
+    fp32, bf16 = root / "bundle-fp32", root / "bundle-bf16"
+    for bundle, dtype in ((fp32, "fp32"), (bf16, "bf16")):
+        if not (bundle / "siren_bundle.json").is_file():
+            export_bundle(str(root / "artifact"), bundle, dtype=dtype, overwrite=True, streaming=dtype == "bf16")
+    sh("siren", "build", str(bf16), "--max-batch", "32", "--max-seq", "512", "--reference-bundle", str(fp32))
+    sh("siren", "verify", str(bf16), "--backend", "tensorrt", "--reference-bundle", str(fp32))
+    return root / "artifact", fp32, bf16
+
+
+def time_calls(fn, repeat: int = 20) -> tuple[float, float]:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), sorted(times)[int(0.95 * (len(times) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/siren-gpu")
+    parser.add_argument("--full", action="store_true", help="also a random-weight model at Qwen3-4B dimensions")
+    args = parser.parse_args()
+    import numpy as np
+    import torch
+    from siren_guard import SirenGuard as Reference
+    from siren_runtime import SirenGuard
+
+    sizes = ["tiny"] + (["qwen3-4b"] if args.full else [])
+    rows = []
+    for size in sizes:
+        artifact, fp32, bf16 = prepare(size, Path(args.workdir))
+        impls = {"tensorrt bf16": SirenGuard.from_pretrained(bf16, backend="tensorrt", device="cuda")}
+        try:
+            impls["onnxruntime-cuda fp32"] = SirenGuard.from_pretrained(fp32, backend="onnxruntime", device="cuda")
+        except Exception as e:  # onnxruntime-gpu absent
+            print(f"onnxruntime CUDA skipped: {e}")
+        reference = Reference.from_pretrained(str(artifact), device="cuda", dtype=torch.bfloat16)
+        for batch, seq in SHAPES:
+            texts = [" hello" * seq] * batch  # " hello" is one Qwen3 token
+            for name, guard in impls.items():
+                p50, p95 = time_calls(lambda: guard.score_batch(texts))
+                rows.append((size, name, batch, seq, p50, p95))
+
+            def ref_call():
+                reference.score_batch(texts)
+                torch.cuda.synchronize()
+            p50, p95 = time_calls(ref_call)
+            rows.append((size, "llm-siren torch-cuda bf16", batch, seq, p50, p95))
+    print(f"\n{'size':<9} {'implementation':<26} {'batch':>5} {'seq':>5} {'p50 ms':>8} {'p95 ms':>8} {'tokens/s':>10}")
+    for size, name, batch, seq, p50, p95 in rows:
+        print(f"{size:<9} {name:<26} {batch:>5} {seq:>5} {1e3 * p50:>8.2f} {1e3 * p95:>8.2f} "
+              f"{batch * seq / p50:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,10 +36,25 @@ def check_tokenizer(hf_tokenizer, encoder: TextEncoder, texts: list[str]) -> Non
             raise ParityError(f"bundle tokenizer differs from the backbone's on {text[:40]!r}: {have[:8]} vs {want[:8]}")
 
 
+def _cpu_session(path: Path):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _unrunnable(report: dict, dtype: str, what: str, error: Exception) -> dict:
+    """fp32 must run on ONNX Runtime's CPU provider; fp16/bf16 may not (no kernels): say so."""
+    if dtype == "fp32":
+        raise ParityError(f"ONNX Runtime could not run the exported {what}: {error}") from error
+    report.update(checked=False, reason=f"ONNX Runtime CPU cannot run the {dtype} {what}: "
+                                       f"{str(error).splitlines()[0][:200]}")
+    return report
+
+
 def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, texts: list[str],
                               dtype: str, tolerance: float | None = None) -> dict:
     """Run both on the same padded batch; raise ParityError above tolerance."""
-    import onnxruntime as ort
     import torch
 
     tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
@@ -49,16 +64,9 @@ def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, te
     report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype})", "texts": len(texts),
               "tolerance": tol}
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
-        got = session.run(["score"], {"input_ids": ids, "attention_mask": mask})[0]
+        got = _cpu_session(model_path).run(["score"], {"input_ids": ids, "attention_mask": mask})[0]
     except Exception as e:
-        if dtype == "fp32":
-            raise ParityError(f"ONNX Runtime could not run the exported graph: {e}") from e
-        report.update(checked=False, reason=f"ONNX Runtime CPU cannot run the {dtype} graph: "
-                                           f"{str(e).splitlines()[0][:200]}")
-        return report
+        return _unrunnable(report, dtype, "graph", e)
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
     report.update(checked=True, max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
                   passed=bool(diff.max() <= tol))
@@ -72,21 +80,14 @@ def check_step_against_module(module, step_path: Path, encoder: TextEncoder, tex
                               dtype: str, tolerance: float | None = None) -> dict:
     """Feed each calibration text to the step graph in uneven chunks; every step's score
     must equal the full module's score on that prefix."""
-    import onnxruntime as ort
     import torch
 
     tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
     report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype}) on each prefix", "tolerance": tol}
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(step_path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = _cpu_session(step_path)
     except Exception as e:
-        if dtype == "fp32":
-            raise ParityError(f"ONNX Runtime could not load the streaming graph: {e}") from e
-        report.update(checked=False, reason=f"ONNX Runtime CPU cannot run the {dtype} step graph: "
-                                           f"{str(e).splitlines()[0][:200]}")
-        return report
+        return _unrunnable(report, dtype, "step graph", e)
     kv_dtype = session.get_inputs()[1].type
     np_kv = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_dtype)
     if np_kv is None:

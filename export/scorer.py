@@ -49,6 +49,16 @@ class SirenScorer(nn.Module):
         # Set to a list to record the largest |activation| per layer (eager runs only).
         self.peaks = None
 
+    def selected_neurons(self, index: int, hidden: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """Layer `index`'s readout, gathered to its selected neurons, in fp32 [B, S, n]."""
+        if self.pooling == "mlp_mean":
+            rep = mlp_out
+        elif index == self.normed_layer:
+            rep = self.norm(hidden)
+        else:
+            rep = hidden
+        return rep.index_select(-1, getattr(self, f"neurons_{index}")).to(torch.float32)
+
     def _attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, 1, seq, seq] boolean: causal, padding keys excluded; every query may
         also see itself, so an all-padding row never has an empty softmax (no NaN)."""
@@ -81,13 +91,7 @@ class SirenScorer(nn.Module):
             if self.peaks is not None:
                 self.peaks.append(float(torch.stack([hidden.abs().max(), mlp_out.abs().max(), x.abs().max()]).max()))
             if index in self.layer_weights:
-                if self.pooling == "mlp_mean":
-                    rep = mlp_out
-                elif index == self.normed_layer:
-                    rep = self.norm(hidden)
-                else:
-                    rep = hidden
-                picked = rep.index_select(-1, getattr(self, f"neurons_{index}")).to(torch.float32)
+                picked = self.selected_neurons(index, hidden, mlp_out)
                 pooled = torch.where(valid, picked, 0.0).sum(dim=1) / counts
                 features.append(pooled * self.layer_weights[index])
 

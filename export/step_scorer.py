@@ -61,14 +61,7 @@ class SirenStepScorer(SirenScorer):
             mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = residual + mlp_out
             if index in self.layer_weights:
-                if self.pooling == "mlp_mean":
-                    rep = mlp_out
-                elif index == self.normed_layer:
-                    rep = self.norm(hidden)
-                else:
-                    rep = hidden
-                picked = rep.index_select(-1, getattr(self, f"neurons_{index}")).to(torch.float32)
-                sums.append(picked.cumsum(dim=1))
+                sums.append(self.selected_neurons(index, hidden, mlp_out).cumsum(dim=1))
 
         # Running sums after every new token, so a stream can later resume at any position.
         new_sums = past_sums[:, None, :] + torch.cat(sums, dim=-1)          # [B, new, F]

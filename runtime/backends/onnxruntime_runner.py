@@ -87,7 +87,7 @@ def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = N
     try:
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        if device is None and "CPUExecutionProvider" not in providers[:1] and providers != ["CPUExecutionProvider"]:
+        if device is None and providers[0] != "CPUExecutionProvider":  # the GPU was only preferred
             from . import warn_once
             warn_once(f"ONNX Runtime could not use the GPU ({e}); scoring on the CPU")
             return create(bundle_dir, manifest, device="cpu", intra_op_threads=intra_op_threads,

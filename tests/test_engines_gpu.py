@@ -1,0 +1,39 @@
+"""TensorRT on a real GPU: build, load, parity. Skipped, with the reason, where there is none
+(these machines and CI); benchmarks/gpu_check.sh runs the same path with timings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from corpus import CORPUS
+from siren_runtime.backends.cuda_env import gpu_info, tensorrt_version
+
+_REASON = ("TensorRT is not installed" if tensorrt_version() is None
+           else "no usable NVIDIA GPU (cuda-python sees none)" if gpu_info() is None else "")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=_REASON or "GPU present")]
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(all_layers, tmp_path_factory):
+    import shutil
+    from siren_engines.build import build_engines
+    bundle = tmp_path_factory.mktemp("trt") / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    build_engines(bundle, max_batch=8, max_seq=64, show_progress=False)
+    return bundle
+
+
+def test_engine_scores_match_reference(engine_bundle, all_layers):
+    from siren_runtime import SirenGuard
+    guard = SirenGuard.from_pretrained(engine_bundle, backend="tensorrt", device="cuda")
+    ours = np.array([r.score for r in guard.score_batch(CORPUS)])      # 16 texts > max_batch 8: split
+    ref = np.array([r.score for r in all_layers.reference.score_batch(CORPUS)])
+    assert np.max(np.abs(ours - ref)) < 1e-3                              # fp32 engine (TF32 off by default)
+
+
+def test_manifest_records_engine(engine_bundle):
+    from siren_runtime.manifest import read_manifest
+    entry = read_manifest(engine_bundle)["engines"][0]
+    assert entry["tensorrt_version"] == tensorrt_version()
+    assert entry["compute_capability"] == gpu_info()["compute_capability"]
+    assert entry["verify"]["passed"]

@@ -28,7 +28,7 @@ def test_engine_scores_match_reference(engine_bundle, all_layers):
     guard = SirenGuard.from_pretrained(engine_bundle, backend="tensorrt", device="cuda")
     ours = np.array([r.score for r in guard.score_batch(CORPUS)])      # 16 texts > max_batch 8: split
     ref = np.array([r.score for r in all_layers.reference.score_batch(CORPUS)])
-    assert np.max(np.abs(ours - ref)) < 1e-3                              # fp32 engine (TF32 off by default)
+    assert np.max(np.abs(ours - ref)) < 5e-3                              # fp32 engine; TensorRT may use TF32
 
 
 def test_manifest_records_engine(engine_bundle):

@@ -51,7 +51,6 @@ class TensorRTRunner:
         self._profiles = entry["profiles"]
         self._profile = 0
         self._stream = check(self._rt.cudaStreamCreate())
-        top = max((p["shapes"]["input_ids"]["max"] for p in self._profiles), key=lambda s: s[0] * s[1])
         self.max_batch = max(p["shapes"]["input_ids"]["max"][0] for p in self._profiles)
         self.max_seq = max(p["shapes"]["input_ids"]["max"][1] for p in self._profiles)
         rows, cols = self.max_batch, self.max_seq
@@ -63,7 +62,6 @@ class TensorRTRunner:
         }
         for name, pointer in self._buffers.items():
             self._context.set_tensor_address(name, int(pointer))
-        self._top = top
 
     def _run_chunk(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rt = self._rt

@@ -111,7 +111,7 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     verify_files(bundle, manifest)
     engine = None
     if scorer == "tensorrt":
-        engines = manifest.get("engines") or []
+        engines = [e for e in manifest.get("engines") or [] if e.get("graph", "model") == "model"]
         if not engines:
             raise ValueError(f"{bundle} has no TensorRT engine; build one on the serving GPU with `siren build` "
                              "(or use --scorer onnxruntime / python)")

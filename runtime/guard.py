@@ -29,8 +29,10 @@ class SirenGuard:
     """Scores text for harmfulness from an exported SIREN bundle.
 
     Same calls and results as ``siren_guard.SirenGuard`` (llm-siren). A guard may be
-    shared by threads for ``score``/``score_batch``: the tokenizer and an ONNX Runtime
-    session are safe for concurrent runs.
+    shared by threads for ``score``, ``score_batch`` and ``score_streaming``: the tokenizer
+    and an ONNX Runtime session run concurrently, the TensorRT backend serializes its one
+    execution context, and the stream cache is locked. A ``stream()`` session is one
+    thread's at a time.
     """
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner, encoder: TextEncoder,

@@ -52,16 +52,6 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _measure_peak(scorer, tokenizer, max_length: int, pad_id: int) -> float:
-    """Largest |activation| on the calibration texts, tokenized as the runtime will."""
-    import tempfile as _tempfile
-    with _tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / TOKENIZER_FILE
-        tokenizer.backend_tokenizer.save(str(path))
-        encoder = TextEncoder(path, max_length=max_length, pad_token_id=pad_id)
-        return activation_peak(scorer, encoder, calibration_texts())
-
-
 def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
                   readout: str = "runtime", overwrite: bool = False, parity_tolerance: Optional[float] = None,
                   cache_dir: Optional[str] = None, show_progress: bool = True, streaming: bool = True) -> Path:
@@ -88,7 +78,6 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     kept = art.deepest_layer + 1
     progress.done(f"{art.pooling_type}, {len(art.selected_layers)} layers, {art.feature_dim} features")
 
-    # fp16 is checked for overflow first, on a bf16 copy (fp32's range, half the memory).
     load_dtype = "bf16" if dtype == "fp16" else dtype
     progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {load_dtype})")
     loaded = load_backbone(model_id, revision, kept, dtype=load_dtype, config=config)
@@ -98,20 +87,30 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
     if pad_id is None:
         raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
-    peak = _measure_peak(scorer, tokenizer, art.max_length, pad_id)
-    if dtype == "fp16":
-        check_fp16_range(peak)
-        import torch
-        rotary = loaded.model.rotary_emb
-        inv_freq = rotary.inv_freq.detach().clone()        # RoPE frequencies stay as loaded
-        loaded.model.to(torch.float16)
-        rotary.inv_freq = inv_freq
-        scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
-    progress.done(f"largest |activation| on calibration texts: {peak:.4g}")
-
+    progress.done()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
+        progress.start("writing the tokenizer and measuring activations")
+        backend = tokenizer.backend_tokenizer
+        backend.no_padding()
+        backend.no_truncation()
+        backend.save(str(staging / TOKENIZER_FILE))
+        encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
+        texts = calibration_texts()
+        check_tokenizer(tokenizer, encoder, texts)
+        # fp16 is checked for overflow on the bf16 copy (fp32's range, half the memory).
+        peak = activation_peak(scorer, encoder, texts)
+        if dtype == "fp16":
+            check_fp16_range(peak)
+            import torch
+            rotary = loaded.model.rotary_emb
+            inv_freq = rotary.inv_freq.detach().clone()        # RoPE frequencies stay as loaded
+            loaded.model.to(torch.float16)
+            rotary.inv_freq = inv_freq
+            scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
+        progress.done(f"largest |activation| on calibration texts: {peak:.4g}")
+
         progress.start("tracing and writing the ONNX graph")
         graph = export_scorer(scorer, staging / MODEL_FILE)
         progress.done()
@@ -131,16 +130,6 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
                 step_graph["external_data"] = None
             streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
-
-        progress.start("writing the tokenizer")
-        backend = tokenizer.backend_tokenizer
-        backend.no_padding()
-        backend.no_truncation()
-        backend.save(str(staging / TOKENIZER_FILE))
-        encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
-        texts = calibration_texts()
-        check_tokenizer(tokenizer, encoder, texts)
-        progress.done()
 
         progress.start("checking the ONNX graph against the torch module")
         parity = check_onnx_against_module(scorer, staging / MODEL_FILE, encoder, texts, dtype, parity_tolerance)

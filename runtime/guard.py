@@ -11,7 +11,7 @@ from .errors import BackendUnavailableError
 from .batching import length_groups
 from .manifest import read_manifest, safe_relative_path, verify_files
 from .result import ScoreResult
-from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState
+from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
 from .text import clean_text, join_prompt_response
 from .tokenization import TextEncoder
 from .validation import check_text, check_texts, check_threshold
@@ -163,12 +163,13 @@ class SirenGuard:
         thr = check_threshold(threshold, self._default_threshold)
         if self._incremental is None:
             return self._score_texts([response_so_far], thr)[0]
-        ids = self._encoder.token_ids([clean_text(response_so_far)])[0]
-        key, state, shared = self._stream_cache.best_match(ids)
+        cleaned = clean_text(response_so_far)
+        key, state, _ = self._stream_cache.best_match(cleaned)
+        tokens = self._encoder.tokenize_resuming(cleaned, state.tokens if state is not None else None)
+        score, new_state = self._incremental.advance(state or self._incremental.new_state(), tokens)
         # the same stream moving on (its last tokens may have been re-merged) replaces its
         # entry; a different continuation of a shared opening gets its own
-        replace = key if state is not None and shared >= state.start else None
-        score, new_state = self._incremental.advance(state or self._incremental.new_state(), ids)
+        replace = key if state is not None and common_prefix(state.ids, tokens.ids) >= state.start else None
         self._stream_cache.store(new_state, replace)
         return self._result(score, thr)
 
@@ -206,8 +207,8 @@ class SirenGuard:
         """A session's step: (result, new state); full rescoring without a step graph."""
         if self._incremental is None:
             return self._score_texts([text], threshold)[0], None
-        ids = self._encoder.token_ids([clean_text(text)])[0]
-        score, new_state = self._incremental.advance(state or self._incremental.new_state(), ids)
+        tokens = self._encoder.tokenize_resuming(clean_text(text), state.tokens if state is not None else None)
+        score, new_state = self._incremental.advance(state or self._incremental.new_state(), tokens)
         return self._result(score, threshold), new_state
 
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
+
+from .tokenization import Tokenized, common_prefix_chars
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class StreamState:
     sums: np.ndarray             # float32 [len(ids) + 1, features]: running sums after each token
     score: Optional[float]       # score of `ids` (None for the empty state)
     start: int = 0               # first token the last call had to run
+    tokens: Optional[Tokenized] = None   # the cleaned text these ids came from, with split points
 
     @property
     def nbytes(self) -> int:
@@ -54,14 +57,14 @@ class IncrementalScorer:
         return StreamState(ids=(), kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
                            sums=np.zeros((1, self._features), np.float32), score=None)
 
-    def advance(self, state: StreamState, ids) -> tuple[float, StreamState]:
-        """Score `ids` resuming from `state` at their longest common token prefix."""
+    def advance(self, state: StreamState, tokens: Tokenized) -> tuple[float, StreamState]:
+        """Score `tokens.ids` resuming from `state` at their longest common token prefix."""
+        ids = tuple(tokens.ids)
         if not ids:
             raise ValueError("cannot score an empty token sequence")
-        ids = tuple(ids)
         shared = common_prefix(state.ids, ids)
         if shared == len(ids) == len(state.ids) and state.score is not None:
-            return state.score, state
+            return state.score, replace(state, tokens=tokens)
         resume = min(shared, len(ids) - 1)   # at least one token must run to produce a score
         new_ids = np.asarray([ids[resume:]], dtype=np.int64)
         count = np.full((1, 1), float(resume), dtype=np.float32)
@@ -69,7 +72,7 @@ class IncrementalScorer:
                                                          state.sums[resume][None, :], count)
         score = float(scores[0])
         sums = np.concatenate([state.sums[:resume + 1], sums_by_token[0]], axis=0)
-        return score, StreamState(ids=ids, kv=kv, sums=sums, score=score, start=resume)
+        return score, StreamState(ids=ids, kv=kv, sums=sums, score=score, start=resume, tokens=tokens)
 
 
 class StreamSession:
@@ -139,12 +142,13 @@ class StreamCache:
         with self._lock:
             return sum(s.nbytes for s in self._states.values())
 
-    def best_match(self, ids: list[int]) -> tuple[Optional[int], Optional[StreamState], int]:
-        """The cached state sharing the longest token prefix with `ids` (key, state, length)."""
+    def best_match(self, text: str) -> tuple[Optional[int], Optional[StreamState], int]:
+        """The cached state whose cleaned text shares the longest prefix with `text`
+        (key, state, shared characters)."""
         with self._lock:
             best = (None, None, 0)
             for key, state in self._states.items():
-                shared = common_prefix(state.ids, ids)
+                shared = common_prefix_chars(state.tokens.text, text) if state.tokens is not None else 0
                 if shared > best[2]:
                     best = (key, state, shared)
             if best[0] is not None:

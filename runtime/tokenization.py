@@ -4,9 +4,40 @@ padding with the pad id, truncation keeping the first `max_length` tokens.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+
+# A space between two ASCII letters is always a split point of Qwen's pre-tokenizer: the
+# letter run before it ends there whatever follows, a scan restarted there matches what the
+# scan of the whole text matches (no look-behind in the pattern), NFC cannot compose across a
+# space, and no added token contains one. Tokenizing the two sides apart gives the same ids.
+_SAFE_SPLIT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A cleaned text, its ids (at most max_length), and known split points (char, token)."""
+    text: str
+    ids: tuple
+    splits: tuple = ()
+
+
+def common_prefix_chars(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n          # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 class TextEncoder:
@@ -18,6 +49,13 @@ class TextEncoder:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=self.max_length, direction="right")
+        self._pieces = Tokenizer.from_file(str(tokenizer_path))   # untruncated, for text pieces
+        self._pieces.no_padding()
+        self._pieces.no_truncation()
+        probe = "a b"
+        # Resuming is only exact when the post-processor adds nothing (true for Qwen3).
+        self.can_resume = (self._pieces.encode(probe, add_special_tokens=True).ids
+                           == self._pieces.encode(probe, add_special_tokens=False).ids)
 
     @staticmethod
     def _check_encodable(texts: list[str]) -> None:
@@ -36,6 +74,34 @@ class TextEncoder:
         if len(texts) == 1:  # the streaming path: skip the batch encoder's thread-pool round trip
             return [self._tokenizer.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def tokenize_resuming(self, text: str, previous: Optional[Tokenized] = None) -> Tokenized:
+        """Ids of a cleaned `text` (same as ``token_ids``), re-tokenizing only from the last
+        safe split point that `previous` (an earlier text of the same stream) shares with it."""
+        if not self.can_resume:
+            return Tokenized(text, tuple(self.token_ids([text])[0]))
+        self._check_encodable([text])
+        start_char, start_token, splits = 0, 0, ()
+        if previous is not None:
+            shared = common_prefix_chars(previous.text, text)
+            kept = [s for s in previous.splits if s[0] < shared]
+            if kept:
+                start_char, start_token = kept[-1]
+                splits = tuple(kept)
+            if start_token >= self.max_length:        # everything before is already past the limit
+                return Tokenized(text, previous.ids, splits)
+        ids = list(previous.ids[:start_token]) if start_token else []
+        tail = text[start_char:]
+        last = None
+        for match in _SAFE_SPLIT.finditer(tail):
+            last = match.start()
+        if last:
+            head = self._pieces.encode(tail[:last], add_special_tokens=False).ids
+            ids += head
+            splits += ((start_char + last, start_token + len(head)),)
+            tail = tail[last:]
+        ids += self._pieces.encode(tail, add_special_tokens=False).ids
+        return Tokenized(text, tuple(ids[:self.max_length]), splits)
 
     def pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad to the longest list: (input_ids, attention_mask), both int64 [n, L]."""

@@ -46,3 +46,42 @@ def test_qwen3_tokenizer_matches_tiktoken(qwen_tokenizer_json):
     assert tok.token_to_id("<|endoftext|>") == 151643 and tok.token_to_id("</think>") == 151668
     # added tokens in text are matched as single tokens
     assert tok.encode("a<|im_start|>b").ids[1] == 151644
+
+
+PIECES = list("abcXYZ   \n\t.,'!?-0123") + ["é", "e\u0301", "ö", "中", "🙂", "👍🏽", "<think>", "</think>",
+                                             "<|im_end|>", "<|im_", "end|>", "'s", " don't", "\r\n", "\u00a0",
+                                             "\u200b", "ﬁ", "A\u030a"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=80), st.lists(st.integers(1, 9), min_size=1),
+       st.integers(0, 3), st.sampled_from([8, 64, 100_000]))
+def test_resumed_tokenization_equals_full(qwen_tokenizer_json, pieces, steps, edit, max_length):
+    """Streaming re-tokenizes only after the last safe split point; the ids must always be
+    exactly those of tokenizing the whole (cleaned) text, for growing and edited texts."""
+    from siren_runtime.text import clean_text
+    from siren_runtime.tokenization import TextEncoder
+    encoder = _encoders(qwen_tokenizer_json, max_length)
+    text, previous, pos = "".join(pieces), None, 0
+    for step in steps * 4:
+        pos += step
+        prefix = text[:pos]
+        if edit and pos % 5 == edit:  # an edit inside the text, not an extension
+            prefix = prefix[: len(prefix) // 2] + "Z" + prefix[len(prefix) // 2 + 1:]
+        cleaned = clean_text(prefix)
+        got = encoder.tokenize_resuming(cleaned, previous)
+        assert got.ids == tuple(encoder.token_ids([cleaned])[0]), repr(prefix)
+        previous = got
+        if pos >= len(text):
+            break
+
+
+_ENCODER_CACHE = {}
+
+
+def _encoders(path, max_length):
+    from siren_runtime.tokenization import TextEncoder
+    key = (str(path), max_length)
+    if key not in _ENCODER_CACHE:
+        _ENCODER_CACHE[key] = TextEncoder(path, max_length, 151643)
+    return _ENCODER_CACHE[key]

@@ -1,8 +1,9 @@
 """Incremental streaming: each call runs only the tokens the stream has not seen.
 
 A stream's state is its token ids, the KV cache of every kept layer, and the running
-selected-neuron sums after every token. A new prefix is tokenized whole
-(as the reference does) and compared with the state's ids: appending text can change the
+selected-neuron sums after every token. A new prefix gets exactly the ids the reference's
+whole-text tokenization gives (re-tokenized from the last safe split point, see
+TextEncoder.tokenize_resuming) and is compared with the state's ids: appending text can change the
 last tokens (BPE merges across the boundary, whitespace the cleaner strips or collapses, a
 chat artifact completed across chunks), so the scorer rolls back to the end of the common
 token prefix, slices the KV cache and takes the sums there, and runs the rest. Past

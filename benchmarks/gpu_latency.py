@@ -65,7 +65,6 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/siren-gpu")
     parser.add_argument("--full", action="store_true", help="also a random-weight model at Qwen3-4B dimensions")
     args = parser.parse_args()
-    import numpy as np
     import torch
     from siren_guard import SirenGuard as Reference
     from siren_runtime import SirenGuard

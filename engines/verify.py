@@ -6,7 +6,6 @@ thresholds deployments actually use.
 """
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -14,11 +13,6 @@ import numpy as np
 
 THRESHOLDS = (0.1, 0.5, 0.9)
 MIN_AGREEMENT = 0.999
-
-
-def verification_texts() -> list[str]:
-    raw = (resources.files("siren_runtime") / "data" / "calibration.txt").read_text(encoding="utf-8")
-    return [line.replace("\\n", "\n") for line in raw.splitlines() if line.strip()]
 
 
 def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict:
@@ -33,13 +27,14 @@ def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict:
 def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bundle: Optional[str | Path] = None,
                   device: Optional[str] = None, texts: Optional[list[str]] = None) -> dict:
     from siren_runtime import BundleError, SirenGuard
+    from siren_runtime.calibration import calibration_texts
     from siren_runtime.manifest import read_manifest
 
     reference_bundle = Path(reference_bundle or bundle)
     if read_manifest(reference_bundle)["model"]["dtype"] != "fp32":
         raise BundleError(f"{reference_bundle} is not an fp32 bundle; pass --reference-bundle with an fp32 export "
                           "of the same artifact")
-    texts = texts or verification_texts()
+    texts = texts or calibration_texts()
     candidate = SirenGuard.from_pretrained(bundle, backend=backend, device=device, incremental_streaming=False)
     reference = SirenGuard.from_pretrained(reference_bundle, backend="onnxruntime", device="cpu",
                                            incremental_streaming=False)

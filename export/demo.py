@@ -7,7 +7,6 @@ torch-free runtime in a separate process where importing torch or transformers f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile

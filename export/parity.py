@@ -2,7 +2,6 @@
 runtime's own tokenizer path, must agree with the torch module it came from."""
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,6 @@ FP16_MAX = 65504.0
 # Refuse fp16 when an activation on the calibration texts reaches this share of its range:
 # unseen texts run hotter than a handful of calibration ones.
 FP16_HEADROOM = 0.25
-
-
-def calibration_texts() -> list[str]:
-    """The calibration set shipped with the runtime (one text per line, `\\n` escapes)."""
-    raw = (resources.files("siren_runtime") / "data" / "calibration.txt").read_text(encoding="utf-8")
-    return [line.replace("\\n", "\n") for line in raw.splitlines() if line.strip()]
 
 
 def check_tokenizer(hf_tokenizer, encoder: TextEncoder, texts: list[str]) -> None:

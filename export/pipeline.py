@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from siren_runtime.calibration import calibration_texts
 from siren_runtime.manifest import MANIFEST_NAME, describe_file, write_manifest
 from siren_runtime.tokenization import TextEncoder
 
@@ -22,7 +23,7 @@ from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_ar
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
 from .onnx_export import export_scorer, export_step, share_weights
-from .parity import (activation_peak, calibration_texts, check_fp16_range, check_onnx_against_module,
+from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
                      check_step_against_module, check_tokenizer)
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer

@@ -14,7 +14,6 @@ import os
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from siren_runtime.manifest import MANIFEST_NAME, read_manifest, safe_relative_path, verify_files
 

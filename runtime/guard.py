@@ -165,11 +165,10 @@ class SirenGuard:
             return self._score_texts([response_so_far], thr)[0]
         cleaned = clean_text(response_so_far)
         key, state, _ = self._stream_cache.best_match(cleaned)
-        tokens = self._encoder.tokenize_resuming(cleaned, state.tokens if state is not None else None)
-        score, new_state = self._incremental.advance(state or self._incremental.new_state(), tokens)
+        score, new_state = self._advance_stream(cleaned, state)
         # the same stream moving on (its last tokens may have been re-merged) replaces its
         # entry; a different continuation of a shared opening gets its own
-        replace = key if state is not None and common_prefix(state.ids, tokens.ids) >= state.start else None
+        replace = key if state is not None and common_prefix(state.ids, new_state.ids) >= state.start else None
         self._stream_cache.store(new_state, replace)
         return self._result(score, thr)
 
@@ -207,9 +206,13 @@ class SirenGuard:
         """A session's step: (result, new state); full rescoring without a step graph."""
         if self._incremental is None:
             return self._score_texts([text], threshold)[0], None
-        tokens = self._encoder.tokenize_resuming(clean_text(text), state.tokens if state is not None else None)
-        score, new_state = self._incremental.advance(state or self._incremental.new_state(), tokens)
+        score, new_state = self._advance_stream(clean_text(text), state)
         return self._result(score, threshold), new_state
+
+    def _advance_stream(self, cleaned: str, state: Optional[StreamState]) -> tuple[float, StreamState]:
+        """Tokenize `cleaned` resuming from `state`'s text and run only the new tokens."""
+        tokens = self._encoder.tokenize_resuming(cleaned, state.tokens if state is not None else None)
+        return self._incremental.advance(state or self._incremental.new_state(), tokens)
 
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
         if not texts:

@@ -26,12 +26,15 @@ from .tokenization import Tokenized, common_prefix_chars
 class StreamState:
     """Everything needed to resume a stream at any of its tokens. Never modified in
     place: advance() returns a new state, so a failed call loses nothing."""
-    ids: tuple                   # token ids scored so far
     kv: np.ndarray               # [layers, 2, 1, kv_heads, len(ids), head_dim]
     sums: np.ndarray             # float32 [len(ids) + 1, features]: running sums after each token
     score: Optional[float]       # score of `ids` (None for the empty state)
     start: int = 0               # first token the last call had to run
-    tokens: Optional[Tokenized] = None   # the cleaned text these ids came from, with split points
+    tokens: Optional[Tokenized] = None   # the cleaned text and its ids (scored so far), with split points
+
+    @property
+    def ids(self) -> tuple:
+        return self.tokens.ids if self.tokens is not None else ()
 
     @property
     def nbytes(self) -> int:
@@ -55,12 +58,12 @@ class IncrementalScorer:
         self._features = int(meta["feature_dim"])
 
     def new_state(self) -> StreamState:
-        return StreamState(ids=(), kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
+        return StreamState(kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
                            sums=np.zeros((1, self._features), np.float32), score=None)
 
     def advance(self, state: StreamState, tokens: Tokenized) -> tuple[float, StreamState]:
         """Score `tokens.ids` resuming from `state` at their longest common token prefix."""
-        ids = tuple(tokens.ids)
+        ids = tokens.ids
         if not ids:
             raise ValueError("cannot score an empty token sequence")
         shared = common_prefix(state.ids, ids)
@@ -73,7 +76,7 @@ class IncrementalScorer:
                                                          state.sums[resume][None, :], count)
         score = float(scores[0])
         sums = np.concatenate([state.sums[:resume + 1], sums_by_token[0]], axis=0)
-        return score, StreamState(ids=ids, kv=kv, sums=sums, score=score, start=resume, tokens=tokens)
+        return score, StreamState(kv=kv, sums=sums, score=score, start=resume, tokens=tokens)
 
 
 class StreamSession:

@@ -140,7 +140,6 @@ def test_bf16_numerics_with_the_torch_module(reduced, all_layers):
     art = load_artifact(str(all_layers.artifact))
     loaded = load_backbone(art.base_model_id, None, art.deepest_layer + 1, dtype="bf16")
     module = SirenScorer(loaded.model, loaded.num_layers, art).eval()
-    enc = all_layers.reference._tokenizer([t or " " for t in CORPUS[:6]], return_tensors="pt", padding=True)
     from siren_runtime.text import clean_text
     enc = all_layers.reference._tokenizer([clean_text(t) for t in CORPUS[:6]], return_tensors="pt", padding=True,
                                           truncation=True, max_length=64)
@@ -151,7 +150,6 @@ def test_bf16_numerics_with_the_torch_module(reduced, all_layers):
 
 
 def test_fp16_refused_when_activations_run_hot(all_layers, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
     from siren_export.errors import ArtifactError
     from siren_export.pipeline import export_bundle

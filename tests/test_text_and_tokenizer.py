@@ -1,7 +1,6 @@
 """Text cleaning equals llm-siren's; the offline Qwen3 tokenizer equals tiktoken's ids."""
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from siren_guard.siren_guard import _join_prompt_response, _to_raw_text
@@ -60,7 +59,6 @@ def test_resumed_tokenization_equals_full(qwen_tokenizer_json, pieces, steps, ed
     """Streaming re-tokenizes only after the last safe split point; the ids must always be
     exactly those of tokenizing the whole (cleaned) text, for growing and edited texts."""
     from siren_runtime.text import clean_text
-    from siren_runtime.tokenization import TextEncoder
     encoder = _encoders(qwen_tokenizer_json, max_length)
     text, previous, pos = "".join(pieces), None, 0
     for step in steps * 4:

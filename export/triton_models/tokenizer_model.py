@@ -7,7 +7,6 @@ to its own length; the scorer strips padding by the mask.
 import json
 import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from siren_runtime.text import clean_text, join_prompt_response

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from siren_runtime.backends.cuda_env import gpu_info, tensorrt_version
-from siren_runtime.manifest import describe_file, read_manifest, safe_relative_path, verify_files, write_manifest
+from siren_runtime.bundle import describe_file, read_bundle, write_manifest
 
 from . import EngineUnavailableError
 from .profiles import scorer_profiles, step_profiles
@@ -102,29 +102,29 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
                   streaming: bool = True, verify: bool = True, show_progress: bool = True,
                   reference_bundle: Optional[str | Path] = None) -> dict:
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    dtype = manifest["model"]["dtype"]
+    contract = read_bundle(bundle)
+    dtype = contract.model.dtype
     if precision is not None and precision != dtype:
         raise ValueError(f"{bundle} holds a {dtype} graph; precision lives in the graph, so a {precision} engine "
                          f"needs `siren export --dtype {precision}`")
-    max_length = int(manifest["inference"]["max_length"])
+    max_length = contract.inference.max_length
     profiles = scorer_profiles(max_length, max_batch, max_seq, opt_batch, opt_seq)  # validates before any GPU work
     trt, version, gpu = require_tensorrt()
-    verify_files(bundle, manifest)
+    contract.verify()
     timing_cache = Path(timing_cache) if timing_cache else bundle / "engines" / "timing.cache"
 
-    jobs = [("model", manifest["model"]["path"], profiles)]
-    if streaming and isinstance(manifest.get("streaming"), dict):
-        s = manifest["streaming"]
-        jobs.append(("streaming", s["path"], step_profiles(max_length, s["kv_layers"], s["kv_heads"], s["head_dim"],
-                                                           s["feature_dim"])))
+    jobs = [("model", contract.model.path, profiles)]
+    if streaming and contract.streaming is not None:
+        s = contract.streaming
+        jobs.append(("streaming", s.graph.path, step_profiles(max_length, s.kv_layers, s.kv_heads, s.head_dim,
+                                                              s.feature_dim)))
     tag = f"{dtype}-sm{gpu['compute_capability'].replace('.', '')}-trt{version}"
     entries = []
     for graph, rel, graph_profiles in jobs:
         if show_progress:
             print(f"building the {graph} engine ({dtype}, {gpu['name']}, TensorRT {version}) ...", file=sys.stderr)
         started = time.perf_counter()
-        plan = _build_one(trt, safe_relative_path(bundle, rel), graph_profiles, workspace_gib, timing_cache,
+        plan = _build_one(trt, contract.path(rel), graph_profiles, workspace_gib, timing_cache,
                           show_progress)
         seconds = time.perf_counter() - started
         engine_rel = f"engines/{graph}-{tag}.plan"
@@ -137,7 +137,7 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
                         "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
                         "profiles": [p.to_dict() for p in graph_profiles], "build_seconds": round(seconds, 1)})
 
-    manifest = read_manifest(bundle)
+    manifest = read_bundle(bundle).raw()
     kept = [e for e in manifest.get("engines") or [] if e["path"] not in {x["path"] for x in entries}]
     manifest["engines"] = kept + entries
     for entry in entries:
@@ -154,7 +154,7 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
         if show_progress:
             print(format_report(report), file=sys.stderr)
     if verify:
-        manifest = read_manifest(bundle)
+        manifest = read_bundle(bundle).raw()
         for entry in manifest["engines"]:
             if entry["path"] == entries[0]["path"]:
                 entry["verify"] = report

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from siren_runtime.bundle import SCORE_IO, STEP_IO
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -32,7 +34,7 @@ def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = 
 
     def make(seq_max: int, seq_opt: int) -> Profile:
         shape = {"min": [1, 1], "opt": [opt_batch, seq_opt], "max": [max_batch, seq_max]}
-        return Profile({"input_ids": shape, "attention_mask": dict(shape)})
+        return Profile({name: dict(shape) for name in SCORE_IO.inputs})
     profiles = []
     short = min(128, max_seq)
     if max_seq > 4 * short:
@@ -42,16 +44,20 @@ def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = 
 
 
 def step_profiles(max_length: int, kv_layers: int, kv_heads: int, head_dim: int, features: int,
-                  max_new: int = 64, max_batch: int = 1) -> list[Profile]:
-    """One profile for the streaming step graph: past 0..max_length, new 1..max_new."""
-    max_new = _check("max_new", max_new, 1, max_length)
+                  max_new: int = 64, max_batch: int = 16) -> list[Profile]:
+    """One profile for the batched streaming step graph: streams 1..max_batch, past
+    0..max_length, new tokens 1..max_new (at most max_length)."""
+    max_new = _check("max_new", min(max_new, max_length), 1, max_length)
     max_batch = _check("max_batch", max_batch, 1, 4096)
-    past_opt = min(max_length // 2, max_length)
+    past_opt = max_length // 2
+    ids, new_lengths, past_lengths, past_kv, past_sums = STEP_IO.inputs
+    rows = {"min": [1], "opt": [min(4, max_batch)], "max": [max_batch]}
     return [Profile({
-        "input_ids": {"min": [1, 1], "opt": [1, min(8, max_new)], "max": [max_batch, max_new]},
-        "past_kv": {"min": [kv_layers, 2, 1, kv_heads, 0, head_dim],
-                    "opt": [kv_layers, 2, 1, kv_heads, past_opt, head_dim],
-                    "max": [kv_layers, 2, max_batch, kv_heads, max_length, head_dim]},
-        "past_sums": {"min": [1, features], "opt": [1, features], "max": [max_batch, features]},
-        "past_count": {"min": [1, 1], "opt": [1, 1], "max": [max_batch, 1]},
+        ids: {"min": [1, 1], "opt": [min(4, max_batch), min(8, max_new)], "max": [max_batch, max_new]},
+        new_lengths: dict(rows),
+        past_lengths: dict(rows),
+        past_kv: {"min": [kv_layers, 2, 1, kv_heads, 0, head_dim],
+                  "opt": [kv_layers, 2, min(4, max_batch), kv_heads, past_opt, head_dim],
+                  "max": [kv_layers, 2, max_batch, kv_heads, max_length, head_dim]},
+        past_sums: {"min": [1, features], "opt": [min(4, max_batch), features], "max": [max_batch, features]},
     })]

@@ -28,10 +28,10 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
                   device: Optional[str] = None, texts: Optional[list[str]] = None) -> dict:
     from siren_runtime import BundleError, SirenGuard
     from siren_runtime.calibration import calibration_texts
-    from siren_runtime.manifest import read_manifest
+    from siren_runtime.bundle import read_bundle
 
     reference_bundle = Path(reference_bundle or bundle)
-    if read_manifest(reference_bundle)["model"]["dtype"] != "fp32":
+    if read_bundle(reference_bundle).model.dtype != "fp32":
         raise BundleError(f"{reference_bundle} is not an fp32 bundle; pass --reference-bundle with an fp32 export "
                           "of the same artifact")
     texts = texts or calibration_texts()

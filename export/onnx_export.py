@@ -1,8 +1,7 @@
 """Writing the scorer modules as ONNX graphs with external data.
 
-Full graph: inputs `input_ids` / `attention_mask` (int64 [batch, sequence]), outputs
-`score` (float32 [batch]) and `logits` (float32 [batch, 2]); batch and sequence dynamic.
-Step graph (streaming): see :mod:`siren_export.step_scorer`.
+Tensor names and shapes of both graphs are the bundle contract's
+(``siren_runtime.bundle.SCORE_IO`` / ``STEP_IO``); batch and sequence axes are dynamic.
 Weights always go to one external data file per graph: a 4B graph exceeds protobuf's 2 GB.
 """
 from __future__ import annotations
@@ -14,10 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("score", "logits")
-STEP_INPUT_NAMES = ("input_ids", "past_kv", "past_sums", "past_count")
-STEP_OUTPUT_NAMES = ("score", "present_kv", "sums", "count")
+from siren_runtime.bundle import SCORE_IO, STEP_IO
+
 OPSET = 18
 
 
@@ -30,23 +27,26 @@ def export_scorer(module, path: Path, example_batch: int = 2, example_seq: int =
     ids = torch.randint(0, 1000, (example_batch, example_seq), dtype=torch.long)
     mask = torch.ones(example_batch, example_seq, dtype=torch.long)
     mask[-1, example_seq // 2:] = 0
-    return _export(module, (ids, mask), INPUT_NAMES, OUTPUT_NAMES,
+    return _export(module, (ids, mask), SCORE_IO.inputs, SCORE_IO.outputs,
                    ({0: batch, 1: seq}, {0: batch, 1: seq}), path)
 
 
 def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int, features: int,
                 kv_dtype) -> dict:
-    """The streaming step graph: new tokens + past KV/sums in, updated KV/sums + score out."""
+    """The batched streaming step graph: per-row new tokens + past KV/sums in, new KV,
+    running sums and score out."""
     import torch
     from torch.export import Dim
 
     batch, new, past = Dim("batch", min=1, max=4096), Dim("new", min=1, max=1 << 20), Dim("past", min=0, max=1 << 20)
-    ids = torch.randint(0, 1000, (2, 5), dtype=torch.long)
-    past_kv = torch.randn(kv_layers, 2, 2, kv_heads, 3, head_dim).to(kv_dtype)
-    sums = torch.randn(2, features)
-    count = torch.full((2, 1), 3.0)
-    shapes = ({0: batch, 1: new}, {2: batch, 4: past}, {0: batch}, {0: batch})
-    return _export(module, (ids, past_kv, sums, count), STEP_INPUT_NAMES, STEP_OUTPUT_NAMES, shapes, path)
+    ids = torch.randint(0, 1000, (3, 5), dtype=torch.long)
+    new_lengths = torch.tensor([5, 2, 1], dtype=torch.long)
+    past_lengths = torch.tensor([4, 0, 2], dtype=torch.long)
+    past_kv = torch.randn(kv_layers, 2, 3, kv_heads, 4, head_dim).to(kv_dtype)
+    sums = torch.randn(3, features)
+    shapes = ({0: batch, 1: new}, {0: batch}, {0: batch}, {2: batch, 4: past}, {0: batch})
+    return _export(module, (ids, new_lengths, past_lengths, past_kv, sums), STEP_IO.inputs, STEP_IO.outputs,
+                   shapes, path)
 
 
 def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Path) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siren_runtime.bundle import SCORE_IO
 from siren_runtime.text import clean_text
 from siren_runtime.tokenization import TextEncoder
 
@@ -57,7 +58,7 @@ def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, te
     report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype})", "texts": len(texts),
               "tolerance": tol}
     try:
-        got = _cpu_session(model_path).run(["score"], {"input_ids": ids, "attention_mask": mask})[0]
+        got = _cpu_session(model_path).run([SCORE_IO.outputs[0]], dict(zip(SCORE_IO.inputs, (ids, mask))))[0]
     except Exception as e:
         return _unrunnable(report, dtype, "graph", e)
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
@@ -69,42 +70,49 @@ def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, te
     return report
 
 
-def check_step_against_module(module, step_path: Path, encoder: TextEncoder, texts: list[str], meta: dict,
+def check_step_against_module(module, step_path: Path, encoder: TextEncoder, texts: list[str], spec,
                               dtype: str, tolerance: float | None = None) -> dict:
-    """Feed each calibration text to the step graph in uneven chunks; every step's score
-    must equal the full module's score on that prefix."""
+    """Stream every calibration text through the step graph at once, as the runtime does
+    (the runtime's own step runner, uneven chunks per row, a one-token rollback every third
+    round); every row's score must equal the full module's score on its prefix."""
     import torch
+    from siren_runtime.backends.base import StepRow
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeStepRunner
 
     tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
     report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype}) on each prefix", "tolerance": tol}
+    if spec.kv_dtype == "bf16":
+        report.update(checked=False, reason="host arrays cannot hold a bf16 KV cache (checked on a GPU backend)")
+        return report
     try:
-        session = _cpu_session(step_path)
+        runner = OnnxRuntimeStepRunner(_cpu_session(step_path), "cpu", spec, encoder.max_length)
     except Exception as e:
         return _unrunnable(report, dtype, "step graph", e)
-    kv_dtype = session.get_inputs()[1].type
-    np_kv = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_dtype)
-    if np_kv is None:
-        report.update(checked=False, reason=f"numpy cannot hold {kv_dtype} past_kv here")
-        return report
-    diffs, steps = [], 0
-    for ids in encoder.token_ids([clean_text(t) for t in texts]):
-        kv = np.zeros((meta["kv_layers"], 2, 1, meta["kv_heads"], 0, meta["head_dim"]), dtype=np_kv)
-        sums = np.zeros((1, meta["feature_dim"]), dtype=np.float32)
-        count = np.zeros((1, 1), dtype=np.float32)
-        start, chunk = 0, 1
-        while start < len(ids):
-            end = min(len(ids), start + chunk)
-            score, kv, sums_by_token, count = session.run(None, {
-                "input_ids": np.asarray([ids[start:end]], dtype=np.int64), "past_kv": kv,
-                "past_sums": sums, "past_count": count})
-            sums = sums_by_token[:, -1, :]
-            with torch.no_grad():
-                prefix = torch.tensor([ids[:end]], dtype=torch.long)
-                expected = module(prefix, torch.ones_like(prefix))[0].float().numpy()
-            diffs.append(float(np.abs(score.astype(np.float64) - expected).max()))
-            start, chunk, steps = end, chunk % 4 + 1, steps + 1
-    worst = max(diffs)
-    report.update(checked=True, steps=steps, max_abs_diff=worst, passed=bool(worst <= tol))
+    id_lists = encoder.token_ids([clean_text(t) for t in texts])
+    states = [runner.new_state() for _ in id_lists]
+    running = [np.zeros((1, spec.feature_dim), np.float32) for _ in id_lists]
+    done = [0] * len(id_lists)
+    worst, steps, rounds = 0.0, 0, 0
+    while any(d < len(ids) for d, ids in zip(done, id_lists)):
+        active = [i for i, ids in enumerate(id_lists) if done[i] < len(ids)]
+        rows, ends = [], []
+        for i in active:
+            resume = done[i] - 1 if rounds % 3 == 2 and done[i] > 1 else done[i]
+            end = min(len(id_lists[i]), done[i] + (i + rounds) % 4 + 1)
+            rows.append(StepRow(states[i], resume, id_lists[i][resume:end], running[i][resume]))
+            ends.append(end)
+        outputs = runner.step(rows)
+        for i, row, end, out in zip(active, rows, ends, outputs):
+            running[i] = np.concatenate([running[i][:row.resume + 1], out.sums])
+            done[i] = end
+        ids, mask = encoder.pad([id_lists[i][:end] for i, end in zip(active, ends)])
+        with torch.no_grad():
+            expected = module(torch.from_numpy(ids), torch.from_numpy(mask))[0].float().numpy()
+        got = np.asarray([out.score for out in outputs])
+        worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+        steps, rounds = steps + len(active), rounds + 1
+    runner.close()
+    report.update(checked=True, steps=steps, calls=rounds, max_abs_diff=worst, passed=bool(worst <= tol))
     if not worst <= tol:
         raise ParityError(f"streaming graph disagrees with the torch module: max |Δscore| = {worst:.3g} > {tol:g}")
     return report

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from siren_runtime.calibration import calibration_texts
-from siren_runtime.manifest import MANIFEST_NAME, describe_file, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, read_bundle, write_manifest
 from siren_runtime.tokenization import TextEncoder
 
 from . import __version__
@@ -137,8 +137,10 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
                   else f"not checked: {parity.get('reason')}")
         if streaming_meta is not None:
+            spec = StreamingSpec(graph=None, **{k: streaming_meta[k] for k in (
+                "kv_layers", "kv_heads", "head_dim", "kv_dtype", "feature_dim")})
             streaming_meta["parity"] = check_step_against_module(
-                scorer, staging / STEP_FILE, encoder, texts, streaming_meta, dtype, parity_tolerance)
+                scorer, staging / STEP_FILE, encoder, texts, spec, dtype, parity_tolerance)
             if streaming_meta["parity"].get("checked"):
                 detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
         progress.done(detail)
@@ -182,6 +184,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             "parity": parity,
         }
         write_manifest(staging, manifest)
+        read_bundle(staging).verify()          # the contract's own reader accepts what was written
         os.chmod(staging, 0o755)
         if output.exists():
             old = output.with_name(f".{output.name}.old-{os.getpid()}")

@@ -1,7 +1,7 @@
 """The torch module that becomes the ONNX graph: truncated backbone + gather-pool-MLP head.
 
-It walks the decoder layers itself (same sub-modules, same order as transformers'
-Qwen3DecoderLayer) so the MLP output of a layer can be read without hooks, and the
+It walks the decoder layers itself with :func:`siren_export.decoder.run_layer` (the one
+decoder walk, shared with the step graph) so the MLP output of a layer can be read without hooks, and the
 readout of each selected layer is explicit:
 
 - ``runtime`` readout (llm-siren): ``hidden_states[L+1]``, i.e. the raw layer output,
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .decoder import run_layer
 
 READOUTS = ("runtime", "training")
 
@@ -69,32 +71,34 @@ class SirenScorer(nn.Module):
         allowed = (causal[None] & keys) | torch.eye(seq, dtype=torch.bool, device=attention_mask.device)[None]
         return allowed[:, None, :, :]
 
+    def features_of(self, index: int, hidden: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """Layer `index`'s selected neurons times its layer weight, fp32 [B, S, n]."""
+        return self.selected_neurons(index, hidden, mlp_out) * self.layer_weights[index]
+
+    def walk(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+             past_kv: torch.Tensor | None = None):
+        """Run layers 0..deepest selected; returns (per-token features [B, S, F], this call's
+        keys/values [layers, 2, B, kv_heads, S, head_dim])."""
+        features, presents = [], []
+        for index in range(self.selected[-1] + 1):
+            past_k = None if past_kv is None else past_kv[index, 0]
+            past_v = None if past_kv is None else past_kv[index, 1]
+            hidden, mlp_out, k, v = run_layer(self.layers[index], hidden, cos, sin, mask, past_k, past_v)
+            presents.append(torch.stack([k, v]))
+            if self.peaks is not None:
+                self.peaks.append(float(torch.stack([hidden.abs().max(), mlp_out.abs().max()]).max()))
+            if index in self.layer_weights:
+                features.append(self.features_of(index, hidden, mlp_out))
+        return torch.cat(features, dim=-1), torch.stack(presents)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         valid = attention_mask.bool()[:, :, None]                     # [B, S, 1]
         counts = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
         hidden = self.embed_tokens(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
-        position_embeddings = self.rotary_emb(hidden, position_ids)
-        mask = self._attention_mask(attention_mask)
-
-        features = []
-        for index in range(self.selected[-1] + 1):
-            layer = self.layers[index]
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            x, _ = layer.self_attn(hidden_states=x, attention_mask=mask,
-                                   position_embeddings=position_embeddings)
-            hidden = residual + x
-            residual = hidden
-            mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = residual + mlp_out
-            if self.peaks is not None:
-                self.peaks.append(float(torch.stack([hidden.abs().max(), mlp_out.abs().max(), x.abs().max()]).max()))
-            if index in self.layer_weights:
-                picked = self.selected_neurons(index, hidden, mlp_out)
-                pooled = torch.where(valid, picked, 0.0).sum(dim=1) / counts
-                features.append(pooled * self.layer_weights[index])
-
-        logits = self.head(torch.cat(features, dim=-1))
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        features, _ = self.walk(hidden, cos, sin, self._attention_mask(attention_mask))
+        pooled = torch.where(valid, features, 0.0).sum(dim=1) / counts
+        logits = self.head(pooled)
         score = torch.softmax(logits, dim=-1)[:, 1]
         return score, logits

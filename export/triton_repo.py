@@ -15,7 +15,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from siren_runtime.manifest import MANIFEST_NAME, read_manifest, safe_relative_path, verify_files
+from siren_runtime.bundle import MANIFEST_NAME, read_bundle
 
 SCORERS = ("python", "onnxruntime", "tensorrt")
 TOKENIZER_MODEL = "siren_tokenizer"
@@ -106,15 +106,15 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
         raise ValueError(f"instances must be a positive int, got {instances!r}")
     if not name.replace("_", "").replace("-", "").isalnum() or name in (TOKENIZER_MODEL, SCORER_MODEL):
         raise ValueError(f"invalid ensemble name {name!r}")
-    manifest = read_manifest(bundle)
-    verify_files(bundle, manifest)
+    contract = read_bundle(bundle)
+    contract.verify()
     engine = None
     if scorer == "tensorrt":
-        engines = [e for e in manifest.get("engines") or [] if e.get("graph", "model") == "model"]
+        engines = contract.engines_for("model")
         if not engines:
             raise ValueError(f"{bundle} has no TensorRT engine; build one on the serving GPU with `siren build` "
                              "(or use --scorer onnxruntime / python)")
-        engine = safe_relative_path(bundle, engines[-1]["path"])
+        engine = contract.path(engines[-1].path)
     if output.exists():
         if not overwrite:
             raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
@@ -125,7 +125,7 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     (tok_dir / "config.pbtxt").write_text(tokenizer_config(max_batch, instances))
     template = resources.files("siren_export") / "triton_models"
     (tok_dir / "1" / "model.py").write_text((template / "tokenizer_model.py").read_text(encoding="utf-8"))
-    for rel in (MANIFEST_NAME, manifest["tokenizer"]["path"]):
+    for rel in (MANIFEST_NAME, contract.tokenizer_path):
         _copy(bundle / rel, tok_dir / "1" / "bundle" / rel)
 
     sc_dir = output / SCORER_MODEL
@@ -133,12 +133,12 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     (sc_dir / "config.pbtxt").write_text(scorer_config(scorer, max_batch, instances))
     if scorer == "python":
         (sc_dir / "1" / "model.py").write_text((template / "scorer_model.py").read_text(encoding="utf-8"))
-        files = [MANIFEST_NAME] + [f for f in manifest["files"]]
+        files = [MANIFEST_NAME] + list(contract.files)
         for rel in files:
             _copy(bundle / rel, sc_dir / "1" / "bundle" / rel)
     elif scorer == "onnxruntime":
-        _copy(bundle / manifest["model"]["path"], sc_dir / "1" / "model.onnx")
-        _copy(bundle / manifest["model"]["external_data"], sc_dir / "1" / manifest["model"]["external_data"])
+        _copy(contract.path(contract.model.path), sc_dir / "1" / "model.onnx")
+        _copy(contract.path(contract.model.external_data), sc_dir / "1" / contract.model.external_data)
     else:
         _copy(engine, sc_dir / "1" / "model.plan")
 

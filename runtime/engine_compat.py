@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .bundle import SCORE_IO
+
 
 def engine_incompatibility(entry: dict[str, Any], trt_version: Optional[str],
                            compute_capability: Optional[str]) -> Optional[str]:
@@ -32,7 +34,7 @@ def pick_profile(profiles: list[dict], batch: int, seq: int) -> int:
     """Index of the tightest full-graph profile accepting [batch, seq]; -1 if none does."""
     best, best_size = -1, None
     for i, profile in enumerate(profiles):
-        top = profile["shapes"]["input_ids"]["max"]
+        top = profile["shapes"][SCORE_IO.inputs[0]]["max"]
         if batch <= top[0] and seq <= top[1]:
             size = top[0] * top[1]
             if best_size is None or size < best_size:

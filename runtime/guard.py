@@ -6,10 +6,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends import create_runner, create_step_runner, warn_once
-from .errors import BackendUnavailableError
+from .backends import Runners, open_runners
 from .batching import length_groups
-from .manifest import read_manifest, safe_relative_path, verify_files
+from .bundle import Bundle, read_bundle
 from .result import ScoreResult
 from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
 from .text import clean_text, join_prompt_response
@@ -18,9 +17,6 @@ from .validation import check_text, check_texts, check_threshold
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_TOKEN_BUDGET = 16384
-# Share of padding a batch group may hold: on a CPU every padded token costs a real
-# token's compute; a GPU at small batch is bound by weight reads, so fuller batches win.
-DEFAULT_MAX_PADDING = {"cpu": 0.25, "cuda": 0.6}
 DEFAULT_STREAM_CACHE = 64
 DEFAULT_STREAM_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -28,28 +24,32 @@ DEFAULT_STREAM_CACHE_BYTES = 256 * 1024 * 1024
 class SirenGuard:
     """Scores text for harmfulness from an exported SIREN bundle.
 
-    Same calls and results as ``siren_guard.SirenGuard`` (llm-siren). A guard may be
-    shared by threads for ``score``, ``score_batch`` and ``score_streaming``: the tokenizer
-    and an ONNX Runtime session run concurrently, the TensorRT backend serializes its one
-    execution context, and the stream cache is locked. A ``stream()`` session is one
-    thread's at a time.
+    Same calls and results as ``siren_guard.SirenGuard`` (llm-siren), plus ``stream()``
+    sessions and ``feed_batch`` for many streams at once. A guard may be shared by threads
+    for ``score``, ``score_batch`` and ``score_streaming``: the tokenizer and an ONNX
+    Runtime session run concurrently, the TensorRT backend serializes its one execution
+    context, and the stream cache hands a state to one call at a time. A ``stream()``
+    session is one thread's at a time. ``close()`` (or ``with``) frees the runners.
     """
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], runner, encoder: TextEncoder,
+    def __init__(self, bundle: Bundle, runners: Runners, encoder: TextEncoder,
                  max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 incremental: Optional[IncrementalScorer] = None, stream_cache: Optional[StreamCache] = None,
-                 max_padding: Optional[float] = None):
-        self._bundle_dir = Path(bundle_dir)
-        self._manifest = manifest
-        self._runner = runner
+                 stream_cache: Optional[StreamCache] = None, max_padding: Optional[float] = None):
+        self._bundle = bundle
+        self._runners = runners
+        self._runner = runners.score
         self._encoder = encoder
-        self._default_threshold = float(manifest["inference"]["default_threshold"])
-        self._max_batch = int(max_batch_size)
+        self._default_threshold = bundle.inference.default_threshold
+        limit = runners.score.limits.max_batch
+        self._max_batch = min(int(max_batch_size), limit) if limit else int(max_batch_size)
         self._token_budget = int(token_budget)
-        self._incremental = incremental
-        self._max_padding = (DEFAULT_MAX_PADDING.get(runner.device, 0.6) if max_padding is None
-                             else float(max_padding))
+        self._max_padding = runners.score.limits.max_padding if max_padding is None else float(max_padding)
+        self._incremental = None
+        if runners.step is not None:
+            self._incremental = IncrementalScorer(runners.step, bundle.streaming.feature_dim,
+                                                  int(max_batch_size), int(token_budget))
         self._stream_cache = stream_cache if stream_cache is not None else StreamCache()
+        self._closed = False
 
     @classmethod
     def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
@@ -62,14 +62,14 @@ class SirenGuard:
         """Load a bundle made by ``siren export``.
 
         device: "cpu", "cuda" or None (GPU when usable, else CPU).
-        backend: "onnxruntime" or None (best available).
+        backend: "tensorrt", "onnxruntime" or None (best available; a fallback is said once).
         verify: check every bundle file against its manifest sha256 before loading;
             pass False only for trusted, read-only bundle paths.
         incremental_streaming: run score_streaming / stream sessions on the bundle's step
             graph (only new tokens); False rescores the whole prefix every call.
-        max_batch_size / token_budget / max_padding: score_batch sorts texts by length and
-            runs groups of at most this many rows, padded tokens, and share of padding
-            (default 0.25 on CPU, 0.6 on GPU).
+        max_batch_size / token_budget / max_padding: score_batch and feed_batch sort by
+            length and run groups of at most this many rows, padded tokens, and share of
+            padding (default: the runner's, 0.25 on a CPU, 0.6 on a GPU).
         stream_cache_size / stream_cache_bytes: bounds of the implicit stream-state cache
             behind score_streaming (least recently used states are evicted).
         """
@@ -81,32 +81,31 @@ class SirenGuard:
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
         if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
-        bundle_dir = Path(bundle_dir)
-        manifest = read_manifest(bundle_dir)
+        bundle = read_bundle(bundle_dir)
         if verify:
-            verify_files(bundle_dir, manifest)
-        inference = manifest["inference"]
-        encoder = TextEncoder(safe_relative_path(bundle_dir, manifest["tokenizer"]["path"]),
-                              max_length=inference["max_length"],
-                              pad_token_id=inference["pad_token_id"])
+            bundle.verify()
+        encoder = TextEncoder(bundle.path(bundle.tokenizer_path), max_length=bundle.inference.max_length,
+                              pad_token_id=bundle.inference.pad_token_id)
         stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
-        runner = create_runner(bundle_dir, manifest, backend=backend, device=device, **backend_options)
-        incremental = None
-        if incremental_streaming and isinstance(manifest.get("streaming"), dict):
-            step = None
-            for name in dict.fromkeys([runner.name, "onnxruntime"]):
-                try:
-                    step = create_step_runner(bundle_dir, manifest, name, runner.device, **backend_options)
-                    break
-                except BackendUnavailableError:
-                    continue
-            if step is None:
-                warn_once("siren_runtime: no backend runs the streaming step graph here; "
-                          "score_streaming rescores the prefix")
-            else:
-                incremental = IncrementalScorer(step, manifest["streaming"])
-        return cls(bundle_dir, manifest, runner, encoder, max_batch_size, token_budget, incremental, stream_cache,
-                   max_padding)
+        runners = open_runners(bundle, backend=backend, device=device, streaming=incremental_streaming,
+                               **backend_options)
+        return cls(bundle, runners, encoder, max_batch_size, token_budget, stream_cache, max_padding)
+
+    def close(self) -> None:
+        """Free the runners (sessions, engines, stream states); later calls raise."""
+        self._closed = True
+        self._stream_cache.clear()
+        self._runners.close()
+
+    def __enter__(self) -> "SirenGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this SirenGuard is closed")
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -127,7 +126,16 @@ class SirenGuard:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        return self._manifest
+        """The bundle's manifest (a copy)."""
+        return self._bundle.raw()
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def runners(self) -> Runners:
+        return self._runners
 
     # -- scoring API ------------------------------------------------------------------
     def score(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
@@ -161,21 +169,73 @@ class SirenGuard:
         tokens (recent stream states are kept in a bounded LRU cache)."""
         check_text(response_so_far, "response_so_far")
         thr = check_threshold(threshold, self._default_threshold)
+        self._check_open()
         if self._incremental is None:
             return self._score_texts([response_so_far], thr)[0]
         cleaned = clean_text(response_so_far)
-        key, state, _ = self._stream_cache.best_match(cleaned)
-        score, new_state = self._advance_stream(cleaned, state)
-        # the same stream moving on (its last tokens may have been re-merged) replaces its
-        # entry; a different continuation of a shared opening gets its own
-        replace = key if state is not None and common_prefix(state.ids, new_state.ids) >= state.start else None
-        self._stream_cache.store(new_state, replace)
+        cached, extends = self._stream_cache.checkout(cleaned)
+        new_state = None
+        try:
+            tokens = self._encoder.tokenize_resuming(cleaned, cached.tokens if cached is not None else None)
+            base = cached
+            if cached is not None and not extends:
+                # another stream's entry sharing an opening: copy the shared tokens, leave it be
+                keep = min(common_prefix(cached.ids, tokens.ids), len(tokens.ids) - 1)
+                base = self._incremental.fork(cached, keep) if keep > 0 else None
+            score, new_state = self._incremental.advance(base, tokens)
+        finally:
+            if cached is not None and (new_state is None or new_state.kv is not cached.kv):
+                self._stream_cache.store(cached)     # still valid: a failed step changes nothing
+        self._stream_cache.store(new_state)
         return self._result(score, thr)
 
     def stream(self, threshold: Optional[float] = None) -> StreamSession:
         """An explicit stream session (``feed(delta)``, ``score``, ``reset()``, context manager)
         with private state, for servers holding many concurrent streams."""
+        self._check_open()
         return StreamSession(self, threshold)
+
+    def feed_batch(self, sessions: Sequence[StreamSession], deltas: Sequence[str]) -> list[ScoreResult]:
+        """Append ``deltas[i]`` to ``sessions[i]`` and score every session's whole text,
+        stepping all of them together (groups under the runner's limits and the token
+        budget). Every argument is checked first: a rejected call changes no session. If an
+        engine call fails, sessions of the groups already run are advanced, the rest are
+        untouched, and the error propagates."""
+        if isinstance(sessions, (str, bytes, StreamSession)) or not hasattr(sessions, "__iter__"):
+            raise TypeError(f"sessions must be a list of stream sessions, got {type(sessions).__name__}")
+        if isinstance(deltas, (str, bytes)) or not hasattr(deltas, "__iter__"):
+            raise TypeError(f"deltas must be a list of strings, got {type(deltas).__name__}")
+        sessions, deltas = list(sessions), list(deltas)
+        if len(sessions) != len(deltas):
+            raise ValueError(f"got {len(sessions)} sessions and {len(deltas)} deltas")
+        seen = set()
+        for i, (session, delta) in enumerate(zip(sessions, deltas)):
+            if not isinstance(session, StreamSession) or session.guard is not self:
+                raise ValueError(f"sessions[{i}] is not a stream session of this guard")
+            if id(session) in seen:
+                raise ValueError(f"sessions[{i}] appears twice in one feed_batch")
+            seen.add(id(session))
+            check_text(delta, f"deltas[{i}]")
+        self._check_open()
+        if not sessions:
+            return []
+        texts = [session.text + delta for session, delta in zip(sessions, deltas)]
+        if self._incremental is None:
+            cleaned = [clean_text(t) for t in texts]
+            scores = self.score_token_ids(self._encoder.token_ids(cleaned))
+            for session, text, score in zip(sessions, texts, scores):
+                session._commit(text, None, self._result(score, session.threshold))
+        else:
+            items = []
+            for session, text in zip(sessions, texts):   # tokenize all first: a bad text changes nothing
+                state = session.state
+                tokens = self._encoder.tokenize_resuming(clean_text(text), state.tokens if state else None)
+                items.append((state, tokens))
+
+            def commit(i: int, score: float, state: StreamState) -> None:
+                sessions[i]._commit(texts[i], state, self._result(score, sessions[i].threshold))
+            self._incremental.advance_many(items, commit)
+        return [session.score for session in sessions]
 
     @property
     def stream_cache(self) -> StreamCache:
@@ -191,6 +251,7 @@ class SirenGuard:
     # -- internals --------------------------------------------------------------------
     def score_token_ids(self, id_lists: list[list[int]]) -> np.ndarray:
         """Scores for already-tokenized texts, run in padding-aware groups."""
+        self._check_open()
         scores = np.empty(len(id_lists), dtype=np.float32)
         lengths = [len(ids) for ids in id_lists]
         for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
@@ -201,18 +262,6 @@ class SirenGuard:
     @staticmethod
     def _result(score: float, threshold: float) -> ScoreResult:
         return ScoreResult(score=float(score), is_harmful=bool(float(score) >= threshold), threshold=threshold)
-
-    def _score_stream_text(self, text: str, state: Optional[StreamState], threshold: float):
-        """A session's step: (result, new state); full rescoring without a step graph."""
-        if self._incremental is None:
-            return self._score_texts([text], threshold)[0], None
-        score, new_state = self._advance_stream(clean_text(text), state)
-        return self._result(score, threshold), new_state
-
-    def _advance_stream(self, cleaned: str, state: Optional[StreamState]) -> tuple[float, StreamState]:
-        """Tokenize `cleaned` resuming from `state`'s text and run only the new tokens."""
-        tokens = self._encoder.tokenize_resuming(cleaned, state.tokens if state is not None else None)
-        return self._incremental.advance(state or self._incremental.new_state(), tokens)
 
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
         if not texts:

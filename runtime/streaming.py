@@ -1,32 +1,36 @@
-"""Incremental streaming: each call runs only the tokens the stream has not seen.
+"""Incremental streaming: each call runs only the tokens a stream has not seen.
 
-A stream's state is its token ids, the KV cache of every kept layer, and the running
-selected-neuron sums after every token. A new prefix gets exactly the ids the reference's
-whole-text tokenization gives (re-tokenized from the last safe split point, see
-TextEncoder.tokenize_resuming) and is compared with the state's ids: appending text can change the
-last tokens (BPE merges across the boundary, whitespace the cleaner strips or collapses, a
-chat artifact completed across chunks), so the scorer rolls back to the end of the common
-token prefix, slices the KV cache and takes the sums there, and runs the rest. Past
-`max_length` the ids stop changing and the score is frozen, exactly as truncation makes it.
+A stream's state is its token ids, the running selected-neuron sums after every token
+(host, float32) and its KV cache, which the step runner owns behind an opaque handle. A new
+prefix gets exactly the ids the reference's whole-text tokenization gives (re-tokenized
+from the last safe split point, see TextEncoder.tokenize_resuming) and is compared with the
+state's ids: appending text can change the last tokens (BPE merges across the boundary,
+whitespace the cleaner strips or collapses, a chat artifact completed across chunks), so the
+step rolls back to the end of the common token prefix (by length: the runner keeps that
+many positions) and runs the rest. Past `max_length` the ids stop changing and the score
+is frozen, exactly as truncation makes it. Many streams advance in one engine call.
 """
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .backends.base import StepRow
+from .batching import length_groups
 from .tokenization import Tokenized, common_prefix_chars
 
 
 @dataclass(frozen=True)
 class StreamState:
-    """Everything needed to resume a stream at any of its tokens. Never modified in
-    place: advance() returns a new state, so a failed call loses nothing."""
-    kv: np.ndarray               # [layers, 2, 1, kv_heads, len(ids), head_dim]
+    """A stream at one point: valid while its KV handle still holds exactly its tokens
+    (a step on the handle makes a new state; the old one is then stale)."""
+    kv: object                   # the step runner's KV handle (opaque here)
     sums: np.ndarray             # float32 [len(ids) + 1, features]: running sums after each token
     score: Optional[float]       # score of `ids` (None for the empty state)
     start: int = 0               # first token the last call had to run
@@ -37,8 +41,17 @@ class StreamState:
         return self.tokens.ids if self.tokens is not None else ()
 
     @property
+    def text(self) -> str:
+        return self.tokens.text if self.tokens is not None else ""
+
+    @property
     def nbytes(self) -> int:
-        return self.kv.nbytes + self.sums.nbytes + 8 * len(self.ids)
+        """Everything the state holds: KV, sums, ids, text and split points."""
+        tokens = 0
+        if self.tokens is not None:
+            tokens = (sys.getsizeof(self.tokens.text) + 36 * len(self.tokens.ids)
+                      + 72 * len(self.tokens.splits))
+        return int(self.kv.nbytes) + self.sums.nbytes + tokens
 
 
 def common_prefix(a, b) -> int:
@@ -50,39 +63,74 @@ def common_prefix(a, b) -> int:
 
 
 class IncrementalScorer:
-    """Advances stream states with the bundle's step graph."""
+    """Advances stream states with a step runner, many streams per engine call."""
 
-    def __init__(self, step_runner, meta: dict):
-        self._runner = step_runner
-        self._kv_shape = (int(meta["kv_layers"]), 2, 1, int(meta["kv_heads"]), 0, int(meta["head_dim"]))
-        self._features = int(meta["feature_dim"])
+    def __init__(self, step_runner, features: int, max_batch: int, token_budget: int):
+        self.runner = step_runner
+        self._features = int(features)
+        limit = step_runner.limits.max_batch
+        self._max_batch = min(max_batch, limit) if limit else max_batch
+        self._token_budget = token_budget
+        self._max_padding = step_runner.limits.max_padding
 
     def new_state(self) -> StreamState:
-        return StreamState(kv=np.zeros(self._kv_shape, dtype=self._runner.kv_dtype),
-                           sums=np.zeros((1, self._features), np.float32), score=None)
+        return StreamState(kv=self.runner.new_state(), sums=np.zeros((1, self._features), np.float32), score=None)
 
-    def advance(self, state: StreamState, tokens: Tokenized) -> tuple[float, StreamState]:
-        """Score `tokens.ids` resuming from `state` at their longest common token prefix."""
-        ids = tokens.ids
-        if not ids:
-            raise ValueError("cannot score an empty token sequence")
-        shared = common_prefix(state.ids, ids)
-        if shared == len(ids) == len(state.ids) and state.score is not None:
-            return state.score, replace(state, tokens=tokens)
-        resume = min(shared, len(ids) - 1)   # at least one token must run to produce a score
-        new_ids = np.asarray([ids[resume:]], dtype=np.int64)
-        count = np.full((1, 1), float(resume), dtype=np.float32)
-        scores, kv, sums_by_token, _ = self._runner.step(new_ids, state.kv[..., :resume, :],
-                                                         state.sums[resume][None, :], count)
-        score = float(scores[0])
-        sums = np.concatenate([state.sums[:resume + 1], sums_by_token[0]], axis=0)
-        return score, StreamState(kv=kv, sums=sums, score=score, start=resume, tokens=tokens)
+    def fork(self, state: StreamState, length: int) -> StreamState:
+        """An independent copy of `state`'s first `length` tokens."""
+        self._check_fresh(state)
+        return StreamState(kv=self.runner.fork(state.kv, length), sums=state.sums[:length + 1].copy(), score=None,
+                           tokens=Tokenized("", state.ids[:length]))
+
+    @staticmethod
+    def _check_fresh(state: StreamState) -> None:
+        if state.kv.length != len(state.ids):
+            raise RuntimeError("stream state is stale: its KV cache was advanced by another call "
+                               "(a state can be advanced once)")
+
+    def advance(self, state: Optional[StreamState], tokens: Tokenized) -> tuple[float, StreamState]:
+        out = []
+        self.advance_many([(state, tokens)], lambda i, score, new: out.append((score, new)))
+        return out[0]
+
+    def advance_many(self, items: Sequence[tuple[Optional[StreamState], Tokenized]],
+                     commit: Callable[[int, float, StreamState], None]) -> None:
+        """Score each item's `tokens.ids`, resuming its state at their longest common token
+        prefix; `commit(index, score, new_state)` is called as each engine call succeeds, so
+        a failure later leaves every stream either advanced (and committed) or untouched."""
+        plans = []
+        for state, tokens in items:
+            if not tokens.ids:
+                raise ValueError("cannot score an empty token sequence")
+            if state is not None:
+                self._check_fresh(state)
+            plans.append(state)
+        pending, lengths = [], []
+        for index, ((_, tokens), state) in enumerate(zip(items, plans)):
+            ids = tokens.ids
+            if state is not None and state.score is not None and state.ids == ids:
+                commit(index, state.score, StreamState(state.kv, state.sums, state.score, state.start, tokens))
+                continue
+            state = state if state is not None else self.new_state()
+            resume = min(common_prefix(state.ids, ids), len(ids) - 1)  # at least one token runs
+            pending.append((index, state, tokens, resume))
+            lengths.append(len(ids) - resume)
+        for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
+            work = [pending[g] for g in group]
+            rows = [StepRow(state.kv, resume, tokens.ids[resume:], state.sums[resume])
+                    for _, state, tokens, resume in work]
+            outputs = self.runner.step(rows)
+            for (index, state, tokens, resume), out in zip(work, outputs):
+                sums = np.concatenate([state.sums[:resume + 1], out.sums], axis=0)
+                commit(index, out.score, StreamState(kv=state.kv, sums=sums, score=out.score, start=resume,
+                                                     tokens=tokens))
 
 
 class StreamSession:
     """One stream with private state: ``feed(delta)`` appends text and scores the whole
-    text so far, running only what is new. Independent sessions never share state.
-    Not meant to be fed from two threads at once."""
+    text so far, running only what is new. Independent sessions never share state; many
+    sessions advance together with ``SirenGuard.feed_batch``. Not meant to be fed from two
+    threads at once."""
 
     def __init__(self, guard, threshold: Optional[float]):
         from .validation import check_threshold
@@ -91,10 +139,18 @@ class StreamSession:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the text and free the cached state."""
+        """Forget the text and free the stream's state."""
         self._text = ""
         self._state: Optional[StreamState] = None
         self._last = None
+
+    @property
+    def guard(self):
+        return self._guard
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
 
     @property
     def text(self) -> str:
@@ -105,13 +161,15 @@ class StreamSession:
         """The last ScoreResult (None before the first feed)."""
         return self._last
 
-    def feed(self, delta: str):
-        from .validation import check_text
-        check_text(delta, "delta")
-        text = self._text + delta
-        result, state = self._guard._score_stream_text(text, self._state, self._threshold)
+    @property
+    def state(self) -> Optional[StreamState]:
+        return self._state
+
+    def _commit(self, text: str, state: Optional[StreamState], result) -> None:
         self._text, self._state, self._last = text, state, result
-        return result
+
+    def feed(self, delta: str):
+        return self._guard.feed_batch([self], [delta])[0]
 
     def __enter__(self) -> "StreamSession":
         return self
@@ -121,10 +179,14 @@ class StreamSession:
 
 
 class StreamCache:
-    """Recent stream states, bounded in count and bytes, least recently used evicted.
+    """Recent stream states behind ``score_streaming``, bounded in count and bytes (everything
+    a state holds), least recently used evicted.
 
-    Thread-safe; each lookup hands out the state object, which is immutable by
-    value (advance() returns new states), so concurrent streams never share writes.
+    A state is *checked out* while a call advances it (no other call sees it meanwhile), so
+    two threads never advance one KV cache. A prefix extending a cached stream's whole text
+    takes that entry over (the same stream moving on); a prefix that only shares an opening
+    with it gets a copy of the shared tokens and leaves the entry to its own stream, so
+    interleaved streams with a common opening keep their own states.
     """
 
     def __init__(self, max_streams: int = 64, max_bytes: int = 256 * 1024 * 1024):
@@ -146,24 +208,24 @@ class StreamCache:
         with self._lock:
             return sum(s.nbytes for s in self._states.values())
 
-    def best_match(self, text: str) -> tuple[Optional[int], Optional[StreamState], int]:
-        """The cached state whose cleaned text shares the longest prefix with `text`
-        (key, state, shared characters)."""
+    def checkout(self, text: str) -> tuple[Optional[StreamState], bool]:
+        """Remove and return the cached state sharing the longest prefix with `text`, and
+        whether `text` extends its whole text (None, False when nothing shares anything)."""
         with self._lock:
-            best = (None, None, 0)
+            best, best_shared = None, 0
             for key, state in self._states.items():
-                shared = common_prefix_chars(state.tokens.text, text) if state.tokens is not None else 0
-                if shared > best[2]:
-                    best = (key, state, shared)
-            if best[0] is not None:
-                self._states.move_to_end(best[0])
-            return best
+                shared = common_prefix_chars(state.text, text)
+                if shared > best_shared or (shared == best_shared and shared and
+                                            shared == len(state.text)):
+                    best, best_shared = key, shared
+            if best is None:
+                return None, False
+            state = self._states.pop(best)
+            return state, best_shared == len(state.text)
 
-    def store(self, state: StreamState, replace: Optional[int] = None) -> None:
-        """Insert `state`; `replace` names the entry it extends (that entry is dropped)."""
+    def store(self, state: StreamState) -> None:
+        """Insert `state` as the most recent entry, evicting to stay within the bounds."""
         with self._lock:
-            if replace is not None:
-                self._states.pop(replace, None)
             if self.max_streams == 0 or state.nbytes > self.max_bytes:
                 return
             self._states[next(self._keys)] = state

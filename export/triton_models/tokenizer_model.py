@@ -4,11 +4,11 @@ Cleans and joins text with siren_runtime's own functions (one implementation of 
 "the text" means) and tokenizes with the bundle's tokenizer. Each request's ids are padded
 to its own length; the scorer strips padding by the mask.
 """
-import json
 import os
 
 import triton_python_backend_utils as pb_utils
 
+from siren_runtime.bundle import read_bundle
 from siren_runtime.text import clean_text, join_prompt_response
 from siren_runtime.tokenization import TextEncoder
 
@@ -23,10 +23,9 @@ def _strings(request, name):
 class TritonPythonModel:
     def initialize(self, args):
         folder = os.path.join(args["model_repository"], args["model_version"], "bundle")
-        with open(os.path.join(folder, "siren_bundle.json"), encoding="utf-8") as f:
-            inference = json.load(f)["inference"]
-        self.encoder = TextEncoder(os.path.join(folder, "tokenizer.json"), inference["max_length"],
-                                   inference["pad_token_id"])
+        bundle = read_bundle(folder)
+        self.encoder = TextEncoder(bundle.path(bundle.tokenizer_path), bundle.inference.max_length,
+                                   bundle.inference.pad_token_id)
 
     def _texts(self, request):
         text, prompt, response = (_strings(request, n) for n in ("TEXT", "PROMPT", "RESPONSE"))

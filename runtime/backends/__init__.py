@@ -1,63 +1,131 @@
 """Scoring backends: one small runner per engine, each imported only when chosen.
 
-A runner takes padded `input_ids` / `attention_mask` (int64 [batch, seq]) and returns
-the score (float32 [batch]). Everything else (text, batching, thresholds) is the
-guard's job, so comparing two backends is just two runners on one input.
+This module is the one place that decides which backend and device run a bundle, and
+what falls back to what, for both the scoring graph and the streaming step graph.
+Comparing two backends is two runners on one input (see :mod:`.base`).
 """
 from __future__ import annotations
 
 import importlib
 import warnings
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
+from ..bundle import Bundle
 from ..errors import BackendUnavailableError
-from .base import Runner
+from .base import KVState, RunnerLimits, ScoreRunner, StepOutput, StepRow, StepRunner
 
-# In order of preference for backend=None.
-_BACKENDS = {
+_MODULES = {
     "tensorrt": "siren_runtime.backends.tensorrt_runner",
     "onnxruntime": "siren_runtime.backends.onnxruntime_runner",
 }
 _ALIASES = {"ort": "onnxruntime", "trt": "tensorrt"}
+# In order of preference for backend=None / device=None.
+_CANDIDATES = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"))
 
 
 def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(_MODULES)
 
 
-def create_runner(bundle_dir: Path, manifest: dict[str, Any], backend: Optional[str],
-                  device: Optional[str], **options) -> Runner:
-    """Create the runner for `backend` (None = best available for `device`)."""
+@dataclass
+class Runners:
+    score: ScoreRunner
+    step: Optional[StepRunner]
+
+    def close(self) -> None:
+        for runner in (self.step, self.score):
+            if runner is not None:
+                runner.close()
+
+
+def _normalise(backend: Optional[str], device: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        name = _ALIASES.get(backend.lower(), backend.lower())
-        if name not in _BACKENDS:
+        backend = _ALIASES.get(backend.lower(), backend.lower())
+        if backend not in _MODULES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
-        return _load(name).create(bundle_dir, manifest, device=device, **options)
-    errors = []
-    for name in _BACKENDS:
-        if name == "tensorrt" and (not manifest.get("engines") or device == "cpu"):
-            continue  # nothing to fall back from
-        try:
-            runner = _load(name).create(bundle_dir, manifest, device=device, **options)
-        except BackendUnavailableError as e:
-            errors.append(f"{name}: {e}")
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or None, got {device!r}")
+    if backend == "tensorrt" and device == "cpu":
+        raise BackendUnavailableError("TensorRT runs on a GPU; device='cpu' was asked for")
+    return backend, device
+
+
+def candidates(bundle: Bundle, backend: Optional[str], device: Optional[str]) -> list[tuple[str, str]]:
+    """(backend, device) pairs to try, best first."""
+    backend, device = _normalise(backend, device)
+    out = []
+    for name, dev in _CANDIDATES:
+        if (backend is not None and name != backend) or (device is not None and dev != device):
             continue
-        if errors:
-            warn_once(f"siren_runtime: {errors[0]}; falling back to {name}")
-        return runner
-    raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors))
+        if backend is None and name == "tensorrt" and not bundle.engines_for("model"):
+            continue   # nothing to try: the bundle has no engine
+        if device is None and name == "onnxruntime" and dev == "cuda":
+            from .onnxruntime_runner import gpu_available
+            if not gpu_available():
+                continue   # plain onnxruntime: no CUDA provider to try
+        out.append((name, dev))
+    return out
 
 
-def create_step_runner(bundle_dir: Path, manifest: dict[str, Any], backend: str, device: Optional[str], **options):
-    """The streaming step runner of the same backend and device as the main runner."""
-    return _load(backend).create_step(bundle_dir, manifest, device=device, **options)
+def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional[str] = None,
+                 streaming: bool = True, **options) -> Runners:
+    """The scoring runner, and the step runner when the bundle streams (None otherwise).
+
+    An explicit backend/device that cannot run raises BackendUnavailableError with the
+    reason; with None, the next candidate is tried and the fallback is said once. The step
+    graph runs on the scoring runner's backend and device when it can, else on the next
+    candidate (said once), else streams rescore."""
+    tried = candidates(bundle, backend, device)
+    errors = []
+    score = None
+    for name, dev in tried:
+        try:
+            score = _load(name).create_score_runner(bundle, dev, **options)
+        except BackendUnavailableError as e:
+            errors.append(f"{name} ({dev}): {e}")
+            continue
+        break
+    if not tried:
+        raise BackendUnavailableError(f"no backend offers backend={backend!r} device={device!r} for this bundle")
+    if score is None:
+        if len(tried) == 1 and errors:
+            raise BackendUnavailableError(errors[0].split(": ", 1)[1] + _bf16_hint(bundle))
+        raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors)
+                                      + _bf16_hint(bundle))
+    if errors:
+        warn_once(f"siren_runtime: {errors[0]}; falling back to {score.name} on the {score.device}")
+    step = None
+    if streaming and bundle.streaming is not None:
+        step_errors = []
+        first = (score.name, score.device)
+        for name, dev in [first] + [c for c in candidates(bundle, None, device) if c != first]:
+            try:
+                step = _load(name).create_step_runner(bundle, dev, **options)
+            except BackendUnavailableError as e:
+                step_errors.append(f"{name} ({dev}): {e}")
+                continue
+            break
+        if step is None:
+            warn_once("siren_runtime: no backend runs the streaming step graph here ("
+                      + "; ".join(step_errors) + "); score_streaming and stream sessions rescore the prefix")
+        elif step_errors:
+            warn_once(f"siren_runtime: streaming step graph: {step_errors[0]}; it runs on {step.name} "
+                      f"on the {step.device}")
+    return Runners(score, step)
+
+
+def _bf16_hint(bundle: Bundle) -> str:
+    if bundle.model.dtype == "bf16":
+        return ("; a bf16 bundle needs TensorRT or ONNX Runtime CUDA (ONNX Runtime's CPU provider has no "
+                "bf16 kernels): for a CPU, export with `siren export --dtype fp32`")
+    return ""
 
 
 def _load(name: str):
-    return importlib.import_module(_BACKENDS[name])
+    return importlib.import_module(_MODULES[name])
 
 
 def warn_once(message: str, _seen=set()) -> None:
@@ -66,4 +134,5 @@ def warn_once(message: str, _seen=set()) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["Runner", "create_runner", "create_step_runner", "backend_names", "warn_once"]
+__all__ = ["ScoreRunner", "StepRunner", "KVState", "StepRow", "StepOutput", "RunnerLimits", "Runners",
+           "open_runners", "candidates", "backend_names", "warn_once"]

@@ -1,17 +1,92 @@
-"""The runner interface every backend implements."""
+"""The runner interfaces every backend implements (in the spirit of Polygraphy's runners).
+
+A backend module offers two loaders, ``create_score_runner(bundle, device, **options)`` and
+``create_step_runner(bundle, device, **options)``, raising ``BackendUnavailableError`` when
+it cannot run here. Which backend and device are tried, and the fallback between them, is
+decided in one place: :func:`siren_runtime.backends.open_runners`.
+
+A score runner maps padded ids to scores. A step runner advances streams: it owns each
+stream's KV cache behind an opaque :class:`KVState` handle (host arrays for ONNX Runtime on
+the CPU, device memory for GPU runners); the runtime keeps the token ids and the running
+per-token sums. Both declare their limits and can be closed.
+"""
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 
-class Runner(Protocol):
-    #: backend name, e.g. "onnxruntime"
-    name: str
-    #: where it runs, e.g. "cpu" or "cuda"
-    device: str
+@dataclass(frozen=True)
+class RunnerLimits:
+    """What one call of a runner accepts, and how it prefers to be fed."""
+    #: rows per call (None: no limit of its own; the guard's max_batch_size applies)
+    max_batch: Optional[int] = None
+    #: tokens per row per call (None: up to the bundle's max_length)
+    max_sequence: Optional[int] = None
+    #: share of padding a batch may hold: every padded token costs a real token's compute on
+    #: a CPU, while a GPU at small batch is bound by weight reads, so fuller batches win there
+    max_padding: float = 0.25
+    #: step runners: the dtype of the KV cache they keep ("fp32", "fp16", "bf16")
+    state_dtype: Optional[str] = None
+
+
+class ScoreRunner(Protocol):
+    name: str        # backend, e.g. "onnxruntime"
+    device: str      # "cpu" or "cuda"
+    limits: RunnerLimits
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Scores (float32 [batch]) for padded int64 [batch, seq] inputs."""
+        ...
+
+    def close(self) -> None:
+        """Free what the runner holds; later calls raise."""
+        ...
+
+
+class KVState(Protocol):
+    """One stream's KV cache, owned by the step runner that made it."""
+    #: tokens whose keys/values the state holds
+    length: int
+    #: bytes it holds (for cache bounds)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One stream's part of a step call: keep `resume` tokens of `state` (a rollback when
+    smaller than its length), then run `new_ids` after them."""
+    state: KVState
+    resume: int
+    new_ids: Sequence[int]
+    past_sums: np.ndarray      # float32 [features]: the running sums after `resume` tokens
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    score: float
+    sums: np.ndarray           # float32 [len(new_ids), features]: running sums after each new token
+
+
+class StepRunner(Protocol):
+    name: str
+    device: str
+    limits: RunnerLimits
+
+    def new_state(self) -> KVState:
+        """An empty stream state."""
+        ...
+
+    def fork(self, state: KVState, length: int) -> KVState:
+        """A new, independent state holding a copy of `state`'s first `length` tokens."""
+        ...
+
+    def step(self, rows: Sequence[StepRow]) -> list[StepOutput]:
+        """Advance every row's state in one engine call. A state is changed only after
+        the whole call succeeded: on an exception every state is as it was."""
+        ...
+
+    def close(self) -> None:
         ...

@@ -1,16 +1,24 @@
-"""ONNX Runtime backend: CPU here; CUDA (or TensorRT) providers with onnxruntime-gpu."""
+"""ONNX Runtime backend: CPU here; the CUDA provider with onnxruntime-gpu.
+
+Both loaders take a device ("cpu" or "cuda") that the selection in
+:func:`siren_runtime.backends.open_runners` has already decided; a device this
+onnxruntime cannot serve is a ``BackendUnavailableError``, never a silent switch.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from ..bundle import SCORE_IO, STEP_IO, Bundle, StreamingSpec
 from ..errors import BackendUnavailableError
-from ..manifest import safe_relative_path
+from .base import RunnerLimits, StepOutput, StepRow
 
-_GPU_PROVIDERS = ("CUDAExecutionProvider",)
+_GPU_PROVIDER = "CUDAExecutionProvider"
+_NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
+_PADDING = {"cpu": 0.25, "cuda": 0.6}
 
 
 def _import_ort():
@@ -41,42 +49,24 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class OnnxRuntimeRunner:
-    name = "onnxruntime"
-
-    def __init__(self, session, device: str):
-        self._session = session
-        self.device = device
-        self.providers = session.get_providers()
-        self._output_names = ["score"]
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (score,) = self._session.run(self._output_names, {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-        })
-        return np.asarray(score, dtype=np.float32).reshape(-1)
+def gpu_available() -> bool:
+    try:
+        return _GPU_PROVIDER in _import_ort().get_available_providers()
+    except BackendUnavailableError:
+        return False
 
 
-def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None,
-           providers: Optional[Sequence[str]] = None, intra_op_threads: Optional[int] = None,
-           model_key: str = "model", spinning: bool = True) -> OnnxRuntimeRunner:
+def open_session(graph_path: Path, device: str, intra_op_threads: Optional[int] = None, spinning: bool = True):
+    """An InferenceSession on exactly `device`."""
     ort = _import_ort()
-    model_path = safe_relative_path(Path(bundle_dir), manifest[model_key]["path"])
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     available = ort.get_available_providers()
-    gpu_available = any(p in available for p in _GPU_PROVIDERS)
-
-    if providers is None:
-        if device not in (None, "cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or None, got {device!r}")
-        if device == "cuda" and not gpu_available:
-            raise BackendUnavailableError(
-                "device='cuda' needs onnxruntime-gpu with CUDAExecutionProvider; this "
-                f"onnxruntime offers {', '.join(available)}")
-        use_gpu = device == "cuda" or (device is None and gpu_available)
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu
-                     else ["CPUExecutionProvider"])
-
+    if device == "cuda" and _GPU_PROVIDER not in available:
+        raise BackendUnavailableError(
+            "ONNX Runtime on the GPU needs onnxruntime-gpu with CUDAExecutionProvider; this "
+            f"onnxruntime offers {', '.join(available)}")
+    providers = [_GPU_PROVIDER, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads or physical_cores()
@@ -85,47 +75,160 @@ def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = N
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(graph_path), sess_options=options, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        if device is None and providers[0] != "CPUExecutionProvider":  # the GPU was only preferred
-            from . import warn_once
-            warn_once(f"ONNX Runtime could not use the GPU ({e}); scoring on the CPU")
-            return create(bundle_dir, manifest, device="cpu", intra_op_threads=intra_op_threads,
-                          model_key=model_key, spinning=spinning)
-        raise BackendUnavailableError(f"ONNX Runtime could not load {model_path}: {e}") from e
-    active = session.get_providers()
-    used_device = "cuda" if any(p in active for p in _GPU_PROVIDERS) else "cpu"
-    if device == "cuda" and used_device != "cuda":
-        raise BackendUnavailableError("ONNX Runtime fell back to the CPU although device='cuda' was asked for")
-    return OnnxRuntimeRunner(session, used_device)
+        raise BackendUnavailableError(f"ONNX Runtime could not load {graph_path} on the {device}: "
+                                      f"{str(e).splitlines()[0][:300]}") from e
+    if device == "cuda" and _GPU_PROVIDER not in session.get_providers():
+        raise BackendUnavailableError("ONNX Runtime did not enable CUDAExecutionProvider for this graph")
+    return session
 
 
-class OnnxRuntimeStepRunner:
-    """Runs the streaming step graph: (new ids, past KV, sums, count) -> (score, KV, sums, count)."""
+class _Closable:
+    _session = None
+
+    def _live_session(self):
+        if self._session is None:
+            raise RuntimeError(f"this {self.name} runner is closed")
+        return self._session
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeRunner(_Closable):
+    """The full scoring graph."""
     name = "onnxruntime"
 
     def __init__(self, session, device: str):
         self._session = session
         self.device = device
-        self._outputs = ["score", "present_kv", "sums", "count"]
-        kv_type = session.get_inputs()[1].type
-        self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
-        if self.kv_dtype is None:
-            raise BackendUnavailableError(f"streaming graph keeps its KV cache as {kv_type}, which numpy cannot hold")
+        self.providers = session.get_providers()
+        self.limits = RunnerLimits(max_padding=_PADDING[device])
 
-    def step(self, input_ids: np.ndarray, past_kv: np.ndarray, past_sums: np.ndarray, past_count: np.ndarray):
-        score, kv, sums, count = self._session.run(self._outputs, {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "past_kv": np.ascontiguousarray(past_kv),
-            "past_sums": np.ascontiguousarray(past_sums, dtype=np.float32),
-            "past_count": np.ascontiguousarray(past_count, dtype=np.float32),
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        session = self._live_session()
+        names = SCORE_IO.inputs
+        (score,) = session.run([SCORE_IO.outputs[0]], {
+            names[0]: np.ascontiguousarray(input_ids, dtype=np.int64),
+            names[1]: np.ascontiguousarray(attention_mask, dtype=np.int64),
         })
-        return np.asarray(score, dtype=np.float32).reshape(-1), kv, sums, count
+        return np.asarray(score, dtype=np.float32).reshape(-1)
 
 
-def create_step(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None,
-                **options) -> OnnxRuntimeStepRunner:
+class HostKVState:
+    """A stream's KV cache in host memory, [layers, 2, kv_heads, capacity, head_dim], grown
+    by doubling; only the first `length` positions are meaningful."""
+    __slots__ = ("kv", "length", "owner")
+
+    def __init__(self, kv: np.ndarray, length: int, owner):
+        self.kv, self.length, self.owner = kv, length, owner
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+
+class OnnxRuntimeStepRunner(_Closable):
+    """The batched streaming step graph; stream states live in host arrays."""
+    name = "onnxruntime"
+
+    def __init__(self, session, device: str, spec: StreamingSpec, max_length: int):
+        names = tuple(i.name for i in session.get_inputs())
+        if names != STEP_IO.inputs:
+            raise BackendUnavailableError(f"step graph inputs {list(names)} are not the contract's "
+                                          f"{list(STEP_IO.inputs)}; re-export the bundle")
+        if spec.kv_dtype not in _NUMPY_KV:
+            raise BackendUnavailableError(
+                f"the step graph keeps its KV cache in {spec.kv_dtype}, which host arrays cannot hold; "
+                "stream a bf16 bundle on TensorRT, or export fp32/fp16 for the CPU")
+        self._session = session
+        self.device = device
+        self._spec = spec
+        self._dtype = _NUMPY_KV[spec.kv_dtype]
+        self._max_length = int(max_length)
+        self.limits = RunnerLimits(max_sequence=self._max_length, max_padding=_PADDING[device],
+                                   state_dtype=spec.kv_dtype)
+
+    def _empty(self, capacity: int) -> np.ndarray:
+        s = self._spec
+        return np.zeros((s.kv_layers, 2, s.kv_heads, capacity, s.head_dim), dtype=self._dtype)
+
+    def new_state(self) -> HostKVState:
+        return HostKVState(self._empty(0), 0, self)
+
+    def fork(self, state: HostKVState, length: int) -> HostKVState:
+        self._check_state(state, length)
+        kv = self._empty(length)
+        kv[:, :, :, :length] = state.kv[:, :, :, :length]
+        return HostKVState(kv, length, self)
+
+    def _check_state(self, state, resume: int) -> None:
+        if not isinstance(state, HostKVState) or state.owner is not self:
+            raise ValueError("stream state belongs to another runner")
+        if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume <= state.length:
+            raise ValueError(f"cannot resume at {resume!r}: the state holds {state.length} tokens")
+
+    def step(self, rows: Sequence[StepRow]) -> list[StepOutput]:
+        session = self._live_session()
+        if not rows:
+            return []
+        seen = set()
+        for row in rows:
+            self._check_state(row.state, row.resume)
+            if id(row.state) in seen:
+                raise ValueError("a stream state appears twice in one step")
+            seen.add(id(row.state))
+            if not 0 < len(row.new_ids) <= self._max_length - row.resume:
+                raise ValueError(f"a step runs 1..{self._max_length - row.resume} new tokens here, "
+                                 f"got {len(row.new_ids)}")
+        s = self._spec
+        batch = len(rows)
+        past = max(row.resume for row in rows)
+        width = max(len(row.new_ids) for row in rows)
+        ids = np.zeros((batch, width), dtype=np.int64)
+        past_kv = np.zeros((s.kv_layers, 2, batch, s.kv_heads, past, s.head_dim), dtype=self._dtype)
+        sums = np.empty((batch, s.feature_dim), dtype=np.float32)
+        for b, row in enumerate(rows):
+            ids[b, :len(row.new_ids)] = row.new_ids
+            past_kv[:, :, b, :, :row.resume] = row.state.kv[:, :, :, :row.resume]
+            sums[b] = row.past_sums
+        new_lengths = np.asarray([len(r.new_ids) for r in rows], dtype=np.int64)
+        past_lengths = np.asarray([r.resume for r in rows], dtype=np.int64)
+        score, new_kv, new_sums = session.run(list(STEP_IO.outputs), dict(zip(STEP_IO.inputs, (
+            ids, new_lengths, past_lengths, past_kv, sums))))
+        # commit only now: buffers first (the one step that can fail), then the writes
+        grown = []
+        for row in rows:
+            end = row.resume + len(row.new_ids)
+            state = row.state
+            if end > state.kv.shape[3]:
+                bigger = self._empty(min(self._max_length, max(end, 2 * state.kv.shape[3], 16)))
+                bigger[:, :, :, :row.resume] = state.kv[:, :, :, :row.resume]
+                grown.append(bigger)
+            else:
+                grown.append(state.kv)
+        outputs = []
+        for b, (row, kv) in enumerate(zip(rows, grown)):
+            n = len(row.new_ids)
+            kv[:, :, :, row.resume:row.resume + n] = new_kv[:, :, b, :, :n]
+            row.state.kv, row.state.length = kv, row.resume + n
+            outputs.append(StepOutput(score=float(score[b]), sums=np.array(new_sums[b, :n], dtype=np.float32)))
+        return outputs
+
+
+def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
+                        spinning: bool = True, **_options) -> OnnxRuntimeRunner:
+    session = open_session(bundle.path(bundle.model.path), device, intra_op_threads, spinning)
+    return OnnxRuntimeRunner(session, device)
+
+
+def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
+                       **_options) -> OnnxRuntimeStepRunner:
+    if bundle.streaming is None:
+        raise BackendUnavailableError("the bundle has no streaming step graph")
+    if bundle.streaming.kv_dtype not in _NUMPY_KV and device == "cpu":
+        raise BackendUnavailableError(f"a {bundle.streaming.kv_dtype} KV cache cannot stream on the CPU")
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
-    options.setdefault("spinning", False)
-    runner = create(bundle_dir, manifest, device=device, model_key="streaming", **options)
-    return OnnxRuntimeStepRunner(runner._session, runner.device)
+    session = open_session(bundle.path(bundle.streaming.graph.path), device, intra_op_threads, spinning=False)
+    return OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)

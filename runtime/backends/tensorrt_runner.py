@@ -13,15 +13,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..bundle import SCORE_IO, Bundle
 from ..engine_compat import engine_incompatibility, pick_profile
 from ..errors import BackendUnavailableError
-from ..manifest import safe_relative_path
+from .base import RunnerLimits
 from .cuda_env import check, cudart, gpu_info, tensorrt_version
 
 
-def usable_engine(manifest: dict[str, Any], graph: str = "model") -> tuple[Optional[dict], str]:
-    """The newest engine of `graph` this machine can run, or (None, why not)."""
-    entries = [e for e in manifest.get("engines") or [] if e.get("graph", "model") == graph]
+def usable_engine(bundle: Bundle, graph: str = "model") -> tuple[Optional[dict], str]:
+    """The newest engine record of `graph` this machine can run, or (None, why not)."""
+    entries = [e.record for e in bundle.engines_for(graph)]
     if not entries:
         return None, "the bundle has no TensorRT engine (build one with `siren build`)"
     gpu = gpu_info()
@@ -51,14 +52,17 @@ class TensorRTRunner:
         self._profiles = entry["profiles"]
         self._profile = 0
         self._stream = check(self._rt.cudaStreamCreate())
-        self.max_batch = max(p["shapes"]["input_ids"]["max"][0] for p in self._profiles)
-        self.max_seq = max(p["shapes"]["input_ids"]["max"][1] for p in self._profiles)
+        self.max_batch = max(p["shapes"][SCORE_IO.inputs[0]]["max"][0] for p in self._profiles)
+        self.max_seq = max(p["shapes"][SCORE_IO.inputs[0]]["max"][1] for p in self._profiles)
+        self.limits = RunnerLimits(max_batch=self.max_batch, max_sequence=self.max_seq, max_padding=0.6)
         rows, cols = self.max_batch, self.max_seq
+        ids, mask = SCORE_IO.inputs
+        score, logits = SCORE_IO.outputs
         self._buffers = {
-            "input_ids": check(self._rt.cudaMalloc(rows * cols * 8)),
-            "attention_mask": check(self._rt.cudaMalloc(rows * cols * 8)),
-            "score": check(self._rt.cudaMalloc(rows * 4)),
-            "logits": check(self._rt.cudaMalloc(rows * 2 * 4)),
+            ids: check(self._rt.cudaMalloc(rows * cols * 8)),
+            mask: check(self._rt.cudaMalloc(rows * cols * 8)),
+            score: check(self._rt.cudaMalloc(rows * 4)),
+            logits: check(self._rt.cudaMalloc(rows * 2 * 4)),
         }
         for name, pointer in self._buffers.items():
             self._context.set_tensor_address(name, int(pointer))
@@ -73,15 +77,15 @@ class TensorRTRunner:
         if index != self._profile:
             self._context.set_optimization_profile_async(index, self._stream)
             self._profile = index
-        self._context.set_input_shape("input_ids", (batch, seq))
-        self._context.set_input_shape("attention_mask", (batch, seq))
+        for name in SCORE_IO.inputs:
+            self._context.set_input_shape(name, (batch, seq))
         kind_h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name, array in (("input_ids", ids), ("attention_mask", mask)):
+        for name, array in zip(SCORE_IO.inputs, (ids, mask)):
             check(rt.cudaMemcpyAsync(self._buffers[name], array.ctypes.data, array.nbytes, kind_h2d, self._stream))
         if not self._context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execution failed")
         out = np.empty(batch, dtype=np.float32)
-        check(rt.cudaMemcpyAsync(out.ctypes.data, self._buffers["score"], out.nbytes,
+        check(rt.cudaMemcpyAsync(out.ctypes.data, self._buffers[SCORE_IO.outputs[0]], out.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
         check(rt.cudaStreamSynchronize(self._stream))
         return out
@@ -91,11 +95,18 @@ class TensorRTRunner:
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         parts = []
         with self._lock:
+            if self._context is None:
+                raise RuntimeError("this tensorrt runner is closed")
             for start in range(0, ids.shape[0], self.max_batch):
                 parts.append(self._run_chunk(ids[start:start + self.max_batch], mask[start:start + self.max_batch]))
         return np.concatenate(parts)
 
-    def __del__(self):
+    def close(self) -> None:
+        """Free the device buffers, the CUDA stream and the execution context."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
         rt = getattr(self, "_rt", None)
         if rt is None:
             return
@@ -104,22 +115,33 @@ class TensorRTRunner:
                 rt.cudaFree(pointer)
             except Exception:
                 pass
+        self._buffers = {}
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            try:
+                rt.cudaStreamDestroy(stream)
+            except Exception:
+                pass
+            self._stream = None
+        self._context = None
+        self._engine = None
+
+    def __del__(self):
+        self._release()
 
 
-def create(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None, **_options) -> TensorRTRunner:
-    if device == "cpu":
-        raise BackendUnavailableError("TensorRT runs on a GPU; device='cpu' was asked for")
-    if device not in (None, "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or None, got {device!r}")
+def create_score_runner(bundle: Bundle, device: str, **_options) -> TensorRTRunner:
+    if device != "cuda":
+        raise BackendUnavailableError(f"TensorRT runs on a GPU; device={device!r} was asked for")
     if tensorrt_version() is None:
         raise BackendUnavailableError("TensorRT is not installed (pip install 'siren-deploy[tensorrt]')")
     if cudart() is None:
         raise BackendUnavailableError("cuda-python is not installed (pip install 'siren-deploy[tensorrt]')")
-    entry, reason = usable_engine(manifest, "model")
+    entry, reason = usable_engine(bundle, "model")
     if entry is None:
         raise BackendUnavailableError(reason)
-    return TensorRTRunner(safe_relative_path(Path(bundle_dir), entry["path"]), entry)
+    return TensorRTRunner(bundle.path(entry["path"]), entry)
 
 
-def create_step(bundle_dir: Path, manifest: dict[str, Any], device: Optional[str] = None, **_options):
+def create_step_runner(bundle: Bundle, device: str, **_options):
     raise BackendUnavailableError("the TensorRT backend does not run the streaming step graph yet")

@@ -1,0 +1,382 @@
+"""The bundle contract: `siren_bundle.json` as small typed objects, read and written here only.
+
+Every stage talks through this module: the export writes the manifest with
+:func:`write_manifest`, `siren build` adds engine records, the runtime opens a bundle with
+:func:`read_bundle`. The reader validates every field the runtime uses and raises
+:class:`BundleError` naming the field, so a malformed manifest is refused before any
+session exists. Graph tensor names are defined once, in :data:`SCORE_IO` and
+:data:`STEP_IO`, for the exporter, the runners, the parity checks and the engine profiles.
+
+Format history (the version moves only when the files on disk change):
+  1: step graph with one shared past length per batch (inputs input_ids, past_kv,
+     past_sums, past_count). Still loads; its step graph is not used (no incremental
+     streaming) and a warning says to re-export.
+  2: batched step graph with per-row past and new lengths (:data:`STEP_IO`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+from .errors import BundleError
+
+MANIFEST_NAME = "siren_bundle.json"
+FORMAT_NAME = "siren-bundle"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_LENGTH_LIMIT = 1 << 20
+_HASH_CHUNK = 8 * 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Tensor names of one graph, in the graph's input/output order."""
+    inputs: tuple
+    outputs: tuple
+
+
+#: full scoring graph: padded ids + mask -> score (and logits)
+SCORE_IO = GraphIO(inputs=("input_ids", "attention_mask"), outputs=("score", "logits"))
+#: batched streaming step graph. Shapes: input_ids int64 [B, new] (right-padded),
+#: new_lengths / past_lengths int64 [B], past_kv [layers, 2, B, kv_heads, past, head_dim]
+#: (each row's past right-padded to the longest), past_sums float32 [B, features]
+#: -> score float32 [B], new_kv [layers, 2, B, kv_heads, new, head_dim],
+#: sums float32 [B, new, features] (running sums after each new token).
+STEP_IO = GraphIO(inputs=("input_ids", "new_lengths", "past_lengths", "past_kv", "past_sums"),
+                  outputs=("score", "new_kv", "sums"))
+
+
+# -- file-level helpers ----------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    """Streamed sha256, so multi-GB weight files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_relative_path(bundle_dir: Path, rel: str) -> Path:
+    """Resolve a manifest path, refusing anything that could escape the bundle."""
+    if not isinstance(rel, str) or not rel or rel in (".", "./"):
+        raise BundleError(f"{bundle_dir}: manifest holds an invalid file path {rel!r}")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in rel or os.path.isabs(rel) or "\x00" in rel:
+        raise BundleError(f"{bundle_dir}: manifest path {rel!r} escapes the bundle directory")
+    return Path(bundle_dir) / pure
+
+
+def describe_file(bundle_dir: Path, rel: str) -> dict[str, Any]:
+    """A `files` record: what the reader will check the file against."""
+    path = safe_relative_path(Path(bundle_dir), rel)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest atomically, stamping the format fields (the one writer)."""
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT_NAME
+    manifest["format_version"] = FORMAT_VERSION
+    path = Path(bundle_dir) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# -- typed sections --------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle and the weights file it reads."""
+    path: str
+    external_data: Optional[str]
+    dtype: str
+    io: GraphIO
+
+    def files(self) -> tuple:
+        return tuple(f for f in (self.path, self.external_data) if f)
+
+
+@dataclass(frozen=True)
+class StreamingSpec:
+    """The step graph and the shape of one stream's KV cache."""
+    graph: GraphSpec
+    kv_layers: int
+    kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    feature_dim: int
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    max_length: int
+    default_threshold: float
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine built by `siren build` (its raw record keeps the build details)."""
+    graph: str
+    path: str
+    record: dict = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle: typed views of what the stages use, plus the raw manifest."""
+    directory: Path
+    format_version: int
+    inference: InferenceSpec
+    model: GraphSpec
+    tokenizer_path: str
+    streaming: Optional[StreamingSpec]
+    files: dict
+    engines: tuple
+    manifest: dict = field(compare=False, repr=False)
+
+    def path(self, rel: str) -> Path:
+        return safe_relative_path(self.directory, rel)
+
+    def engines_for(self, graph: str) -> list:
+        return [e for e in self.engines if e.graph == graph]
+
+    def verify(self, only=None) -> None:
+        """Check that every listed file exists with its recorded size and sha256.
+
+        Done before any session or engine is created: a truncated or altered weight file
+        must be refused, not half-loaded."""
+        for rel, record in self.files.items():
+            if only is not None and rel not in only:
+                continue
+            path = self.path(rel)
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.directory}: bundle file {rel} is missing")
+            size = path.stat().st_size
+            if size != record.bytes:
+                raise BundleError(f"{path}: size {size} differs from the manifest's "
+                                  f"{record.bytes} (truncated or altered file)")
+            if sha256_file(path) != record.sha256:
+                raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
+
+    def raw(self) -> dict:
+        """A deep copy of the manifest, for a stage that adds to it and writes it back."""
+        return copy.deepcopy(self.manifest)
+
+
+# -- the reader ------------------------------------------------------------------------
+class _Fields:
+    """Typed field access that names the field in every error."""
+
+    def __init__(self, source: Path):
+        self.source = source
+
+    def fail(self, where: str, what: str):
+        raise BundleError(f"{self.source}: manifest field {where} {what}")
+
+    def section(self, parent: dict, key: str, where: str = "") -> dict:
+        value = parent.get(key)
+        if not isinstance(value, dict):
+            self.fail(where + key, "is missing or not an object")
+        return value
+
+    def integer(self, parent: dict, key: str, where: str, low: int, high: int) -> int:
+        value = parent.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where + key, f"must be an integer, got {_short(value)}")
+        if not low <= value <= high:
+            self.fail(where + key, f"must be in [{low}, {high}], got {_short(value)}")
+        return value
+
+    def number(self, parent: dict, key: str, where: str, low: float, high: float) -> float:
+        value = parent.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where + key, f"must be a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isnan(number) or not low <= number <= high:
+            self.fail(where + key, f"must be in [{low}, {high}], got {_short(value)}")
+        return number
+
+    def text(self, parent: dict, key: str, where: str, optional: bool = False) -> Optional[str]:
+        value = parent.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(where + key, f"must be a non-empty string, got {_short(value)}")
+        return value
+
+    def choice(self, parent: dict, key: str, where: str, choices: tuple) -> str:
+        value = parent.get(key)
+        if value not in choices:
+            self.fail(where + key, f"must be one of {', '.join(choices)}, got {_short(value)}")
+        return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: manifest is nested too deeply to be a bundle manifest") from None
+
+
+def read_bundle(bundle_dir) -> Bundle:
+    """Open and validate a bundle's manifest (no file hashing: see :meth:`Bundle.verify`)."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.exists():
+        raise FileNotFoundError(f"bundle not found: {bundle_dir} does not exist")
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir} is not a bundle directory (it is a file)")
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{bundle_dir} is not a SIREN bundle: {MANIFEST_NAME} is missing "
+            "(create one with `siren export`)")
+    manifest = _load_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path}: not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise BundleError(
+            f"{path}: bundle format version {_short(version)} is not supported by this runtime "
+            f"(reads {', '.join(map(str, READABLE_VERSIONS))}); re-export the bundle with a matching `siren`")
+    f = _Fields(path)
+    for name in ("backbone", "siren", "source"):
+        if name in manifest and not isinstance(manifest[name], dict):
+            f.fail(name, "is not an object")
+    files = _read_files(f, bundle_dir, manifest)
+
+    inference = f.section(manifest, "inference")
+    vocab = _vocab_size(manifest)
+    spec = InferenceSpec(
+        max_length=f.integer(inference, "max_length", "inference.", 1, MAX_LENGTH_LIMIT),
+        default_threshold=f.number(inference, "default_threshold", "inference.", 0.0, 1.0),
+        pad_token_id=f.integer(inference, "pad_token_id", "inference.", 0, vocab - 1))
+    model = _read_graph(f, bundle_dir, f.section(manifest, "model"), "model.", SCORE_IO, files)
+    tokenizer = f.text(f.section(manifest, "tokenizer"), "path", "tokenizer.")
+    _listed(f, bundle_dir, tokenizer, "tokenizer.path", files)
+    if tokenizer in model.files():
+        f.fail("tokenizer.path", f"points at the model graph's file {tokenizer!r}")
+
+    streaming = None
+    if manifest.get("streaming") is not None:
+        streaming = _read_streaming(f, bundle_dir, manifest, version, files, model)
+    engines = _read_engines(f, bundle_dir, manifest, files)
+    return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
+                  tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
+                  manifest=manifest)
+
+
+def _vocab_size(manifest: dict) -> int:
+    vocab = (manifest.get("backbone") or {}).get("vocab_size")
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and 0 < vocab < 1 << 31 else 1 << 31
+
+
+def _read_files(f: _Fields, bundle_dir: Path, manifest: dict) -> dict:
+    files = f.section(manifest, "files")
+    out = {}
+    for rel, meta in files.items():
+        safe_relative_path(bundle_dir, rel)
+        if not isinstance(meta, dict):
+            f.fail(f"files[{rel!r}]", f"must be an object with sha256 and bytes, got {_short(meta)}")
+        sha = meta.get("sha256")
+        if not isinstance(sha, str) or not _SHA256.match(sha):
+            f.fail(f"files[{rel!r}].sha256", f"must be 64 lowercase hex digits, got {_short(sha)}")
+        out[rel] = FileRecord(sha256=sha, bytes=f.integer(meta, "bytes", f"files[{rel!r}].", 0, 1 << 50))
+    return out
+
+
+def _listed(f: _Fields, bundle_dir: Path, rel: str, where: str, files: dict) -> None:
+    safe_relative_path(bundle_dir, rel)
+    if rel not in files:
+        f.fail(where, f"names {rel!r}, which is not listed (and checksummed) in `files`")
+
+
+def _read_graph(f: _Fields, bundle_dir: Path, section: dict, where: str, io: GraphIO, files: dict) -> GraphSpec:
+    graph_path = f.text(section, "path", where)
+    _listed(f, bundle_dir, graph_path, where + "path", files)
+    data = f.text(section, "external_data", where, optional=True)
+    if data is not None:
+        _listed(f, bundle_dir, data, where + "external_data", files)
+        if data == graph_path:
+            f.fail(where + "external_data", "is the graph file itself")
+    dtype = f.choice(section, "dtype", where, DTYPES) if "dtype" in section else "fp32"
+    inputs = section.get("inputs")
+    if inputs is not None:
+        names = tuple(i.get("name") for i in inputs if isinstance(i, dict)) if isinstance(inputs, list) else None
+        if names != io.inputs:
+            f.fail(where + "inputs", f"must name {list(io.inputs)}, got {_short(names)}")
+    return GraphSpec(path=graph_path, external_data=data, dtype=dtype, io=io)
+
+
+def _read_streaming(f: _Fields, bundle_dir: Path, manifest: dict, version: int, files: dict,
+                    model: GraphSpec) -> Optional[StreamingSpec]:
+    section = f.section(manifest, "streaming")
+    if version < 2:
+        warnings.warn(f"{bundle_dir}: bundle format {version} has a step graph from before batched streaming; "
+                      "score_streaming rescores the prefix (re-export with `siren export` to stream incrementally)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    graph = _read_graph(f, bundle_dir, section, "streaming.", STEP_IO, files)
+    if graph.path in model.files():
+        f.fail("streaming.path", f"points at the model graph's file {graph.path!r}")
+    if graph.path == model.path or graph.path == manifest["tokenizer"].get("path"):
+        f.fail("streaming.path", f"points at another bundle file {graph.path!r}")
+    return StreamingSpec(
+        graph=graph,
+        kv_layers=f.integer(section, "kv_layers", "streaming.", 1, 4096),
+        kv_heads=f.integer(section, "kv_heads", "streaming.", 1, 4096),
+        head_dim=f.integer(section, "head_dim", "streaming.", 1, 65536),
+        kv_dtype=f.choice(section, "kv_dtype", "streaming.", DTYPES),
+        feature_dim=f.integer(section, "feature_dim", "streaming.", 1, 1 << 24))
+
+
+def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> tuple:
+    entries = manifest.get("engines") or []
+    if not isinstance(entries, list):
+        f.fail("engines", "must be a list")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"engines[{i}]."
+        if not isinstance(entry, dict):
+            f.fail(f"engines[{i}]", "must be an object")
+        rel = f.text(entry, "path", where)
+        _listed(f, bundle_dir, rel, where + "path", files)
+        graph = entry.get("graph", "model")
+        if graph not in ("model", "streaming"):
+            f.fail(where + "graph", f"must be 'model' or 'streaming', got {_short(graph)}")
+        if not isinstance(entry.get("profiles"), list):
+            f.fail(where + "profiles", "must be a list")
+        out.append(EngineRecord(graph=graph, path=rel, record=entry))
+    return tuple(out)
+
+
+__all__ = ["Bundle", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
+           "SCORE_IO", "STEP_IO", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
+           "write_manifest", "describe_file", "sha256_file", "safe_relative_path"]

@@ -32,9 +32,14 @@ class SirenGuard:
     session is one thread's at a time. ``close()`` (or ``with``) frees the runners.
     """
 
-    def __init__(self, bundle: Bundle, runners: Runners, encoder: TextEncoder,
+    def __init__(self, bundle: Bundle, runners: Runners, *, encoder: Optional[TextEncoder] = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  stream_cache: Optional[StreamCache] = None, max_padding: Optional[float] = None):
+        """A guard over runners already opened for `bundle` (``from_pretrained`` opens them;
+        tests and embedders inject their own, e.g. a wrapped step runner)."""
+        if encoder is None:
+            encoder = TextEncoder(bundle.path(bundle.tokenizer_path), max_length=bundle.inference.max_length,
+                                  pad_token_id=bundle.inference.pad_token_id)
         self._bundle = bundle
         self._runners = runners
         self._runner = runners.score
@@ -84,12 +89,15 @@ class SirenGuard:
         bundle = read_bundle(bundle_dir)
         if verify:
             bundle.verify()
-        encoder = TextEncoder(bundle.path(bundle.tokenizer_path), max_length=bundle.inference.max_length,
-                              pad_token_id=bundle.inference.pad_token_id)
         stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
         runners = open_runners(bundle, backend=backend, device=device, streaming=incremental_streaming,
                                **backend_options)
-        return cls(bundle, runners, encoder, max_batch_size, token_budget, stream_cache, max_padding)
+        try:
+            return cls(bundle, runners, max_batch_size=max_batch_size, token_budget=token_budget,
+                       stream_cache=stream_cache, max_padding=max_padding)
+        except BaseException:
+            runners.close()
+            raise
 
     def close(self) -> None:
         """Free the runners (sessions, engines, stream states); later calls raise."""
@@ -247,6 +255,11 @@ class SirenGuard:
 
     def __call__(self, *args, **kwargs) -> ScoreResult:
         return self.score(*args, **kwargs)
+
+    def token_ids(self, text: str) -> list[int]:
+        """The token ids the guard scores for `text` (cleaned, truncated to max_length)."""
+        check_text(text, "text")
+        return self._encoder.token_ids([clean_text(text)])[0]
 
     # -- internals --------------------------------------------------------------------
     def score_token_ids(self, id_lists: list[list[int]]) -> np.ndarray:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from siren_runtime import BundleError, SirenGuard
-from siren_runtime.manifest import MANIFEST_NAME, read_manifest
+from siren_runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, read_bundle
 
 
 @pytest.fixture()
@@ -18,10 +18,14 @@ def bundle_copy(all_layers, tmp_path):
 
 
 def test_manifest_contents(all_layers):
-    m = read_manifest(all_layers.bundle)
-    assert m["format"] == "siren-bundle" and m["format_version"] == 1
+    bundle = read_bundle(all_layers.bundle)
+    m = bundle.manifest
+    assert m["format"] == "siren-bundle" and m["format_version"] == FORMAT_VERSION == 2
+    assert bundle.streaming is not None and bundle.streaming.graph.path == "step.onnx"
+    assert [i["name"] for i in m["streaming"]["inputs"]] == list(bundle.streaming.graph.io.inputs)
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "step.onnx"} <= set(m["files"])
     assert m["streaming"]["parity"]["checked"] and m["streaming"]["parity"]["max_abs_diff"] <= 1e-5
+    assert m["streaming"]["parity"]["calls"] < m["streaming"]["parity"]["steps"]   # rows were batched
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
     assert m["source"]["files"]["siren_config.json"] and m["source"]["files"]["siren.safetensors"]
     assert m["backbone"]["model_id"] == str(all_layers.backbone)

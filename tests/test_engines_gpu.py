@@ -32,8 +32,8 @@ def test_engine_scores_match_reference(engine_bundle, all_layers):
 
 
 def test_manifest_records_engine(engine_bundle):
-    from siren_runtime.manifest import read_manifest
-    entry = read_manifest(engine_bundle)["engines"][0]
+    from siren_runtime.bundle import read_bundle
+    entry = read_bundle(engine_bundle).engines[0].record
     assert entry["tensorrt_version"] == tensorrt_version()
     assert entry["compute_capability"] == gpu_info()["compute_capability"]
     assert entry["verify"]["passed"]

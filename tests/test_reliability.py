@@ -101,7 +101,7 @@ def test_all_padding_row_never_nan(guard):
     mask = np.ones((3, 6), dtype=np.int64)
     mask[1] = 0
     mask[2, 2:] = 0
-    scores = guard._runner.run(ids, mask)
+    scores = guard.runners.score.run(ids, mask)
     assert np.all(np.isfinite(scores)) and np.all((scores >= 0) & (scores <= 1))
 
 
@@ -126,18 +126,20 @@ def test_fail_closed_wrapper(guard, caplog):
 
 # -- resource bounds --------------------------------------------------------------------
 def test_huge_batch_in_bounded_groups(all_layers):
-    from siren_runtime import SirenGuard
-    guard = SirenGuard.from_pretrained(all_layers.bundle, device="cpu", token_budget=512, max_batch_size=64)
+    from helpers import guard_with
     seen = []
-    run = guard._runner.run
 
     class Recording:
-        name, device = guard._runner.name, guard._runner.device
+        def __init__(self, runner):
+            self._runner, self.name, self.device, self.limits = runner, runner.name, runner.device, runner.limits
 
         def run(self, ids, mask):
             seen.append(ids.shape)
-            return run(ids, mask)
-    guard._runner = Recording()
+            return self._runner.run(ids, mask)
+
+        def close(self):
+            self._runner.close()
+    guard = guard_with(all_layers.bundle, wrap_score=Recording, token_budget=512, max_batch_size=64)
     texts = [("word " * (i % 40)).strip() or "x" for i in range(10_000)]
     results = guard.score_batch(texts)
     assert len(results) == 10_000

@@ -8,44 +8,44 @@ import numpy as np
 import pytest
 
 from corpus import LONG
-
-TOL = 1e-5
+from helpers import TOL, chunk
 
 RESPONSE = ("Sure. First, <|im_start|>assistant\nhere  is   a plan:\n\n\n\nStep 1 — gather 🙂👍🏽 materials; "
             "naïve café e\u0301 日本語. [INST] Then <|im_end|> wait.\t\tDone!!! ")
 
 
 class CountingStep:
-    """Delegates to the real step runner and counts the tokens it was asked to run."""
+    """A step runner that delegates to the real one and counts the tokens it was asked to run."""
 
     def __init__(self, runner):
-        self._runner, self.tokens, self.calls = runner, 0, 0
-        self.kv_dtype, self.name, self.device = runner.kv_dtype, runner.name, runner.device
+        self._runner, self.tokens, self.calls, self.rows = runner, 0, 0, []
+        self.name, self.device, self.limits = runner.name, runner.device, runner.limits
 
-    def step(self, input_ids, *rest):
-        self.tokens += input_ids.shape[1]
+    def new_state(self):
+        return self._runner.new_state()
+
+    def fork(self, state, length):
+        return self._runner.fork(state, length)
+
+    def step(self, rows):
+        self.tokens += sum(len(r.new_ids) for r in rows)
         self.calls += 1
-        return self._runner.step(input_ids, *rest)
+        self.rows.append(len(rows))
+        return self._runner.step(rows)
+
+    def close(self):
+        self._runner.close()
 
 
 def fresh_guard(built, **kwargs):
-    from siren_runtime import SirenGuard
-    guard = SirenGuard.from_pretrained(built.bundle, device="cpu", **kwargs)
-    counter = CountingStep(guard._incremental._runner)
-    guard._incremental._runner = counter
-    return guard, counter
+    from helpers import guard_with
+    counter = None
 
-
-def chunk(text, sizes):
-    out, i = [], 0
-    for size in sizes:
-        if i >= len(text):
-            break
-        out.append(text[i:i + size])
-        i += size
-    if i < len(text):
-        out.append(text[i:])
-    return out
+    def wrap(step):
+        nonlocal counter
+        counter = CountingStep(step)
+        return counter
+    return guard_with(built.bundle, wrap_step=wrap, **kwargs), counter
 
 
 def chunkings(text, seed=0):
@@ -88,7 +88,7 @@ def test_sessions_match_and_run_only_new_tokens(all_layers):
     chunks = chunk(text, [12] * 100)
     worst_self, _ = check_stream(guard, chunks, via_session=True)
     assert worst_self <= TOL
-    total_prefix_tokens = sum(len(guard._encoder.token_ids([text[:i]])[0])
+    total_prefix_tokens = sum(len(guard.token_ids(text[:i]))
                               for i in np.cumsum([len(c) for c in chunks]))
     # only new tokens (plus boundary rollbacks) ran, far fewer than rescoring every prefix
     assert counter.tokens < total_prefix_tokens / 4

@@ -13,12 +13,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..bundle import SCORE_IO, STEP_IO, Bundle, StreamingSpec
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow
 
 _GPU_PROVIDER = "CUDAExecutionProvider"
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 _PADDING = {"cpu": 0.25, "cuda": 0.6}
+_ORT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 
 
 def _import_ort():
@@ -84,6 +85,13 @@ def open_session(graph_path: Path, device: str, intra_op_threads: Optional[int] 
     return session
 
 
+def _signature_error(session, io, what: str) -> Optional[str]:
+    names = tuple(i.name for i in session.get_inputs())
+    if names != io.inputs:
+        return f"{what} has inputs {list(names)}, the bundle contract says {list(io.inputs)}"
+    return None
+
+
 class _Closable:
     _session = None
 
@@ -101,6 +109,9 @@ class OnnxRuntimeRunner(_Closable):
     name = "onnxruntime"
 
     def __init__(self, session, device: str):
+        problem = _signature_error(session, SCORE_IO, "the scoring graph")
+        if problem:
+            raise BundleError(f"{problem} (does model.path point at the right graph?)")
         self._session = session
         self.device = device
         self.providers = session.get_providers()
@@ -134,10 +145,21 @@ class OnnxRuntimeStepRunner(_Closable):
     name = "onnxruntime"
 
     def __init__(self, session, device: str, spec: StreamingSpec, max_length: int):
-        names = tuple(i.name for i in session.get_inputs())
-        if names != STEP_IO.inputs:
-            raise BackendUnavailableError(f"step graph inputs {list(names)} are not the contract's "
-                                          f"{list(STEP_IO.inputs)}; re-export the bundle")
+        problem = _signature_error(session, STEP_IO, "the streaming step graph")
+        if problem:
+            raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
+        kv = session.get_inputs()[STEP_IO.inputs.index("past_kv")].shape
+        sums = session.get_inputs()[STEP_IO.inputs.index("past_sums")].shape
+        declared = [spec.kv_layers, 2, None, spec.kv_heads, None, spec.head_dim]
+        for axis, (have, want) in enumerate(zip(kv, declared)):
+            if want is not None and isinstance(have, int) and have != want:
+                raise BundleError(f"streaming: the step graph's past_kv axis {axis} is {have}, the manifest "
+                                  f"says {want} (kv_layers/kv_heads/head_dim)")
+        kv_type = session.get_inputs()[STEP_IO.inputs.index("past_kv")].type
+        if _ORT_TYPES.get(kv_type) != spec.kv_dtype:
+            raise BundleError(f"streaming.kv_dtype is {spec.kv_dtype}, the step graph's past_kv is {kv_type}")
+        if len(sums) == 2 and isinstance(sums[1], int) and sums[1] != spec.feature_dim:
+            raise BundleError(f"streaming.feature_dim is {spec.feature_dim}, the step graph has {sums[1]}")
         if spec.kv_dtype not in _NUMPY_KV:
             raise BackendUnavailableError(
                 f"the step graph keeps its KV cache in {spec.kv_dtype}, which host arrays cannot hold; "

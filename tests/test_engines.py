@@ -62,6 +62,10 @@ def bundle_with_engine(all_layers, tmp_path):
     path = bundle / "siren_bundle.json"
     manifest = json.loads(path.read_text())
     manifest["engines"] = [ENTRY]
+    from siren_runtime.bundle import describe_file
+    (bundle / ENTRY["path"]).parent.mkdir(exist_ok=True)
+    (bundle / ENTRY["path"]).write_bytes(b"a plan built elsewhere")
+    manifest["files"][ENTRY["path"]] = describe_file(bundle, ENTRY["path"])
     path.write_text(json.dumps(manifest))
     return bundle
 

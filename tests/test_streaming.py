@@ -162,3 +162,35 @@ def test_rescoring_fallback_without_step_graph(all_layers):
     with guard.stream() as s:
         s.feed(RESPONSE[:20])
         assert abs(s.feed(RESPONSE[20:]).score - guard.score(RESPONSE).score) <= TOL
+
+
+def test_interleaved_streams_sharing_an_opening_keep_their_own_states(all_layers):
+    """Four streams fed word by word in turn, all opening alike: each token runs about once
+    (the cache used to collapse them onto one entry and rerun ~12x as many tokens)."""
+    guard, counter = fresh_guard(all_layers)
+    opening = "Sure, here is what I think about the question you asked: "
+    endings = ["cats are wonderful pets for small flats and quiet homes",
+               "dogs need long walks every single day in any weather",
+               "birds sing early in the morning before the sun comes up",
+               "fish are calm to watch but need clean water all the time"]
+    words = [(opening + e).split(" ") for e in endings]
+    prefixes = [""] * 4
+    for step in range(max(len(w) for w in words)):
+        for i in range(4):
+            if step < len(words[i]):
+                prefixes[i] += ("" if step == 0 else " ") + words[i][step]
+                got = guard.score_streaming(prefixes[i]).score
+                assert abs(got - guard.score(prefixes[i]).score) <= TOL
+    once = sum(len(guard.token_ids(p)) for p in prefixes)
+    assert counter.tokens <= 1.5 * once, (counter.tokens, once)
+
+
+def test_cache_bytes_count_the_text(all_layers):
+    guard, _ = fresh_guard(all_layers, stream_cache_bytes=10 ** 9)
+    text = "word " * 40_000          # 200k characters; the ids stop at max_length
+    guard.score_streaming(text)
+    state_bytes = guard.stream_cache.nbytes
+    assert state_bytes >= len(text)
+    small, _ = fresh_guard(all_layers, stream_cache_bytes=100_000)
+    small.score_streaming(text)
+    assert len(small.stream_cache) == 0 and small.stream_cache.nbytes <= 100_000

@@ -12,7 +12,7 @@ SIZES = {
 }
 
 
-def build(size: str, workdir: Path, max_length: int = 512, neurons_per_layer: int = 32, streaming: bool = True):
+def build(size: str, workdir: Path, max_length: int = 1024, neurons_per_layer: int = 32, streaming: bool = True):
     """Returns (artifact_dir, bundle_dir), building what is missing."""
     from siren_export.pipeline import export_bundle
     from siren_export.synthetic import make_backbone, make_head
@@ -26,6 +26,13 @@ def build(size: str, workdir: Path, max_length: int = 512, neurons_per_layer: in
         make_head(artifact, backbone, num_layers=dims["num_layers"], width=dims["hidden_size"],
                   selected_layers=list(range(dims["num_layers"])), neurons_per_layer=neurons_per_layer,
                   layer_dims=(256, 64), max_length=max_length)
-    if not (bundle / "siren_bundle.json").is_file():
+    if not (bundle / "siren_bundle.json").is_file() or not _current(bundle):
         export_bundle(str(artifact), bundle, overwrite=True, streaming=streaming)
     return artifact, bundle
+
+
+def _current(bundle: Path) -> bool:
+    """A cached bundle of an older format is exported again."""
+    import json
+    from siren_runtime.bundle import FORMAT_VERSION
+    return json.loads((bundle / "siren_bundle.json").read_text()).get("format_version") == FORMAT_VERSION

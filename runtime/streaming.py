@@ -26,6 +26,10 @@ from .batching import length_groups
 from .tokenization import Tokenized, common_prefix_chars
 
 
+#: new-token width up to which streams are stepped together whatever their padding share
+STEP_PAD_FREE_WIDTH = 32
+
+
 @dataclass(frozen=True)
 class StreamState:
     """A stream at one point: valid while its KV handle still holds exactly its tokens
@@ -55,11 +59,19 @@ class StreamState:
 
 
 def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two id tuples (slice compares run in C)."""
+    a, b = tuple(a), tuple(b)
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n          # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 class IncrementalScorer:
@@ -115,7 +127,8 @@ class IncrementalScorer:
             resume = min(common_prefix(state.ids, ids), len(ids) - 1)  # at least one token runs
             pending.append((index, state, tokens, resume))
             lengths.append(len(ids) - resume)
-        for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
+        for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding,
+                                   pad_free_width=STEP_PAD_FREE_WIDTH):
             work = [pending[g] for g in group]
             rows = [StepRow(state.kv, resume, tokens.ids[resume:], state.sums[resume])
                     for _, state, tokens, resume in work]

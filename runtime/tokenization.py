@@ -15,6 +15,9 @@ import numpy as np
 # letter run before it ends there whatever follows, a scan restarted there matches what the
 # scan of the whole text matches (no look-behind in the pattern), NFC cannot compose across a
 # space, and no added token contains one. Tokenizing the two sides apart gives the same ids.
+# Split points a stream remembers: enough to resume after any usual re-merge or edit near
+# the end; an edit further back re-tokenizes from the start (exact, just slower).
+_KEPT_SPLITS = 16
 _SAFE_SPLIT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 
 
@@ -84,7 +87,7 @@ class TextEncoder:
         start_char, start_token, splits = 0, 0, ()
         if previous is not None:
             shared = common_prefix_chars(previous.text, text)
-            kept = [s for s in previous.splits if s[0] < shared]
+            kept = [s for s in previous.splits[-_KEPT_SPLITS:] if s[0] < shared]
             if kept:
                 start_char, start_token = kept[-1]
                 splits = tuple(kept)

@@ -18,7 +18,7 @@ from siren_runtime.bundle import SCORE_IO, STEP_IO
 OPSET = 18
 
 
-def export_scorer(module, path: Path, example_batch: int = 2, example_seq: int = 8) -> dict:
+def export_scorer(module, path: Path, progress=None, example_batch: int = 2, example_seq: int = 8) -> dict:
     """The full graph: padded batch in, score out."""
     import torch
     from torch.export import Dim
@@ -28,11 +28,11 @@ def export_scorer(module, path: Path, example_batch: int = 2, example_seq: int =
     mask = torch.ones(example_batch, example_seq, dtype=torch.long)
     mask[-1, example_seq // 2:] = 0
     return _export(module, (ids, mask), SCORE_IO.inputs, SCORE_IO.outputs,
-                   ({0: batch, 1: seq}, {0: batch, 1: seq}), path)
+                   ({0: batch, 1: seq}, {0: batch, 1: seq}), path, progress)
 
 
 def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int, features: int,
-                kv_dtype) -> dict:
+                kv_dtype, progress=None) -> dict:
     """The batched streaming step graph: per-row new tokens + past KV/sums in, new KV,
     running sums and score out."""
     import torch
@@ -46,10 +46,14 @@ def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int
     sums = torch.randn(3, features)
     shapes = ({0: batch, 1: new}, {0: batch}, {0: batch}, {2: batch, 4: past}, {0: batch})
     return _export(module, (ids, new_lengths, past_lengths, past_kv, sums), STEP_IO.inputs, STEP_IO.outputs,
-                   shapes, path)
+                   shapes, path, progress)
 
 
-def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Path) -> dict:
+def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Path, progress=None) -> dict:
+    """Trace, then write graph + `<name>.data` (the exporter streams initializers to the file
+    one at a time); the graph is re-read without its weights, so no second copy is made."""
+    import gc
+
     import onnx
     import torch
 
@@ -62,21 +66,22 @@ def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Pat
             module, inputs, dynamo=True, opset_version=OPSET,
             input_names=list(input_names), output_names=list(output_names),
             dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False)
-    program.save(str(path), external_data=True)
-    data_name = path.name + ".data"
-    # Normalise the external-data location to one predictable file name.
-    model = onnx.load(str(path), load_external_data=True)
-    for p in (path, path.parent / data_name):
+    if progress is not None:
+        progress.note(f"traced {path.name}")
+    for p in (path, path.parent / (path.name + ".data")):
         if p.exists():
             os.remove(p)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    del model
-    graph = onnx.load(str(path), load_external_data=False)
+    program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    if progress is not None:
+        progress.note(f"wrote {path.name} and its weights")
+    data_name = path.name + ".data"
     onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path), load_external_data=False)
     return {
         "opset": OPSET,
-        "external_data": data_name,
+        "external_data": data_name if (path.parent / data_name).exists() else None,
         "inputs": [_describe(v) for v in graph.graph.input],
         "outputs": [_describe(v) for v in graph.graph.output],
     }
@@ -90,50 +95,62 @@ def _describe(value) -> dict:
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
+def _external_tensors(model):
+    """(tensor proto, location, offset, length) of every initializer stored as external data."""
+    from onnx.external_data_helper import uses_external_data
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            yield tensor, info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def _read(f, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)
+
+
 def share_weights(primary: Path, secondary: Path) -> dict:
     """Point `secondary`'s initializers at identical tensors already stored in `primary`'s
     external data file, so the streaming graph does not duplicate the backbone on disk.
+    Works one tensor at a time (memory: the largest tensor, never a whole model).
     Returns byte counts for the manifest/progress."""
     import hashlib
 
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     primary, secondary = Path(primary), Path(secondary)
     index: dict[tuple, tuple[str, int, int]] = {}
     model = onnx.load(str(primary), load_external_data=False)
     with open(primary.parent / (primary.name + ".data"), "rb") as data:
-        for tensor in model.graph.initializer:
-            if not uses_external_data(tensor):
-                continue
-            info = {e.key: e.value for e in tensor.external_data}
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-            data.seek(offset)
-            digest = hashlib.sha256(data.read(length)).hexdigest()
-            index[(tensor.data_type, tuple(tensor.dims), digest)] = (info["location"], offset, length)
+        for tensor, location, offset, length in _external_tensors(model):
+            digest = hashlib.sha256(_read(data, offset, length)).hexdigest()
+            index[(tensor.data_type, tuple(tensor.dims), digest)] = (location, offset, length)
     del model
 
-    step = onnx.load(str(secondary), load_external_data=True)
+    step = onnx.load(str(secondary), load_external_data=False)
+    old_data = secondary.parent / (secondary.name + ".data")
+    new_name = secondary.name + ".data"
+    new_data = secondary.parent / (new_name + ".tmp")
     shared = own = 0
-    for tensor in step.graph.initializer:
-        if not tensor.HasField("raw_data"):
-            continue
-        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).hexdigest())
-        if key in index:
-            location, offset, length = index[key]
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+    with open(old_data, "rb") as src, open(new_data, "wb") as dst:
+        for tensor, location, offset, length in _external_tensors(step):
+            raw = _read(src, offset, length)
+            key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
+            if key in index:
+                location, offset, length = index[key]
+                shared += length
+            else:
+                location, offset = new_name, dst.tell()
+                dst.write(raw)
+                own += length
             del tensor.external_data[:]
             for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = k, v
-            shared += length
-        else:
-            own += len(tensor.raw_data)
-    data_name = secondary.name + ".data"
-    os.remove(secondary)
-    os.remove(secondary.parent / data_name)
-    onnx.save_model(step, str(secondary), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    os.replace(new_data, old_data)
+    if own == 0:
+        os.remove(old_data)
+    onnx.save_model(step, str(secondary))
     onnx.checker.check_model(str(secondary))
     return {"shared_bytes": shared, "own_bytes": own}

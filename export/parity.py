@@ -2,6 +2,7 @@
 runtime's own tokenizer path, must agree with the torch module it came from."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,73 +47,109 @@ def _unrunnable(report: dict, dtype: str, what: str, error: Exception) -> dict:
     return report
 
 
-def check_onnx_against_module(module, model_path: Path, encoder: TextEncoder, texts: list[str],
-                              dtype: str, tolerance: float | None = None) -> dict:
-    """Run both on the same padded batch; raise ParityError above tolerance."""
+@dataclass
+class Expectations:
+    """The torch module's scores for the self-check, computed before the module is freed
+    (so the torch weights and an ONNX Runtime session never sit in memory together)."""
+    dtype: str
+    ids: np.ndarray                      # padded calibration batch
+    mask: np.ndarray
+    full: np.ndarray                     # module scores of the batch
+    id_lists: list                       # unpadded ids per text
+    schedule: list = field(default_factory=list)   # step rounds: [(row, resume, end), ...]
+    steps: list = field(default_factory=list)      # module scores per round, aligned with schedule
+
+
+def step_schedule(id_lists: list) -> list:
+    """Rounds of (row, resume, end): uneven chunks per row and a one-token rollback every
+    third round, all rows stepped together, as a streaming server does."""
+    done = [0] * len(id_lists)
+    rounds = []
+    while any(d < len(ids) for d, ids in zip(done, id_lists)):
+        k = len(rounds)
+        work = []
+        for i, ids in enumerate(id_lists):
+            if done[i] < len(ids):
+                resume = done[i] - 1 if k % 3 == 2 and done[i] > 1 else done[i]
+                end = min(len(ids), done[i] + (i + k) % 4 + 1)
+                work.append((i, resume, end))
+                done[i] = end
+        rounds.append(work)
+    return rounds
+
+
+def module_expectations(module, encoder: TextEncoder, texts: list[str], dtype: str,
+                        streaming: bool) -> Expectations:
     import torch
 
-    tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
-    ids, mask = encoder.pad(encoder.token_ids([clean_text(t) for t in texts]))
+    id_lists = encoder.token_ids([clean_text(t) for t in texts])
+    ids, mask = encoder.pad(id_lists)
     with torch.no_grad():
-        expected = module(torch.from_numpy(ids), torch.from_numpy(mask))[0].float().numpy()
-    report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype})", "texts": len(texts),
+        full = module(torch.from_numpy(ids), torch.from_numpy(mask))[0].float().numpy()
+        out = Expectations(dtype, ids, mask, full, id_lists)
+        if streaming:
+            out.schedule = step_schedule(id_lists)
+            for work in out.schedule:
+                p_ids, p_mask = encoder.pad([id_lists[i][:end] for i, _, end in work])
+                out.steps.append(module(torch.from_numpy(p_ids), torch.from_numpy(p_mask))[0].float().numpy())
+    return out
+
+
+def check_onnx_against_module(model_path: Path, expected: Expectations, tolerance: float | None = None) -> dict:
+    """Run the written graph on the calibration batch; raise ParityError above tolerance."""
+    dtype = expected.dtype
+    tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype})", "texts": len(expected.full),
               "tolerance": tol}
     try:
-        got = _cpu_session(model_path).run([SCORE_IO.outputs[0]], dict(zip(SCORE_IO.inputs, (ids, mask))))[0]
+        session = _cpu_session(model_path)
+        got = session.run([SCORE_IO.outputs[0]], dict(zip(SCORE_IO.inputs, (expected.ids, expected.mask))))[0]
     except Exception as e:
         return _unrunnable(report, dtype, "graph", e)
-    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    finally:
+        session = None
+    diff = np.abs(got.astype(np.float64) - expected.full.astype(np.float64))
     report.update(checked=True, max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
                   passed=bool(diff.max() <= tol))
     if not np.all(np.isfinite(got)) or diff.max() > tol:
         raise ParityError(f"exported ONNX disagrees with the torch module: max |Δscore| = {diff.max():.3g} "
-                          f"> tolerance {tol:g} over {len(texts)} calibration texts")
+                          f"> tolerance {tol:g} over {len(expected.full)} calibration texts")
     return report
 
 
-def check_step_against_module(module, step_path: Path, encoder: TextEncoder, texts: list[str], spec,
-                              dtype: str, tolerance: float | None = None) -> dict:
-    """Stream every calibration text through the step graph at once, as the runtime does
-    (the runtime's own step runner, uneven chunks per row, a one-token rollback every third
-    round); every row's score must equal the full module's score on its prefix."""
-    import torch
+def check_step_against_module(step_path: Path, expected: Expectations, spec, max_length: int,
+                              tolerance: float | None = None) -> dict:
+    """Stream every calibration text through the step graph with the runtime's own step
+    runner (the schedule of :func:`step_schedule`); every row's score must equal the
+    module's score on its prefix."""
     from siren_runtime.backends.base import StepRow
     from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeStepRunner
 
+    dtype = expected.dtype
     tol = TOLERANCE[dtype] if tolerance is None else float(tolerance)
     report = {"backend": "onnxruntime-cpu", "reference": f"torch module ({dtype}) on each prefix", "tolerance": tol}
     if spec.kv_dtype == "bf16":
         report.update(checked=False, reason="host arrays cannot hold a bf16 KV cache (checked on a GPU backend)")
         return report
     try:
-        runner = OnnxRuntimeStepRunner(_cpu_session(step_path), "cpu", spec, encoder.max_length)
+        runner = OnnxRuntimeStepRunner(_cpu_session(step_path), "cpu", spec, max_length)
     except Exception as e:
         return _unrunnable(report, dtype, "step graph", e)
-    id_lists = encoder.token_ids([clean_text(t) for t in texts])
-    states = [runner.new_state() for _ in id_lists]
-    running = [np.zeros((1, spec.feature_dim), np.float32) for _ in id_lists]
-    done = [0] * len(id_lists)
-    worst, steps, rounds = 0.0, 0, 0
-    while any(d < len(ids) for d, ids in zip(done, id_lists)):
-        active = [i for i, ids in enumerate(id_lists) if done[i] < len(ids)]
-        rows, ends = [], []
-        for i in active:
-            resume = done[i] - 1 if rounds % 3 == 2 and done[i] > 1 else done[i]
-            end = min(len(id_lists[i]), done[i] + (i + rounds) % 4 + 1)
-            rows.append(StepRow(states[i], resume, id_lists[i][resume:end], running[i][resume]))
-            ends.append(end)
+    states = [runner.new_state() for _ in expected.id_lists]
+    running = [np.zeros((1, spec.feature_dim), np.float32) for _ in expected.id_lists]
+    worst, steps = 0.0, 0
+    for work, want in zip(expected.schedule, expected.steps):
+        rows = [StepRow(states[i], resume, expected.id_lists[i][resume:end], running[i][resume])
+                for i, resume, end in work]
         outputs = runner.step(rows)
-        for i, row, end, out in zip(active, rows, ends, outputs):
-            running[i] = np.concatenate([running[i][:row.resume + 1], out.sums])
-            done[i] = end
-        ids, mask = encoder.pad([id_lists[i][:end] for i, end in zip(active, ends)])
-        with torch.no_grad():
-            expected = module(torch.from_numpy(ids), torch.from_numpy(mask))[0].float().numpy()
+        for (i, resume, _), out in zip(work, outputs):
+            running[i] = np.concatenate([running[i][:resume + 1], out.sums])
         got = np.asarray([out.score for out in outputs])
-        worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
-        steps, rounds = steps + len(active), rounds + 1
+        worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()))
+        steps += len(work)
     runner.close()
-    report.update(checked=True, steps=steps, calls=rounds, max_abs_diff=worst, passed=bool(worst <= tol))
+    report.update(checked=True, steps=steps, calls=len(expected.schedule), max_abs_diff=worst,
+                  passed=bool(worst <= tol))
     if not worst <= tol:
         raise ParityError(f"streaming graph disagrees with the torch module: max |Δscore| = {worst:.3g} > {tol:g}")
     return report

@@ -6,6 +6,7 @@ end, so an interrupted export never leaves something that looks like a valid bun
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import shutil
@@ -24,7 +25,7 @@ from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
 from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
-                     check_step_against_module, check_tokenizer)
+                     check_step_against_module, check_tokenizer, module_expectations)
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
@@ -68,7 +69,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     _quiet_transformers()
-    progress = Progress(total_steps=7 if streaming else 6, enabled=show_progress)
+    progress = Progress(total_steps=8 if streaming else 7, enabled=show_progress)
 
     progress.start(f"reading SIREN artifact {artifact}")
     art = load_artifact(artifact, cache_dir=cache_dir)
@@ -113,7 +114,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         progress.done(f"largest |activation| on calibration texts: {peak:.4g}")
 
         progress.start("tracing and writing the ONNX graph")
-        graph = export_scorer(scorer, staging / MODEL_FILE)
+        graph = export_scorer(scorer, staging / MODEL_FILE, progress)
+        gc.collect()
         progress.done()
 
         streaming_meta = None
@@ -125,22 +127,32 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
                   "kv_dtype": dtype, "feature_dim": art.feature_dim}
             import torch
             step_graph = export_step(step, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
-                                     art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]))
+                                     art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]), progress)
+            gc.collect()
             sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
             if not (staging / (STEP_FILE + ".data")).exists():
                 step_graph["external_data"] = None
             streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
-        progress.start("checking the ONNX graph against the torch module")
-        parity = check_onnx_against_module(scorer, staging / MODEL_FILE, encoder, texts, dtype, parity_tolerance)
+        progress.start("scoring the calibration texts with the torch module, then freeing it")
+        expected = module_expectations(scorer, encoder, texts, dtype, streaming_meta is not None)
+        # The torch weights go before ONNX Runtime loads the graphs: never two copies at once.
+        scorer = step = None
+        loaded.model = None
+        gc.collect()
+        progress.done(f"{len(texts)} texts, {sum(len(w) for w in expected.schedule)} streaming steps")
+
+        progress.start("checking the ONNX graphs with ONNX Runtime against those scores")
+        parity = check_onnx_against_module(staging / MODEL_FILE, expected, parity_tolerance)
         detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
                   else f"not checked: {parity.get('reason')}")
+        gc.collect()
         if streaming_meta is not None:
             spec = StreamingSpec(graph=None, **{k: streaming_meta[k] for k in (
                 "kv_layers", "kv_heads", "head_dim", "kv_dtype", "feature_dim")})
             streaming_meta["parity"] = check_step_against_module(
-                scorer, staging / STEP_FILE, encoder, texts, spec, dtype, parity_tolerance)
+                staging / STEP_FILE, expected, spec, art.max_length, parity_tolerance)
             if streaming_meta["parity"].get("checked"):
                 detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
         progress.done(detail)

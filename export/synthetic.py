@@ -18,30 +18,94 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
                   tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096) -> Path:
     """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     from transformers.utils import logging as tf_logging
     tf_logging.disable_progress_bar()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=hidden_size,
-                         intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    config = _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
+                           max_position_embeddings)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    # Random init is too tame to make layers differ much; widen it so every layer matters,
-    # scaled with the width so deep, wide models do not saturate the residual stream.
-    std = 0.08 * (64 / hidden_size) ** 0.5
+    std = _init_std(hidden_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.dim() == 2:
-                p.normal_(0.0, std)
+            _init_(name, p, std)
     model.save_pretrained(str(folder), safe_serialization=True)
+    save_qwen3_tokenizer(folder, tokenizer_cache)
+    return folder
+
+
+def _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
+                 max_position_embeddings):
+    from transformers import Qwen3Config
+    return Qwen3Config(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=hidden_size,
+                       intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                       bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+
+
+def _init_std(hidden_size: int) -> float:
+    # Random init is too tame to make layers differ much; widen it so every layer matters,
+    # scaled with the width so deep, wide models do not saturate the residual stream.
+    return 0.08 * (64 / hidden_size) ** 0.5
+
+
+def _init_(name: str, p, std: float) -> None:
+    if "norm" in name:
+        p.copy_(1.0 + 0.2 * __import__("torch").randn_like(p))
+    elif p.dim() == 2:
+        p.normal_(0.0, std)
+
+
+def make_large_backbone(folder: Path, *, num_layers: int, hidden_size: int, intermediate_size: int,
+                        num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bf16", seed: int = 0,
+                        shard_bytes: int = 2 << 30, tokenizer_cache: Optional[Path] = None,
+                        max_position_embeddings: int = 4096) -> Path:
+    """Like :func:`make_backbone`, for real-scale dimensions: the weights are made one tensor
+    at a time and written in safetensors shards, so memory stays near one shard (a 4B model
+    never sits in memory whole). Same initialisation as make_backbone."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
+                           max_position_embeddings)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Qwen3ForCausalLM(config).named_parameters()}
+    shapes.pop("lm_head.weight", None)          # tied to the embeddings
+    torch_dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    config.torch_dtype = torch_dtype
+    config.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    std = _init_std(hidden_size)
+    shards, current, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, str(folder / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map.update({k: name for k in current})
+            current, size = {}, 0
+    for name, shape in shapes.items():
+        tensor = torch.empty(shape, dtype=torch.float32)
+        _init_(name, tensor, std)
+        tensor = tensor.to(torch_dtype)
+        if size and size + tensor.nbytes > shard_bytes:
+            flush()
+        current[name] = tensor
+        size += tensor.nbytes
+    flush()
+    total = sum((folder / n).stat().st_size for n in shards)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     save_qwen3_tokenizer(folder, tokenizer_cache)
     return folder
 

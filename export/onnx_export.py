@@ -73,7 +73,7 @@ def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Pat
             os.remove(p)
     program.save(str(path), external_data=True)
     del program
-    gc.collect()
+    release_exporter_state()
     if progress is not None:
         progress.note(f"wrote {path.name} and its weights")
     data_name = path.name + ".data"
@@ -85,6 +85,32 @@ def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Pat
         "inputs": [_describe(v) for v in graph.graph.input],
         "outputs": [_describe(v) for v in graph.graph.output],
     }
+
+
+def release_exporter_state() -> None:
+    """Let go of the traced module's weights once its graph is written.
+
+    onnxscript's rewrite rules are module-level objects whose matchers keep their last match
+    (nodes -> values -> the exporter's TorchTensor -> the module's parameters), so without
+    this the torch weights stay pinned for the process's life and the export's check cannot
+    free them before ONNX Runtime loads the graph (fp32 Qwen3-4B would need two copies of
+    14.5 GB). Only memory is at stake: if onnxscript's internals change, this does nothing."""
+    import gc
+
+    try:
+        from onnxscript.rewriter import _basics, _matcher
+    except ImportError:
+        return
+    gc.collect()
+    matcher = getattr(_matcher, "PatternMatcher", _matcher.SimplePatternMatcher)
+    for obj in gc.get_objects():
+        if isinstance(obj, matcher):
+            for name in ("_current_node", "_graph", "_tracer"):
+                if hasattr(obj, name):
+                    setattr(obj, name, None)
+            if hasattr(obj, "_match"):
+                obj._match = _basics.MatchResult()
+    gc.collect()
 
 
 def _describe(value) -> dict:

@@ -52,8 +52,6 @@ def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int
 def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Path, progress=None) -> dict:
     """Trace, then write graph + `<name>.data` (the exporter streams initializers to the file
     one at a time); the graph is re-read without its weights, so no second copy is made."""
-    import gc
-
     import onnx
     import torch
 

@@ -47,6 +47,19 @@ def _unrunnable(report: dict, dtype: str, what: str, error: Exception) -> dict:
     return report
 
 
+def cpu_unrunnable_reason(graph_path: Path, dtype: str) -> str | None:
+    """Why ONNX Runtime's CPU provider cannot run a (non-fp32) graph, or None if it can.
+    Asked before the torch module spends minutes on reference scores nobody can compare
+    (bf16 has no CPU kernels). Never asked for fp32, which must run."""
+    if dtype == "fp32":
+        return None
+    try:
+        _cpu_session(graph_path)
+    except Exception as e:
+        return f"ONNX Runtime CPU cannot run the {dtype} graph: {str(e).splitlines()[0][:200]}"
+    return None
+
+
 @dataclass
 class Expectations:
     """The torch module's scores for the self-check, computed before the module is freed

@@ -25,7 +25,8 @@ from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
 from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
-                     check_step_against_module, check_tokenizer, module_expectations)
+                     check_step_against_module, check_tokenizer, cpu_unrunnable_reason,
+                     module_expectations)
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
@@ -136,26 +137,37 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
         progress.start("scoring the calibration texts with the torch module, then freeing it")
-        expected = module_expectations(scorer, encoder, texts, dtype, streaming_meta is not None)
+        unrunnable = cpu_unrunnable_reason(staging / MODEL_FILE, dtype)
+        expected = None
+        if unrunnable is None:
+            expected = module_expectations(scorer, encoder, texts, dtype, streaming_meta is not None)
         # The torch weights go before ONNX Runtime loads the graphs: never two copies at once.
         scorer = step = None
         loaded.model = None
         gc.collect()
-        progress.done(f"{len(texts)} texts, {sum(len(w) for w in expected.schedule)} streaming steps")
+        progress.done(f"{len(texts)} texts, {sum(len(w) for w in expected.schedule)} streaming steps"
+                      if expected is not None else f"skipped: {unrunnable}")
 
         progress.start("checking the ONNX graphs with ONNX Runtime against those scores")
-        parity = check_onnx_against_module(staging / MODEL_FILE, expected, parity_tolerance)
-        detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
-                  else f"not checked: {parity.get('reason')}")
-        gc.collect()
-        if streaming_meta is not None:
-            spec = StreamingSpec(graph=None, **{k: streaming_meta[k] for k in (
-                "kv_layers", "kv_heads", "head_dim", "kv_dtype", "feature_dim")})
-            streaming_meta["parity"] = check_step_against_module(
-                staging / STEP_FILE, expected, spec, art.max_length, parity_tolerance)
-            if streaming_meta["parity"].get("checked"):
-                detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
-        progress.done(detail)
+        if expected is None:
+            parity = {"backend": "onnxruntime-cpu", "checked": False,
+                      "reason": f"{unrunnable}; check it on a GPU with `siren verify --reference-bundle`"}
+            if streaming_meta is not None:
+                streaming_meta["parity"] = dict(parity)
+            progress.done(f"not checked: {unrunnable}")
+        else:
+            parity = check_onnx_against_module(staging / MODEL_FILE, expected, parity_tolerance)
+            detail = (f"max |Δscore| {parity['max_abs_diff']:.2e}" if parity.get("checked")
+                      else f"not checked: {parity.get('reason')}")
+            gc.collect()
+            if streaming_meta is not None:
+                spec = StreamingSpec(graph=None, **{k: streaming_meta[k] for k in (
+                    "kv_layers", "kv_heads", "head_dim", "kv_dtype", "feature_dim")})
+                streaming_meta["parity"] = check_step_against_module(
+                    staging / STEP_FILE, expected, spec, art.max_length, parity_tolerance)
+                if streaming_meta["parity"].get("checked"):
+                    detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
+            progress.done(detail)
 
         progress.start("writing the manifest")
         files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE]

@@ -107,3 +107,25 @@ def test_failed_export_leaves_nothing(all_layers, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipeline.export_bundle(str(all_layers.artifact), target, show_progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_lets_go_of_the_traced_weights(all_layers, tmp_path):
+    """After a graph is written nothing pins the torch weights (onnxscript's rewrite matchers
+    used to), so the export can free them before ONNX Runtime loads the graph: at Qwen3-4B
+    fp32 two copies would not fit a 24 GB machine."""
+    import gc
+    import weakref
+
+    from siren_export.artifact import load_artifact
+    from siren_export.backbone import load_backbone
+    from siren_export.onnx_export import export_scorer
+    from siren_export.scorer import SirenScorer
+
+    art = load_artifact(str(all_layers.artifact))
+    loaded = load_backbone(str(all_layers.backbone), None, art.deepest_layer + 1)
+    scorer = SirenScorer(loaded.model, loaded.num_layers, art).eval()
+    weight = weakref.ref(loaded.model.layers[0].mlp.up_proj.weight)
+    export_scorer(scorer, tmp_path / "model.onnx")
+    scorer = loaded = None
+    gc.collect()
+    assert weight() is None

@@ -11,7 +11,10 @@ def check_threshold(threshold: Optional[float], default: float) -> float:
         return default
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise ValueError(f"threshold must be a real number in [0, 1], got {threshold!r}")
-    value = float(threshold)
+    try:
+        value = float(threshold)
+    except OverflowError:       # an int beyond float's range, e.g. 10**400
+        raise ValueError(f"threshold must be in [0, 1], got an integer of {len(str(threshold))} digits") from None
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     return value

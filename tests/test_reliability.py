@@ -146,3 +146,37 @@ def test_huge_batch_in_bounded_groups(all_layers):
     assert max(b * s for b, s in seen) <= 512 and max(b for b, _ in seen) <= 64
     for i in (0, 17, 39, 9_999):
         assert abs(results[i].score - guard.score(texts[i]).score) <= 1e-5
+
+
+def test_huge_integer_threshold_is_a_value_error(guard):
+    from siren_runtime import FailClosedGuard
+    with pytest.raises(ValueError, match="threshold"):
+        guard.score("hello", threshold=10 ** 400)
+    with pytest.raises(ValueError, match="threshold"):
+        guard.stream(threshold=10 ** 400)
+    verdict = FailClosedGuard(guard).score("hello", threshold=10 ** 400)
+    assert verdict.is_harmful and verdict.threshold == guard.default_threshold
+
+
+def test_fail_closed_batch_gives_one_verdict_per_input(guard):
+    from siren_runtime import FailClosedGuard
+    safe = FailClosedGuard(guard)
+    verdicts = safe.score_batch(t for t in ["a", "b", 7, "d"])     # a generator with one bad item
+    assert len(verdicts) == 4 and all(v.is_harmful for v in verdicts)
+
+
+def test_fail_closed_streams(guard):
+    from siren_runtime import FailClosedGuard
+    safe = FailClosedGuard(guard)
+    with safe.stream(threshold=0.9) as session:
+        ok = session.feed("Hello")
+        assert abs(ok.score - guard.score("Hello").score) <= 1e-5
+        bad = session.feed(None)
+        assert bad.is_harmful and bad.score == 1.0 and bad.threshold == 0.9
+        assert session.text == "Hello"                      # the failed feed changed nothing
+        after = session.feed(" world")
+        assert abs(after.score - guard.score("Hello world").score) <= 1e-5
+    sessions = [safe.stream(), safe.stream()]
+    verdicts = safe.feed_batch(sessions, ["fine", "lone \ud800"])
+    assert len(verdicts) == 2 and all(v.is_harmful and v.score == 1.0 for v in verdicts)
+    assert [s.text for s in sessions] == ["", ""]           # nothing was advanced

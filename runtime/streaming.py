@@ -23,7 +23,7 @@ import numpy as np
 
 from .backends.base import StepRow
 from .batching import length_groups
-from .tokenization import Tokenized, common_prefix_chars
+from .tokenization import Tokenized, common_prefix_length
 
 
 #: new-token width up to which streams are stepped together whatever their padding share
@@ -59,19 +59,8 @@ class StreamState:
 
 
 def common_prefix(a, b) -> int:
-    """Length of the longest common prefix of two id tuples (slice compares run in C)."""
-    a, b = tuple(a), tuple(b)
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n          # a[:low] == b[:low], a[:high] != b[:high]
-    while high - low > 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
+    """Length of the longest common prefix of two id sequences."""
+    return common_prefix_length(tuple(a), tuple(b))
 
 
 class IncrementalScorer:
@@ -227,7 +216,7 @@ class StreamCache:
         with self._lock:
             best, best_shared = None, 0
             for key, state in self._states.items():
-                shared = common_prefix_chars(state.text, text)
+                shared = common_prefix_length(state.text, text)
                 if shared > best_shared or (shared == best_shared and shared and
                                             shared == len(state.text)):
                     best, best_shared = key, shared

@@ -29,7 +29,9 @@ class Tokenized:
     splits: tuple = ()
 
 
-def common_prefix_chars(a: str, b: str) -> int:
+def common_prefix_length(a, b) -> int:
+    """Length of the longest common prefix of two strings or two tuples (slice compares
+    run in C; a binary search finds the first difference)."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
@@ -86,7 +88,7 @@ class TextEncoder:
         self._check_encodable([text])
         start_char, start_token, splits = 0, 0, ()
         if previous is not None:
-            shared = common_prefix_chars(previous.text, text)
+            shared = common_prefix_length(previous.text, text)
             kept = [s for s in previous.splits[-_KEPT_SPLITS:] if s[0] < shared]
             if kept:
                 start_char, start_token = kept[-1]

@@ -79,15 +79,7 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
     graph runs on the scoring runner's backend and device when it can, else on the next
     candidate (said once), else streams rescore."""
     tried = candidates(bundle, backend, device)
-    errors = []
-    score = None
-    for name, dev in tried:
-        try:
-            score = _load(name).create_score_runner(bundle, dev, **options)
-        except BackendUnavailableError as e:
-            errors.append(f"{name} ({dev}): {e}")
-            continue
-        break
+    score, errors = _first_that_opens(tried, "create_score_runner", bundle, options)
     if not tried:
         raise BackendUnavailableError(f"no backend offers backend={backend!r} device={device!r} for this bundle")
     if score is None:
@@ -99,15 +91,9 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
         warn_once(f"siren_runtime: {errors[0]}; falling back to {score.name} on the {score.device}")
     step = None
     if streaming and bundle.streaming is not None:
-        step_errors = []
         first = (score.name, score.device)
-        for name, dev in [first] + [c for c in candidates(bundle, None, device) if c != first]:
-            try:
-                step = _load(name).create_step_runner(bundle, dev, **options)
-            except BackendUnavailableError as e:
-                step_errors.append(f"{name} ({dev}): {e}")
-                continue
-            break
+        step, step_errors = _first_that_opens([first] + [c for c in candidates(bundle, None, device) if c != first],
+                                              "create_step_runner", bundle, options)
         if step is None:
             warn_once("siren_runtime: no backend runs the streaming step graph here ("
                       + "; ".join(step_errors) + "); score_streaming and stream sessions rescore the prefix")
@@ -115,6 +101,18 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
             warn_once(f"siren_runtime: streaming step graph: {step_errors[0]}; it runs on {step.name} "
                       f"on the {step.device}")
     return Runners(score, step)
+
+
+def _first_that_opens(pairs, loader: str, bundle: Bundle, options: dict):
+    """(the first runner `loader` opens over the (backend, device) pairs, the reasons of
+    those that could not)."""
+    errors = []
+    for name, dev in pairs:
+        try:
+            return getattr(_load(name), loader)(bundle, dev, **options), errors
+        except BackendUnavailableError as e:
+            errors.append(f"{name} ({dev}): {e}")
+    return None, errors
 
 
 def _bf16_hint(bundle: Bundle) -> str:

@@ -42,7 +42,6 @@ class SirenGuard:
                                   pad_token_id=bundle.inference.pad_token_id)
         self._bundle = bundle
         self._runners = runners
-        self._runner = runners.score
         self._encoder = encoder
         self._default_threshold = bundle.inference.default_threshold
         limit = runners.score.limits.max_batch
@@ -122,11 +121,11 @@ class SirenGuard:
 
     @property
     def backend(self) -> str:
-        return self._runner.name
+        return self._runners.score.name
 
     @property
     def device(self) -> str:
-        return self._runner.device
+        return self._runners.score.device
 
     @property
     def max_length(self) -> int:
@@ -229,9 +228,7 @@ class SirenGuard:
             return []
         texts = [session.text + delta for session, delta in zip(sessions, deltas)]
         if self._incremental is None:
-            cleaned = [clean_text(t) for t in texts]
-            scores = self.score_token_ids(self._encoder.token_ids(cleaned))
-            for session, text, score in zip(sessions, texts, scores):
+            for session, text, score in zip(sessions, texts, self._scores(texts)):
                 session._commit(text, None, self._result(score, session.threshold))
         else:
             items = []
@@ -269,16 +266,17 @@ class SirenGuard:
         lengths = [len(ids) for ids in id_lists]
         for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
             input_ids, attention_mask = self._encoder.pad([id_lists[i] for i in group])
-            scores[group] = self._runner.run(input_ids, attention_mask)
+            scores[group] = self._runners.score.run(input_ids, attention_mask)
         return scores
 
     @staticmethod
     def _result(score: float, threshold: float) -> ScoreResult:
         return ScoreResult(score=float(score), is_harmful=bool(float(score) >= threshold), threshold=threshold)
 
+    def _scores(self, texts: list[str]) -> np.ndarray:
+        return self.score_token_ids(self._encoder.token_ids([clean_text(t) for t in texts]))
+
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
         if not texts:
             return []
-        id_lists = self._encoder.token_ids([clean_text(t) for t in texts])
-        scores = self.score_token_ids(id_lists)
-        return [self._result(s, threshold) for s in scores]
+        return [self._result(s, threshold) for s in self._scores(texts)]

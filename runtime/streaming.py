@@ -16,7 +16,7 @@ import itertools
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -99,18 +99,16 @@ class IncrementalScorer:
         """Score each item's `tokens.ids`, resuming its state at their longest common token
         prefix; `commit(index, score, new_state)` is called as each engine call succeeds, so
         a failure later leaves every stream either advanced (and committed) or untouched."""
-        plans = []
-        for state, tokens in items:
+        for state, tokens in items:        # every check before any commit
             if not tokens.ids:
                 raise ValueError("cannot score an empty token sequence")
             if state is not None:
                 self._check_fresh(state)
-            plans.append(state)
         pending, lengths = [], []
-        for index, ((_, tokens), state) in enumerate(zip(items, plans)):
+        for index, (state, tokens) in enumerate(items):
             ids = tokens.ids
             if state is not None and state.score is not None and state.ids == ids:
-                commit(index, state.score, StreamState(state.kv, state.sums, state.score, state.start, tokens))
+                commit(index, state.score, replace(state, tokens=tokens))
                 continue
             state = state if state is not None else self.new_state()
             resume = min(common_prefix(state.ids, ids), len(ids) - 1)  # at least one token runs

@@ -12,6 +12,7 @@ def guard_with(bundle_dir, wrap_score=None, wrap_step=None, device="cpu", **guar
     """A SirenGuard on `bundle_dir` whose runners are wrapped by the given callables."""
     from siren_runtime import SirenGuard
     from siren_runtime.backends import open_runners
+    from siren_runtime.guard import DEFAULT_STREAM_CACHE, DEFAULT_STREAM_CACHE_BYTES
     from siren_runtime.bundle import read_bundle
     from siren_runtime.streaming import StreamCache
 
@@ -24,8 +25,8 @@ def guard_with(bundle_dir, wrap_score=None, wrap_step=None, device="cpu", **guar
         runners.score = wrap_score(runners.score)
     if wrap_step is not None and runners.step is not None:
         runners.step = wrap_step(runners.step)
-    cache = StreamCache(cache_options.get("stream_cache_size", 64), cache_options.get("stream_cache_bytes",
-                                                                                       256 * 1024 * 1024))
+    cache = StreamCache(cache_options.get("stream_cache_size", DEFAULT_STREAM_CACHE),
+                        cache_options.get("stream_cache_bytes", DEFAULT_STREAM_CACHE_BYTES))
     return SirenGuard(bundle, runners, stream_cache=cache, **guard_options)
 
 

@@ -4,16 +4,22 @@ Precision lives in the graph (TensorRT 11 removed the weak-typing FP16/BF16 buil
 the engine's precision is the bundle's export dtype, so a bf16 engine comes from
 `siren export --dtype bf16`. The engine is recorded in the manifest with what it was built
 for (TensorRT version, GPU, compute capability, profiles) and its checksum.
+
+The model engine is recorded as soon as it is built, so a failure in the riskier
+streaming step engine (CumSum over a dynamic axis, an empty past, bf16 KV I/O) never costs
+it; the step engine is recorded only when it loads and streams the calibration texts to
+the model engine's scores, else it is dropped with a warning.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
-from siren_runtime.backends.cuda_env import gpu_info, tensorrt_version
+from siren_runtime.backends.cuda_env import gpu_info, gpu_problem, tensorrt_version
 from siren_runtime.bundle import describe_file, read_bundle, write_manifest
 
 from . import EngineUnavailableError
@@ -36,8 +42,8 @@ def require_tensorrt() -> tuple[object, str, dict]:
         raise EngineUnavailableError(f"TensorRT {version} is too old; 10.12 or newer is needed")
     gpu = gpu_info()
     if gpu is None:
-        raise EngineUnavailableError("no usable NVIDIA GPU found (cuda-python sees none); engines are built on "
-                                     "the GPU that will run them")
+        raise EngineUnavailableError(f"no usable NVIDIA GPU: {gpu_problem()}; engines are built on the GPU "
+                                     "that will run them")
     import tensorrt as trt
     return trt, version, gpu
 
@@ -64,10 +70,39 @@ def _progress_monitor(trt, stream):
     return Monitor()
 
 
+def _builder(trt, logger):
+    try:
+        return trt.Builder(logger)
+    except TypeError as e:   # pybind11 "returned nullptr": TensorRT could not start CUDA
+        raise EngineUnavailableError(f"TensorRT could not start CUDA ({gpu_problem() or e})") from e
+
+
+def _use_timing_cache(config, timing_cache: Optional[Path]) -> None:
+    """Start from the saved timing cache when it fits this GPU and TensorRT; else from an
+    empty one (a cache from another machine is refused by TensorRT, never fatal here)."""
+    data = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return
+    warnings.warn(f"timing cache {timing_cache} was made by another GPU or TensorRT version; starting a fresh one",
+                  RuntimeWarning, stacklevel=3)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        warnings.warn("TensorRT refused an empty timing cache; building without one", RuntimeWarning, stacklevel=3)
+
+
+def _save_timing_cache(config, timing_cache: Optional[Path]) -> None:
+    cache = config.get_timing_cache()
+    if timing_cache is None or cache is None:
+        return
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = timing_cache.with_name(timing_cache.name + ".tmp")
+    tmp.write_bytes(bytes(memoryview(cache.serialize())))
+    os.replace(tmp, timing_cache)
+
+
 def _build_one(trt, onnx_path: Path, profiles, workspace_gib: Optional[float], timing_cache: Optional[Path],
                show_progress: bool) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = _builder(trt, logger)
     flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flag)
     parser = trt.OnnxParser(network, logger)
@@ -82,25 +117,44 @@ def _build_one(trt, onnx_path: Path, profiles, workspace_gib: Optional[float], t
         for name, shape in profile.shapes.items():
             optimization_profile.set_shape(name, shape["min"], shape["opt"], shape["max"])
         config.add_optimization_profile(optimization_profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _use_timing_cache(config, timing_cache)
     monitor = _progress_monitor(trt, sys.stderr) if show_progress else None
     if monitor is not None:
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
-    if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return bytes(memoryview(serialized))
+    plan = bytes(memoryview(serialized))
+    _save_timing_cache(config, timing_cache)
+    return plan
+
+
+def _write_plan(bundle: Path, rel: str, plan: bytes) -> None:
+    path = bundle / rel
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".plan.tmp")
+    tmp.write_bytes(plan)
+    os.replace(tmp, path)
+
+
+def _record(bundle: Path, entry: dict) -> None:
+    """Add (or replace) one engine in the manifest, with its file's checksum."""
+    manifest = read_bundle(bundle).raw()
+    manifest["engines"] = [e for e in manifest.get("engines") or [] if e["path"] != entry["path"]] + [entry]
+    manifest["files"][entry["path"]] = describe_file(bundle, entry["path"])
+    write_manifest(bundle, manifest)
 
 
 def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch: int = 32,
                   max_seq: Optional[int] = None, opt_batch: Optional[int] = None, opt_seq: Optional[int] = None,
                   workspace_gib: Optional[float] = None, timing_cache: Optional[str | Path] = None,
                   streaming: bool = True, verify: bool = True, show_progress: bool = True,
-                  reference_bundle: Optional[str | Path] = None) -> dict:
+                  reference_bundle: Optional[str | Path] = None, stream_batch: int = 16) -> dict:
+    """Build the model engine (and the streaming step engine) into `bundle`.
+
+    Returns {"engines": [records], "warnings": [...]}: a step engine that fails to build or
+    to pass its check is a warning, never a lost model engine."""
+    from .verify import format_report, reference_unavailable, verify_bundle, verify_streaming_engine
     bundle = Path(bundle)
     contract = read_bundle(bundle)
     dtype = contract.model.dtype
@@ -109,54 +163,62 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
                          f"needs `siren export --dtype {precision}`")
     max_length = contract.inference.max_length
     profiles = scorer_profiles(max_length, max_batch, max_seq, opt_batch, opt_seq)  # validates before any GPU work
-    trt, version, gpu = require_tensorrt()
-    contract.verify()
-    timing_cache = Path(timing_cache) if timing_cache else bundle / "engines" / "timing.cache"
-
-    jobs = [("model", contract.model.path, profiles)]
+    step = None
     if streaming and contract.streaming is not None:
         s = contract.streaming
-        jobs.append(("streaming", s.graph.path, step_profiles(max_length, s.kv_layers, s.kv_heads, s.head_dim,
-                                                              s.feature_dim)))
+        step = step_profiles(max_length, s.kv_layers, s.kv_heads, s.head_dim, s.feature_dim, max_batch=stream_batch)
+    trt, version, gpu = require_tensorrt()
+    contract.verify()
+    notes = []
+    unverified = reference_unavailable() if verify else None
+    if unverified:
+        notes.append(f"not verified: {unverified}")
+    timing_cache = Path(timing_cache) if timing_cache else bundle / "engines" / "timing.cache"
     tag = f"{dtype}-sm{gpu['compute_capability'].replace('.', '')}-trt{version}"
-    entries = []
-    for graph, rel, graph_profiles in jobs:
+
+    def build(graph: str, rel: str, graph_profiles) -> dict:
         if show_progress:
             print(f"building the {graph} engine ({dtype}, {gpu['name']}, TensorRT {version}) ...", file=sys.stderr)
         started = time.perf_counter()
-        plan = _build_one(trt, contract.path(rel), graph_profiles, workspace_gib, timing_cache,
-                          show_progress)
-        seconds = time.perf_counter() - started
-        engine_rel = f"engines/{graph}-{tag}.plan"
-        path = bundle / engine_rel
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".plan.tmp")
-        tmp.write_bytes(plan)
-        os.replace(tmp, path)
-        entries.append({"graph": graph, "path": engine_rel, "precision": dtype, "tensorrt_version": version,
-                        "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
-                        "profiles": [p.to_dict() for p in graph_profiles], "build_seconds": round(seconds, 1)})
+        plan = _build_one(trt, contract.path(rel), graph_profiles, workspace_gib, timing_cache, show_progress)
+        entry = {"graph": graph, "path": f"engines/{graph}-{tag}.plan", "precision": dtype,
+                 "tensorrt_version": version, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
+                 "profiles": [p.to_dict() for p in graph_profiles],
+                 "build_seconds": round(time.perf_counter() - started, 1)}
+        _write_plan(bundle, entry["path"], plan)
+        return entry
 
-    manifest = read_bundle(bundle).raw()
-    kept = [e for e in manifest.get("engines") or [] if e["path"] not in {x["path"] for x in entries}]
-    manifest["engines"] = kept + entries
-    for entry in entries:
-        manifest["files"][entry["path"]] = describe_file(bundle, entry["path"])
-    write_manifest(bundle, manifest)
+    model = build("model", contract.model.path, profiles)
+    if verify and not unverified:
+        if dtype != "fp32" and reference_bundle is None:
+            model["verify"] = {"skipped": f"a {dtype} engine is verified against an fp32 export: pass "
+                                          "--reference-bundle"}
+            notes.append(f"not verified: {model['verify']['skipped']}")
+        else:
+            _record(bundle, model)
+            model["verify"] = verify_bundle(bundle, backend="tensorrt", reference_bundle=reference_bundle)
+            if show_progress:
+                print(format_report(model["verify"]), file=sys.stderr)
+    _record(bundle, model)
+    entries = [model]
 
-    if verify and dtype != "fp32" and reference_bundle is None:
-        report = {"skipped": f"a {dtype} engine is verified against an fp32 export: pass --reference-bundle"}
+    if step is not None:
+        try:
+            entry = build("streaming", contract.streaming.graph.path, step)
+            check = verify_streaming_engine(bundle, entry)
+        except Exception as e:   # the model engine is already safe in the manifest
+            entry, check = None, {"passed": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        if check["passed"]:
+            entry["verify"] = check
+            _record(bundle, entry)
+            entries.append(entry)
+        else:
+            if entry is not None:
+                (bundle / entry["path"]).unlink(missing_ok=True)
+            notes.append(f"the streaming step engine was not kept ({check['reason']}); streams on this bundle "
+                         "will rescore on TensorRT or step on ONNX Runtime")
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
         if show_progress:
-            print(f"not verified: {report['skipped']}", file=sys.stderr)
-    elif verify:
-        from .verify import format_report, verify_bundle
-        report = verify_bundle(bundle, backend="tensorrt", reference_bundle=reference_bundle)
-        if show_progress:
-            print(format_report(report), file=sys.stderr)
-    if verify:
-        manifest = read_bundle(bundle).raw()
-        for entry in manifest["engines"]:
-            if entry["path"] == entries[0]["path"]:
-                entry["verify"] = report
-        write_manifest(bundle, manifest)
-    return {"engines": entries}
+            print(f"warning: {note}", file=sys.stderr)
+    return {"engines": entries, "warnings": notes}

@@ -44,10 +44,11 @@ def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = 
 
 
 def step_profiles(max_length: int, kv_layers: int, kv_heads: int, head_dim: int, features: int,
-                  max_new: int = 64, max_batch: int = 16) -> list[Profile]:
+                  max_new: int | None = None, max_batch: int = 16) -> list[Profile]:
     """One profile for the batched streaming step graph: streams 1..max_batch, past
-    0..max_length, new tokens 1..max_new (at most max_length)."""
-    max_new = _check("max_new", min(max_new, max_length), 1, max_length)
+    0..max_length-1, new tokens 1..max_new (default max_length: a stream's first feed may
+    be a whole prompt, and the runtime steps any feed in one call)."""
+    max_new = _check("max_new", max_length if max_new is None else max_new, 1, max_length)
     max_batch = _check("max_batch", max_batch, 1, 4096)
     past_opt = max_length // 2
     ids, new_lengths, past_lengths, past_kv, past_sums = STEP_IO.inputs

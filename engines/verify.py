@@ -24,6 +24,16 @@ def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict:
             "passed": finite and all(a >= MIN_AGREEMENT for a in agreement.values())}
 
 
+def reference_unavailable() -> Optional[str]:
+    """Why the fp32 reference cannot run here (it runs on ONNX Runtime's CPU provider), or None."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return ("ONNX Runtime is not installed, and the fp32 reference runs on it: pip install "
+                "'siren-deploy[onnxruntime]' and run `siren verify`")
+    return None
+
+
 def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bundle: Optional[str | Path] = None,
                   device: Optional[str] = None, texts: Optional[list[str]] = None) -> dict:
     from siren_runtime import BundleError, SirenGuard
@@ -34,15 +44,68 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
     if read_bundle(reference_bundle).model.dtype != "fp32":
         raise BundleError(f"{reference_bundle} is not an fp32 bundle; pass --reference-bundle with an fp32 export "
                           "of the same artifact")
+    problem = reference_unavailable()
+    if problem:
+        raise BundleError(problem)
     texts = texts or calibration_texts()
-    candidate = SirenGuard.from_pretrained(bundle, backend=backend, device=device, incremental_streaming=False)
-    reference = SirenGuard.from_pretrained(reference_bundle, backend="onnxruntime", device="cpu",
-                                           incremental_streaming=False)
-    got = np.array([r.score for r in candidate.score_batch(texts)])
-    want = np.array([r.score for r in reference.score_batch(texts)])
-    report = compare_scores(got, want)
-    report.update(backend=candidate.backend, device=candidate.device, reference=str(reference_bundle))
+    with SirenGuard.from_pretrained(bundle, backend=backend, device=device, incremental_streaming=False) as candidate, \
+            SirenGuard.from_pretrained(reference_bundle, backend="onnxruntime", device="cpu",
+                                       incremental_streaming=False) as reference:
+        limit = candidate.runners.score.limits.max_sequence
+        fits = [t for t in texts if limit is None or len(candidate.token_ids(t)) <= limit]
+        if not fits:
+            raise BundleError(f"no calibration text fits the engine's {limit} tokens")
+        got = np.array([r.score for r in candidate.score_batch(fits)])
+        want = np.array([r.score for r in reference.score_batch(fits)])
+        report = compare_scores(got, want)
+        report.update(backend=candidate.backend, device=candidate.device, reference=str(reference_bundle),
+                      left_out_too_long=len(texts) - len(fits))
     return report
+
+
+def _chunks(text: str, parts: int) -> list[str]:
+    words = text.split(" ")
+    step = max(1, -(-len(words) // parts))
+    pieces = [" ".join(words[i:i + step]) for i in range(0, len(words), step)]
+    return [p if i == 0 else " " + p for i, p in enumerate(pieces)]
+
+
+def verify_streaming_engine(bundle: str | Path, entry: dict, texts: Optional[list[str]] = None,
+                            streams: int = 8) -> dict:
+    """The step engine's own check, before it is recorded: load it, feed `streams`
+    calibration texts chunk by chunk through ``feed_batch`` (several streams per engine
+    call, a rollback whenever a chunk boundary splits a token), and compare every score with
+    the model engine's score of the same prefix. {"passed", "max_abs_diff", "reason"}."""
+    from siren_runtime import SirenGuard
+    from siren_runtime.backends import Runners, open_runners
+    from siren_runtime.backends.tensorrt_runner import TensorRTStepRunner
+    from siren_runtime.bundle import read_bundle
+    from siren_runtime.calibration import calibration_texts
+
+    contract = read_bundle(bundle)
+    tolerance = 2e-3 if contract.model.dtype == "fp32" else 3e-2
+    plan = (Path(bundle) / entry["path"]).read_bytes()
+    score = open_runners(contract, backend="tensorrt", device="cuda", streaming=False).score
+    try:
+        step = TensorRTStepRunner(plan, entry, contract)
+    except Exception:
+        score.close()
+        raise
+    with SirenGuard(contract, Runners(score, step)) as guard:
+        limit = score.limits.max_sequence or guard.max_length
+        texts = [t for t in texts or calibration_texts() if len(guard.token_ids(t)) <= limit][:streams]
+        sessions = [guard.stream() for _ in texts]
+        plans = [_chunks(t, 4) for t in texts]
+        worst = 0.0
+        for round_ in range(max(len(p) for p in plans)):
+            live = [(s, p[round_]) for s, p in zip(sessions, plans) if round_ < len(p)]
+            streamed = guard.feed_batch([s for s, _ in live], [d for _, d in live])
+            whole = guard.score_batch([s.text for s, _ in live])
+            worst = max([worst] + [abs(a.score - b.score) for a, b in zip(streamed, whole)])
+    passed = bool(np.isfinite(worst) and worst <= tolerance)
+    return {"passed": passed, "max_abs_diff": float(worst), "texts": len(texts),
+            "reason": "" if passed else f"streamed scores differ from whole-prefix scores by {worst:.3g} "
+                                        f"(> {tolerance:g})"}
 
 
 def format_report(report: dict) -> str:

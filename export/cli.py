@@ -76,11 +76,12 @@ def _cmd_build(args) -> int:
     from siren_engines.build import build_engines
     result = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq,
                            opt_batch=args.opt_batch, opt_seq=args.opt_seq, workspace_gib=args.workspace,
-                           timing_cache=args.timing_cache, streaming=not args.no_streaming,
+                           timing_cache=args.timing_cache, streaming=not args.no_streaming, stream_batch=args.stream_batch,
                            reference_bundle=args.reference_bundle)
     for entry in result["engines"]:
         print(f"{args.bundle}/{entry['path']}")
-    return 0
+    report = result["engines"][0].get("verify") or {}
+    return 1 if report.get("passed") is False else 0
 
 
 def _cmd_verify(args) -> int:
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=float, help="builder workspace limit in GiB")
     p.add_argument("--timing-cache", help="timing cache file (default: BUNDLE/engines/timing.cache)")
     p.add_argument("--no-streaming", action="store_true", help="skip the streaming step engine")
+    p.add_argument("--stream-batch", type=int, default=16, help="streams one step engine call takes (default 16)")
     p.add_argument("--reference-bundle", help="fp32 export to verify an fp16/bf16 engine against")
     p.set_defaults(func=_cmd_build)
 

@@ -176,6 +176,20 @@ class Bundle:
             if sha256_file(path) != record.sha256:
                 raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
 
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of a listed file, read once and checked against the manifest: what is
+        checked is what is used (a file swapped after the check cannot slip in)."""
+        record = self.files.get(rel)
+        if record is None:
+            raise BundleError(f"{self.directory}: {rel} is not listed in the manifest's files")
+        path = self.path(rel)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.directory}: bundle file {rel} is missing")
+        data = path.read_bytes()
+        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise BundleError(f"{path}: does not match the manifest's size/sha256 (altered or corrupted file)")
+        return data
+
     def raw(self) -> dict:
         """A deep copy of the manifest, for a stage that adds to it and writes it back."""
         return copy.deepcopy(self.manifest)

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends import Runners, open_runners
+from .backends import Runners, open_runners, warn_once
 from .batching import length_groups
 from .bundle import Bundle, read_bundle
 from .result import ScoreResult
@@ -48,6 +48,10 @@ class SirenGuard:
         self._max_batch = min(int(max_batch_size), limit) if limit else int(max_batch_size)
         self._token_budget = int(token_budget)
         self._max_padding = runners.score.limits.max_padding if max_padding is None else float(max_padding)
+        limit = runners.score.limits.max_sequence
+        if limit is not None and limit < bundle.inference.max_length:
+            warn_once(f"siren_runtime: the {runners.score.name} engine takes at most {limit} tokens of the bundle's "
+                      f"{bundle.inference.max_length}; longer texts are refused (rebuild with `siren build`)")
         self._incremental = None
         if runners.step is not None:
             self._incremental = IncrementalScorer(runners.step, bundle.streaming.feature_dim,
@@ -264,10 +268,20 @@ class SirenGuard:
         self._check_open()
         scores = np.empty(len(id_lists), dtype=np.float32)
         lengths = [len(ids) for ids in id_lists]
+        self._check_fits(lengths)
         for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
             input_ids, attention_mask = self._encoder.pad([id_lists[i] for i in group])
             scores[group] = self._runners.score.run(input_ids, attention_mask)
         return scores
+
+    def _check_fits(self, lengths: list[int]) -> None:
+        """Refuse, before any work, texts longer than the scoring runner takes (a TensorRT
+        engine built with ``--max-seq`` below the bundle's max_length)."""
+        limit = self._runners.score.limits.max_sequence
+        if limit is not None and lengths and max(lengths) > limit:
+            raise ValueError(f"a text has {max(lengths)} tokens; this {self.backend} engine takes at most {limit} "
+                             f"(built with --max-seq {limit}, the bundle's max_length is {self.max_length}): "
+                             f"rebuild with `siren build --max-seq {self.max_length}`")
 
     @staticmethod
     def _result(score: float, threshold: float) -> ScoreResult:

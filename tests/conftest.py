@@ -113,3 +113,11 @@ def all_layers(built_cases) -> Built:
 def guard(all_layers):
     from siren_runtime import SirenGuard
     return SirenGuard.from_pretrained(all_layers.bundle, device="cpu")
+
+
+@pytest.fixture()
+def trt_standin(monkeypatch):
+    """TEST DOUBLE: the CPU stand-in for TensorRT and cuda-python (tests/trt_standin.py),
+    installed as `tensorrt` and `cuda.bindings.runtime` for one test."""
+    from trt_standin import StandIn
+    return StandIn().install(monkeypatch)

@@ -1,11 +1,32 @@
 """What this machine offers for TensorRT: the TensorRT version and the GPU (via cuda-python).
 
-Imported lazily; every probe returns None instead of raising, so callers can print one
-clear line.
+Imported lazily; the probes return None instead of raising, and :func:`gpu_problem` says
+in one line why no GPU is usable (a CUDA 12 driver under cuda-python 13 reports
+cudaErrorInsufficientDriver, which must not read as "no GPU").
 """
 from __future__ import annotations
 
 from typing import Optional
+
+#: cuda-python / TensorRT wheels come in pairs per CUDA major version (README "TensorRT").
+INSTALL_PAIRS = ("CUDA 12 driver (R525+): pip install 'siren-deploy[tensorrt-cu12]'; "
+                 "CUDA 13 driver (R580+): pip install 'siren-deploy[tensorrt-cu13]'")
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed; the message names the call and the CUDA error."""
+
+    def __init__(self, call: str, code: int, name: str):
+        self.call, self.code, self.name = call, int(code), name
+        hint = ""
+        if name == "cudaErrorInsufficientDriver":
+            hint = (": the NVIDIA driver is older than the CUDA version of this cuda-python; install the "
+                    f"matching pair ({INSTALL_PAIRS}) or update the driver")
+        elif name == "cudaErrorNoDevice":
+            hint = ": no NVIDIA GPU is visible (check CUDA_VISIBLE_DEVICES and nvidia-smi)"
+        elif name == "cudaErrorMemoryAllocation":
+            hint = ": out of GPU memory"
+        super().__init__(f"CUDA error {name} ({self.code}) in {call}{hint}")
 
 
 def cudart():
@@ -21,13 +42,22 @@ def cudart():
             return None
 
 
-def check(result):
-    """Unwrap a cuda-python (error, *values) tuple, raising on a CUDA error."""
+def _error_name(rt, err) -> str:
+    try:
+        name = rt.cudaGetErrorName(err)[1]
+    except Exception:
+        return f"error {int(err)}"
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
+def check(result, call: str = "a CUDA call"):
+    """Unwrap a cuda-python ``(error, *values)`` tuple, raising CudaError on an error."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         rt = cudart()
-        name = rt.cudaGetErrorName(err)[1] if rt is not None else err
-        raise RuntimeError(f"CUDA error {name!r}")
+        raise CudaError(call, int(err), _error_name(rt, err) if rt is not None else f"error {int(err)}")
+    if not values:
+        return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -39,16 +69,29 @@ def tensorrt_version() -> Optional[str]:
     return str(tensorrt.__version__)
 
 
-def gpu_info(device: int = 0) -> Optional[dict]:
-    """{"name", "compute_capability", "memory_bytes"} of `device`, or None without a usable GPU."""
+def gpu_problem(device: int = 0) -> Optional[str]:
+    """None when `device` is usable through cuda-python, else the one-line reason."""
     rt = cudart()
     if rt is None:
-        return None
+        return f"cuda-python is not installed ({INSTALL_PAIRS})"
     try:
-        if check(rt.cudaGetDeviceCount()) <= device:
-            return None
-        props = check(rt.cudaGetDeviceProperties(device))
-    except Exception:
+        count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except CudaError as e:
+        return str(e)
+    if count <= device:
+        return f"no NVIDIA GPU {device} (cuda-python sees {count})"
+    return None
+
+
+def gpu_info(device: int = 0) -> Optional[dict]:
+    """{"name", "compute_capability", "memory_bytes"} of `device`, or None without a usable
+    GPU (then :func:`gpu_problem` says why)."""
+    if gpu_problem(device) is not None:
+        return None
+    rt = cudart()
+    try:
+        props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    except CudaError:
         return None
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
     return {"name": name, "compute_capability": f"{props.major}.{props.minor}",

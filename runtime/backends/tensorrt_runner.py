@@ -1,93 +1,138 @@
-"""TensorRT backend (torch-free): tensorrt + cuda-python.
+"""TensorRT backend (torch-free): tensorrt + cuda-python, scoring and streaming.
 
-Buffers are allocated once for the largest profile and reused; inputs are copied in and the
-score copied out on one stream; batches larger than the engine's profile are split. A
-TensorRT execution context is not thread-safe, so runs are serialized by a lock (one
-context per guard; create more guards for parallel GPU streams).
+Every TensorRT call whose result says whether it worked is checked; a failure while
+opening (no CUDA, no driver, a plan from another TensorRT, no memory for a context) is a
+``BackendUnavailableError`` so ``backend=None`` falls back, and a failure while running is
+a ``RuntimeError`` naming the call. Engine bytes are read once and checked against the
+manifest before TensorRT sees them. An execution context is not thread-safe, so each
+runner serializes its runs (create more guards for parallel GPU streams).
 """
 from __future__ import annotations
 
 import threading
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from ..bundle import SCORE_IO, Bundle
+from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphIO
 from ..engine_compat import engine_incompatibility, pick_profile
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits
-from .cuda_env import check, cudart, gpu_info, tensorrt_version
+from .cuda_env import CudaError, cudart, gpu_info, gpu_problem, tensorrt_version
+from .cuda_memory import CudaStream, DeviceBuffer
+from .device_kv import DeviceStepRunner
 
 
 def usable_engine(bundle: Bundle, graph: str = "model") -> tuple[Optional[dict], str]:
     """The newest engine record of `graph` this machine can run, or (None, why not)."""
     entries = [e.record for e in bundle.engines_for(graph)]
     if not entries:
-        return None, "the bundle has no TensorRT engine (build one with `siren build`)"
+        what = "TensorRT engine" if graph == "model" else f"TensorRT {graph} engine"
+        return None, f"the bundle has no {what} (build one with `siren build`)"
     gpu = gpu_info()
     reason = ""
     for entry in reversed(entries):
         reason = engine_incompatibility(entry, tensorrt_version(), gpu and gpu["compute_capability"])
         if reason is None:
             return entry, ""
+    if gpu is None and tensorrt_version() is not None:
+        reason += f" ({gpu_problem()})"
     return None, reason
 
 
+class TensorRTEngine:
+    """A deserialized engine and its one execution context."""
+
+    def __init__(self, plan: bytes, what: str, io: GraphIO):
+        import tensorrt as trt
+        self._trt = trt
+        self.what = what
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        try:
+            self._runtime = trt.Runtime(self._logger)
+        except TypeError as e:   # pybind11 "returned nullptr": TensorRT could not start CUDA
+            raise BackendUnavailableError(f"TensorRT could not start CUDA ({gpu_problem() or e})") from e
+        engine = self._runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise BackendUnavailableError(f"TensorRT could not deserialize the {what} engine (damaged, or built "
+                                          "by another TensorRT); run `siren build` again")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        outputs = set(names) - inputs
+        if inputs != set(io.inputs) or not set(io.outputs) <= outputs:
+            raise BundleError(f"the {what} engine has inputs {sorted(inputs)} and outputs {sorted(outputs)}; the "
+                              f"bundle contract says {list(io.inputs)} -> {list(io.outputs)} (rebuild it)")
+        self.outputs = tuple(n for n in names if n in outputs)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendUnavailableError(f"TensorRT could not create an execution context for the {what} engine "
+                                          "(out of GPU memory?)")
+        self.profile = 0
+
+    def static_dim(self, name: str, axis: int) -> int:
+        dim = int(self.engine.get_tensor_shape(name)[axis])
+        if dim < 0:
+            raise BundleError(f"the {self.what} engine's {name} has a dynamic axis {axis}")
+        return dim
+
+    def bind(self, stream: CudaStream, profile: int, shapes: dict, addresses: dict) -> None:
+        """Select `profile`, set the input shapes and every tensor's address."""
+        context = self.context
+        if profile != self.profile:
+            if not context.set_optimization_profile_async(profile, int(stream)):
+                raise RuntimeError(f"TensorRT could not switch the {self.what} engine to profile {profile}")
+            self.profile = profile
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+                raise ValueError(f"the {self.what} engine does not accept {name} of shape {list(shape)} "
+                                 "(outside its profile; rebuild with `siren build`)")
+        for name, pointer in addresses.items():
+            if not context.set_tensor_address(name, int(pointer)):
+                raise RuntimeError(f"TensorRT refused the address of {name} for the {self.what} engine")
+
+    def execute(self, stream: CudaStream) -> None:
+        if not self.context.execute_async_v3(int(stream)):
+            raise RuntimeError(f"TensorRT failed to run the {self.what} engine (see the TensorRT log above)")
+
+    def close(self) -> None:
+        self.context = self.engine = self._runtime = None
+
+
 class TensorRTRunner:
+    """The full scoring graph. Batches larger than the engine's profiles are split."""
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, engine_path: Path, entry: dict[str, Any]):
-        import tensorrt as trt
-
+    def __init__(self, plan: bytes, entry: dict):
         self._rt = cudart()
         self._lock = threading.Lock()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self._engine is None:
-            raise BackendUnavailableError(f"TensorRT could not deserialize {engine_path}; run `siren build` again")
-        self._context = self._engine.create_execution_context()
         self._profiles = entry["profiles"]
-        self._profile = 0
-        self._stream = check(self._rt.cudaStreamCreate())
+        self._engine = TensorRTEngine(plan, "model", SCORE_IO)
+        self._classes = self._engine.static_dim(SCORE_IO.outputs[1], 1)
+        self.stream: Optional[CudaStream] = CudaStream(self._rt)
         self.max_batch = max(p["shapes"][SCORE_IO.inputs[0]]["max"][0] for p in self._profiles)
         self.max_seq = max(p["shapes"][SCORE_IO.inputs[0]]["max"][1] for p in self._profiles)
         self.limits = RunnerLimits(max_batch=self.max_batch, max_sequence=self.max_seq, max_padding=0.6)
-        rows, cols = self.max_batch, self.max_seq
-        ids, mask = SCORE_IO.inputs
-        score, logits = SCORE_IO.outputs
-        self._buffers = {
-            ids: check(self._rt.cudaMalloc(rows * cols * 8)),
-            mask: check(self._rt.cudaMalloc(rows * cols * 8)),
-            score: check(self._rt.cudaMalloc(rows * 4)),
-            logits: check(self._rt.cudaMalloc(rows * 2 * 4)),
-        }
-        for name, pointer in self._buffers.items():
-            self._context.set_tensor_address(name, int(pointer))
+        self._buffers = {name: DeviceBuffer(self._rt, name) for name in SCORE_IO.inputs + self._engine.outputs}
 
     def _run_chunk(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        rt = self._rt
         batch, seq = ids.shape
-        index = pick_profile(self._profiles, batch, seq)
-        if index < 0:
-            raise ValueError(f"[{batch}, {seq}] is outside every profile of this engine (max sequence "
-                             f"{self.max_seq}); rebuild with `siren build --max-seq`")
-        if index != self._profile:
-            self._context.set_optimization_profile_async(index, self._stream)
-            self._profile = index
-        for name in SCORE_IO.inputs:
-            self._context.set_input_shape(name, (batch, seq))
-        kind_h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name, array in zip(SCORE_IO.inputs, (ids, mask)):
-            check(rt.cudaMemcpyAsync(self._buffers[name], array.ctypes.data, array.nbytes, kind_h2d, self._stream))
-        if not self._context.execute_async_v3(self._stream):
-            raise RuntimeError("TensorRT execution failed")
+        profile = pick_profile(self._profiles, batch, seq)
+        if profile < 0:
+            raise ValueError(f"[{batch}, {seq}] is outside every profile of this engine (at most {self.max_seq} "
+                             f"tokens); rebuild with `siren build --max-seq {seq}`")
+        sizes = {SCORE_IO.inputs[0]: ids.nbytes, SCORE_IO.inputs[1]: mask.nbytes,
+                 SCORE_IO.outputs[0]: batch * 4, SCORE_IO.outputs[1]: batch * self._classes * 4}
+        addresses = {name: self._buffers[name].ensure(sizes.get(name, batch * 4 * self._classes))
+                     for name in self._buffers}
+        self._engine.bind(self.stream, profile, {name: (batch, seq) for name in SCORE_IO.inputs}, addresses)
+        self.stream.upload(addresses[SCORE_IO.inputs[0]], ids)
+        self.stream.upload(addresses[SCORE_IO.inputs[1]], mask)
+        self._engine.execute(self.stream)
         out = np.empty(batch, dtype=np.float32)
-        check(rt.cudaMemcpyAsync(out.ctypes.data, self._buffers[SCORE_IO.outputs[0]], out.nbytes,
-                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
-        check(rt.cudaStreamSynchronize(self._stream))
+        self.stream.download(out, addresses[SCORE_IO.outputs[0]])
+        self.stream.synchronize()
         return out
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -95,53 +140,78 @@ class TensorRTRunner:
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         parts = []
         with self._lock:
-            if self._context is None:
+            if self.stream is None:
                 raise RuntimeError("this tensorrt runner is closed")
             for start in range(0, ids.shape[0], self.max_batch):
                 parts.append(self._run_chunk(ids[start:start + self.max_batch], mask[start:start + self.max_batch]))
         return np.concatenate(parts)
 
     def close(self) -> None:
-        """Free the device buffers, the CUDA stream and the execution context."""
+        """Free the device buffers, the execution context and the CUDA stream."""
         with self._lock:
-            self._release()
-
-    def _release(self) -> None:
-        rt = getattr(self, "_rt", None)
-        if rt is None:
-            return
-        for pointer in getattr(self, "_buffers", {}).values():
-            try:
-                rt.cudaFree(pointer)
-            except Exception:
-                pass
-        self._buffers = {}
-        stream = getattr(self, "_stream", None)
-        if stream is not None:
-            try:
-                rt.cudaStreamDestroy(stream)
-            except Exception:
-                pass
-            self._stream = None
-        self._context = None
-        self._engine = None
-
-    def __del__(self):
-        self._release()
+            if self.stream is None:
+                return
+            for buffer in self._buffers.values():
+                buffer.free()
+            self._engine.close()
+            stream, self.stream = self.stream, None
+            stream.close()
 
 
-def create_score_runner(bundle: Bundle, device: str, **_options) -> TensorRTRunner:
+class TensorRTStepRunner(DeviceStepRunner):
+    """The batched streaming step engine; KV caches stay in device memory."""
+    name = "tensorrt"
+
+    def __init__(self, plan: bytes, entry: dict, bundle: Bundle):
+        spec, max_length = bundle.streaming, bundle.inference.max_length
+        shapes = entry["profiles"][0]["shapes"]
+        max_batch = shapes[STEP_IO.inputs[0]]["max"][0]
+        max_new = shapes[STEP_IO.inputs[0]]["max"][1]
+        max_past = shapes["past_kv"]["max"][4]
+        if max_new < max_length or max_past < max_length - 1:
+            raise BackendUnavailableError(
+                f"the streaming engine takes {max_new} new tokens after up to {max_past} past ones; streams of this "
+                f"bundle need {max_length} and {max_length - 1}: rebuild it with `siren build`")
+        self._engine = TensorRTEngine(plan, "streaming", STEP_IO)
+        super().__init__(cudart(), spec, max_length, max_batch)
+
+    def _execute(self, shapes: dict, addresses: dict) -> None:
+        self._engine.bind(self.stream, 0, shapes, addresses)
+        self._engine.execute(self.stream)
+
+    def _release_engine(self) -> None:
+        self._engine.close()
+
+
+def _require(device: str) -> None:
     if device != "cuda":
         raise BackendUnavailableError(f"TensorRT runs on a GPU; device={device!r} was asked for")
     if tensorrt_version() is None:
-        raise BackendUnavailableError("TensorRT is not installed (pip install 'siren-deploy[tensorrt]')")
+        raise BackendUnavailableError("TensorRT is not installed (pip install 'siren-deploy[tensorrt-cu12]' or "
+                                      "'[tensorrt-cu13]', matching the driver's CUDA)")
     if cudart() is None:
-        raise BackendUnavailableError("cuda-python is not installed (pip install 'siren-deploy[tensorrt]')")
-    entry, reason = usable_engine(bundle, "model")
+        raise BackendUnavailableError("cuda-python is not installed (pip install 'siren-deploy[tensorrt-cu12]' "
+                                      "or '[tensorrt-cu13]', matching the driver's CUDA)")
+
+
+def _open(make, bundle: Bundle, graph: str):
+    entry, reason = usable_engine(bundle, graph)
     if entry is None:
         raise BackendUnavailableError(reason)
-    return TensorRTRunner(bundle.path(entry["path"]), entry)
+    plan = bundle.read_verified(entry["path"])
+    try:
+        return make(plan, entry)
+    except CudaError as e:
+        raise BackendUnavailableError(str(e)) from e
 
 
-def create_step_runner(bundle: Bundle, device: str, **_options):
-    raise BackendUnavailableError("the TensorRT backend does not run the streaming step graph yet")
+def create_score_runner(bundle: Bundle, device: str, **_options) -> TensorRTRunner:
+    _require(device)
+    return _open(TensorRTRunner, bundle, "model")
+
+
+def create_step_runner(bundle: Bundle, device: str, **_options) -> TensorRTStepRunner:
+    _require(device)
+    if bundle.streaming is None:
+        raise BackendUnavailableError("the bundle has no streaming step graph")
+    return _open(lambda plan, entry: TensorRTStepRunner(plan, entry, bundle), bundle, "streaming")

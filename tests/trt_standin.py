@@ -1,0 +1,499 @@
+"""TEST DOUBLE: a CPU stand-in for TensorRT and cuda-python's runtime, for tests only.
+
+It implements exactly the subset of ``tensorrt`` and ``cuda.bindings.runtime`` that
+siren_runtime and siren_engines call, with the real signatures and result conventions
+(TensorRT's bool results and None returns, cuda-python's ``(error, value)`` tuples), and
+raises ``StandInError`` on any other attribute, so new API use cannot pass unnoticed.
+
+- "Device" memory is host memory the stand-in allocates, filled with 0xFF bytes (NaN as
+  floats, -1 as ids) so a read of memory nobody wrote shows. Every copy is checked: its
+  direction (a host pointer never passes for a device one), and that it stays inside one
+  allocation. Every copy is logged, so a test can assert what crossed to the host.
+- An "engine" is the ONNX graph it was built from plus its profiles; running it checks
+  that every input shape lies in the active profile and every tensor has an address
+  inside device memory, runs the graph with ONNX Runtime on the CPU, and writes the
+  outputs to their addresses (bounds-checked).
+- Knobs make the failures real TensorRT/CUDA show: no device, an old driver (error 35),
+  a context that cannot be created, a failed execution, a failed build, a timing cache
+  from another GPU.
+
+This proves the runners' logic (profiles, buffers, state, copies, error paths), not
+TensorRT's numerics or speed: only a GPU run shows those (benchmarks/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import itertools
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PLAN_MAGIC = b"SIREN-TRT-STANDIN\n"
+CACHE_MAGIC = b"SIREN-TIMING-CACHE:"
+_NP = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class StandInError(AssertionError):
+    """A call outside the stand-in's subset, or a use real CUDA/TensorRT would not allow."""
+
+
+class _Strict:
+    def __getattr__(self, name):
+        raise StandInError(f"the TensorRT/CUDA stand-in does not implement {type(self).__name__}.{name}")
+
+
+def _strict_module(name: str, members: dict) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(members)
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise StandInError(f"the stand-in module {name} does not implement {attr}")
+    module.__getattr__ = missing
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# cuda.bindings.runtime
+# ---------------------------------------------------------------------------------------
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
+    cudaErrorNoDevice = 100
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+
+
+class cudaStream_t(_Strict):
+    def __init__(self, handle: int):
+        self._handle = handle
+
+    def __int__(self):
+        return self._handle
+
+    __index__ = __int__
+
+
+@dataclass
+class Copy:
+    kind: str            # "h2d", "d2h", "d2d"
+    dst: int
+    src: int
+    nbytes: int
+
+
+@dataclass
+class FakeGPU:
+    """The state behind the stand-in: memory, streams, the copy log and failure knobs."""
+    name: str = "NVIDIA Stand-in"
+    compute_capability: tuple = (9, 0)
+    device_count: int = 1
+    count_error: int = 0                  # e.g. 35: cudaGetDeviceCount fails as with an old driver
+    fail_malloc_after: int = -1           # allocations allowed before cudaMalloc fails (-1: never)
+    fail_context: bool = False
+    fail_execute: set = field(default_factory=set)  # ONNX file names whose execution fails
+    fail_build: set = field(default_factory=set)    # ONNX file names whose build fails
+    allocations: dict = field(default_factory=dict)  # base pointer -> uint8 array
+    copies: list = field(default_factory=list)
+    streams: set = field(default_factory=set)
+    executions: list = field(default_factory=list)  # (engine onnx name, profile, {input: shape})
+    mallocs: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.count_error == 0 and self.device_count > 0
+
+    def allocation_of(self, ptr: int, nbytes: int):
+        """(base, array) of the allocation holding [ptr, ptr + nbytes), or None."""
+        for base, array in self.allocations.items():
+            if base <= ptr and ptr + nbytes <= base + array.nbytes:
+                return base, array
+        return None
+
+    def device_view(self, ptr: int, nbytes: int, what: str) -> np.ndarray:
+        hit = self.allocation_of(ptr, nbytes)
+        if hit is None:
+            raise StandInError(f"{what}: [{ptr:#x}, +{nbytes}) is not inside one device allocation")
+        base, array = hit
+        return array[ptr - base:ptr - base + nbytes]
+
+    def live_bytes(self) -> int:
+        return sum(a.nbytes for a in self.allocations.values())
+
+
+def make_cudart(gpu: FakeGPU) -> types.ModuleType:
+    handles = itertools.count(0x5000)
+    ok = cudaError_t.cudaSuccess
+
+    def cudaGetErrorName(err):
+        return ok, cudaError_t(int(err)).name.encode()
+
+    def cudaGetDeviceCount():
+        if gpu.count_error:
+            return cudaError_t(gpu.count_error), 0
+        return ok, gpu.device_count
+
+    def cudaGetDeviceProperties(device):
+        if not gpu.usable or device >= gpu.device_count:
+            return cudaError_t.cudaErrorInvalidValue, None
+        props = types.SimpleNamespace(name=gpu.name.encode() + b"\x00" * 4, major=gpu.compute_capability[0],
+                                      minor=gpu.compute_capability[1], totalGlobalMem=80 << 30)
+        return ok, props
+
+    def cudaMalloc(size):
+        if not isinstance(size, int) or size <= 0:
+            raise StandInError(f"cudaMalloc({size!r})")
+        if gpu.fail_malloc_after >= 0 and gpu.mallocs >= gpu.fail_malloc_after:
+            return cudaError_t.cudaErrorMemoryAllocation, 0
+        gpu.mallocs += 1
+        array = np.full(size, 0xFF, dtype=np.uint8)
+        gpu.allocations[array.ctypes.data] = array
+        return ok, array.ctypes.data
+
+    def cudaFree(ptr):
+        if ptr not in gpu.allocations:
+            raise StandInError(f"cudaFree({ptr:#x}): not an allocation (double free?)")
+        del gpu.allocations[ptr]
+        return (ok,)
+
+    def _stream(stream):
+        if int(stream) not in gpu.streams:
+            raise StandInError(f"stream {int(stream):#x} is not a live stream")
+
+    def _directions(kind, dst, src, nbytes, what):
+        kind = cudaMemcpyKind(kind)
+        dst_dev = gpu.allocation_of(dst, nbytes) is not None
+        src_dev = gpu.allocation_of(src, nbytes) is not None
+        want = {cudaMemcpyKind.cudaMemcpyHostToDevice: (True, False),
+                cudaMemcpyKind.cudaMemcpyDeviceToHost: (False, True),
+                cudaMemcpyKind.cudaMemcpyDeviceToDevice: (True, True)}[kind]
+        if (dst_dev, src_dev) != want:
+            raise StandInError(f"{what} {kind.name}: destination {'device' if dst_dev else 'host/outside'}, "
+                               f"source {'device' if src_dev else 'host/outside'} (or out of bounds)")
+        return {1: "h2d", 2: "d2h", 3: "d2d"}[int(kind)]
+
+    def cudaMemcpyAsync(dst, src, count, kind, stream):
+        _stream(stream)
+        label = _directions(kind, int(dst), int(src), int(count), "cudaMemcpyAsync")
+        ctypes.memmove(int(dst), int(src), int(count))
+        gpu.copies.append(Copy(label, int(dst), int(src), int(count)))
+        return (ok,)
+
+    def cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):
+        _stream(stream)
+        if width > dpitch or width > spitch:
+            raise StandInError(f"cudaMemcpy2DAsync: width {width} exceeds a pitch ({dpitch}, {spitch})")
+        for row in range(height):
+            d, s = int(dst) + row * dpitch, int(src) + row * spitch
+            label = _directions(kind, d, s, width, "cudaMemcpy2DAsync")
+            ctypes.memmove(d, s, width)
+        gpu.copies.append(Copy(label if height else "d2d", int(dst), int(src), width * height))
+        return (ok,)
+
+    def cudaStreamCreate():
+        if not gpu.usable:
+            return cudaError_t(gpu.count_error or cudaError_t.cudaErrorNoDevice), None
+        handle = next(handles)
+        gpu.streams.add(handle)
+        return ok, cudaStream_t(handle)
+
+    def cudaStreamSynchronize(stream):
+        _stream(stream)
+        return (ok,)
+
+    def cudaStreamDestroy(stream):
+        _stream(stream)
+        gpu.streams.discard(int(stream))
+        return (ok,)
+
+    return _strict_module("cuda.bindings.runtime", dict(
+        cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind, cudaGetErrorName=cudaGetErrorName,
+        cudaGetDeviceCount=cudaGetDeviceCount, cudaGetDeviceProperties=cudaGetDeviceProperties,
+        cudaMalloc=cudaMalloc, cudaFree=cudaFree, cudaMemcpyAsync=cudaMemcpyAsync,
+        cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaStreamCreate=cudaStreamCreate,
+        cudaStreamSynchronize=cudaStreamSynchronize, cudaStreamDestroy=cudaStreamDestroy))
+
+
+# ---------------------------------------------------------------------------------------
+# tensorrt
+# ---------------------------------------------------------------------------------------
+def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
+    import onnxruntime as ort       # captured now: a test may hide onnxruntime from the code under test
+
+    class Severity(enum.IntEnum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+        VERBOSE = 4
+
+    class Logger(_Strict):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = list(Severity)
+
+        def __init__(self, min_severity=Severity.WARNING):
+            self.min_severity = Severity(min_severity)
+
+    class TensorIOMode(enum.IntEnum):
+        NONE = 0
+        INPUT = 1
+        OUTPUT = 2
+
+    class NetworkDefinitionCreationFlag(enum.IntEnum):
+        EXPLICIT_BATCH = 0
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType(enum.IntEnum):
+        WORKSPACE = 0
+
+    def _start_cuda(what):
+        if not gpu.usable:   # what the real bindings do when CUDA cannot start
+            raise TypeError(f"{what}(): incompatible constructor arguments / factory function returned nullptr")
+
+    def _session(onnx_path: str):
+        return ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+
+    def _dims(shape):
+        return [d if isinstance(d, int) else -1 for d in shape]
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    class INetworkDefinition(_Strict):
+        def __init__(self, flags):
+            self.flags = flags
+            self.onnx = None
+            self.inputs = {}
+
+    class OnnxParser(_Strict):
+        def __init__(self, network, logger):
+            self.network, self._errors = network, []
+
+        def parse_from_file(self, path):
+            try:
+                session = _session(path)
+            except Exception as e:
+                self._errors = [f"stand-in parser: {str(e).splitlines()[0]}"]
+                return False
+            self.network.onnx = str(Path(path).resolve())
+            self.network.inputs = {i.name: len(i.shape) for i in session.get_inputs()}
+            return True
+
+        @property
+        def num_errors(self):
+            return len(self._errors)
+
+        def get_error(self, index):
+            return self._errors[index]
+
+    class IOptimizationProfile(_Strict):
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, min, opt, max):
+            lo, mid, hi = list(min), list(opt), list(max)
+            if not (len(lo) == len(mid) == len(hi)) or any(not a <= b <= c for a, b, c in zip(lo, mid, hi)):
+                raise StandInError(f"set_shape({name}): min <= opt <= max does not hold: {lo} {mid} {hi}")
+            self.shapes[name] = {"min": lo, "opt": mid, "max": hi}
+
+    class ITimingCache(_Strict):
+        def __init__(self, data: bytes):
+            self.data = data
+
+        def serialize(self):
+            return CACHE_MAGIC + f"{version}/{gpu.name}".encode()
+
+    class IBuilderConfig(_Strict):
+        def __init__(self):
+            self.profiles, self.pool_limits, self._cache = [], {}, None
+            self.progress_monitor = None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pool_limits[MemoryPoolType(pool)] = int(size)
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            return ITimingCache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            mine = CACHE_MAGIC + f"{version}/{gpu.name}".encode()
+            if cache.data and cache.data != mine and not ignore_mismatch:
+                return False               # another GPU / TensorRT: refused, nothing set
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self._cache
+
+    class Builder(_Strict):
+        def __init__(self, logger):
+            _start_cuda("Builder")
+
+        def create_network(self, flags=0):
+            return INetworkDefinition(flags)
+
+        def create_builder_config(self):
+            return IBuilderConfig()
+
+        def create_optimization_profile(self):
+            return IOptimizationProfile()
+
+        def build_serialized_network(self, network, config):
+            if not network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)):
+                raise StandInError("networks must be strongly typed (TensorRT 11 has no weak typing)")
+            if network.onnx is None or not config.profiles:
+                raise StandInError("build without a parsed network or without an optimization profile")
+            for profile in config.profiles:
+                for name, rank in network.inputs.items():
+                    shape = profile.shapes.get(name)
+                    if shape is None or len(shape["max"]) != rank:
+                        raise StandInError(f"profile misses input {name} or has the wrong rank")
+            if Path(network.onnx).name in gpu.fail_build:
+                return None
+            plan = {"onnx": network.onnx, "profiles": [p.shapes for p in config.profiles], "tensorrt": version,
+                    "cc": list(gpu.compute_capability)}
+            return PLAN_MAGIC + json.dumps(plan).encode()
+
+    class ICudaEngine(_Strict):
+        def __init__(self, plan: dict):
+            self.plan = plan
+            self.session = _session(plan["onnx"])
+            self._inputs = {i.name: i for i in self.session.get_inputs()}
+            self._outputs = {o.name: o for o in self.session.get_outputs()}
+            self._names = list(self._inputs) + list(self._outputs)
+
+        @property
+        def num_io_tensors(self):
+            return len(self._names)
+
+        @property
+        def num_optimization_profiles(self):
+            return len(self.plan["profiles"])
+
+        def get_tensor_name(self, index):
+            return self._names[index]
+
+        def get_tensor_mode(self, name):
+            return (TensorIOMode.INPUT if name in self._inputs else
+                    TensorIOMode.OUTPUT if name in self._outputs else TensorIOMode.NONE)
+
+        def get_tensor_shape(self, name):
+            meta = self._inputs.get(name) or self._outputs.get(name)
+            if meta is None:
+                raise StandInError(f"get_tensor_shape({name!r}): no such tensor")
+            return _dims(meta.shape)
+
+        def create_execution_context(self):
+            return None if gpu.fail_context else IExecutionContext(self)
+
+    class IExecutionContext(_Strict):
+        def __init__(self, engine):
+            self.engine, self.profile = engine, 0
+            self.shapes, self.addresses = {}, {}
+
+        def set_optimization_profile_async(self, index, stream_handle):
+            if not isinstance(stream_handle, int) or stream_handle not in gpu.streams:
+                raise StandInError(f"set_optimization_profile_async: {stream_handle!r} is not a live stream handle")
+            if not 0 <= index < self.engine.num_optimization_profiles:
+                return False
+            self.profile, self.shapes = index, {}
+            return True
+
+        def set_input_shape(self, name, shape):
+            if name not in self.engine._inputs:
+                return False
+            bounds = self.engine.plan["profiles"][self.profile][name]
+            shape = list(shape)
+            if len(shape) != len(bounds["min"]) or any(
+                    not lo <= d <= hi for lo, d, hi in zip(bounds["min"], shape, bounds["max"])):
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, memory):
+            if not isinstance(memory, int):
+                raise TypeError(f"set_tensor_address(): memory must be an int, got {type(memory).__name__}")
+            if name not in self.engine._names:
+                return False
+            self.addresses[name] = memory
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            if not isinstance(stream_handle, int) or stream_handle not in gpu.streams:
+                raise StandInError(f"execute_async_v3: {stream_handle!r} is not a live stream handle")
+            if Path(self.engine.plan["onnx"]).name in gpu.fail_execute:
+                return False
+            feeds = {}
+            for name, meta in self.engine._inputs.items():
+                if name not in self.shapes or name not in self.addresses:
+                    raise StandInError(f"execute_async_v3: input {name} has no shape or no address")
+                dtype = np.dtype(_NP[meta.type])
+                shape = self.shapes[name]
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                view = gpu.device_view(self.addresses[name], max(nbytes, 1), f"input {name}")
+                feeds[name] = view[:nbytes].view(dtype).reshape(shape).copy()
+            for name in self.engine._outputs:
+                if name not in self.addresses:
+                    raise StandInError(f"execute_async_v3: output {name} has no address")
+            outputs = self.engine.session.run(list(self.engine._outputs), feeds)
+            for name, value in zip(self.engine._outputs, outputs):
+                value = np.ascontiguousarray(value)
+                view = gpu.device_view(self.addresses[name], max(value.nbytes, 1), f"output {name}")
+                view[:value.nbytes] = value.reshape(-1).view(np.uint8)
+            gpu.executions.append((Path(self.engine.plan["onnx"]).name, self.profile, dict(self.shapes)))
+            return True
+
+    class Runtime(_Strict):
+        def __init__(self, logger):
+            _start_cuda("Runtime")
+
+        def deserialize_cuda_engine(self, serialized):
+            data = bytes(serialized)
+            if not data.startswith(PLAN_MAGIC):
+                return None                 # TensorRT logs an error and returns None
+            plan = json.loads(data[len(PLAN_MAGIC):])
+            if plan["tensorrt"] != version or tuple(plan["cc"]) != tuple(gpu.compute_capability):
+                return None
+            return ICudaEngine(plan)
+
+    return _strict_module("tensorrt", dict(
+        __version__=version, Logger=Logger, TensorIOMode=TensorIOMode,
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, MemoryPoolType=MemoryPoolType,
+        IProgressMonitor=IProgressMonitor, OnnxParser=OnnxParser, Builder=Builder, Runtime=Runtime))
+
+
+class StandIn:
+    """Both stand-in modules over one fake GPU."""
+
+    def __init__(self, **knobs):
+        self.gpu = FakeGPU(**knobs)
+        self.cudart = make_cudart(self.gpu)
+        self.tensorrt = make_tensorrt(self.gpu)
+
+    def install(self, monkeypatch) -> "StandIn":
+        cuda = types.ModuleType("cuda")
+        bindings = types.ModuleType("cuda.bindings")
+        bindings.runtime = self.cudart
+        cuda.bindings = bindings
+        for name, module in (("tensorrt", self.tensorrt), ("cuda", cuda), ("cuda.bindings", bindings),
+                             ("cuda.bindings.runtime", self.cudart)):
+            monkeypatch.setitem(__import__("sys").modules, name, module)
+        return self
+
+    def host_reads(self) -> list:
+        """Device-to-host copies so far (the only way data reaches the host)."""
+        return [c for c in self.gpu.copies if c.kind == "d2h"]

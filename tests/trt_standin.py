@@ -201,6 +201,11 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         gpu.copies.append(Copy(label if height else "d2d", int(dst), int(src), width * height))
         return (ok,)
 
+    def cudaMemsetAsync(devPtr, value, count, stream):
+        _stream(stream)
+        gpu.device_view(int(devPtr), int(count), "cudaMemsetAsync")[:] = int(value) & 0xFF
+        return (ok,)
+
     def cudaStreamCreate():
         if not gpu.usable:
             return cudaError_t(gpu.count_error or cudaError_t.cudaErrorNoDevice), None
@@ -221,7 +226,7 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind, cudaGetErrorName=cudaGetErrorName,
         cudaGetDeviceCount=cudaGetDeviceCount, cudaGetDeviceProperties=cudaGetDeviceProperties,
         cudaMalloc=cudaMalloc, cudaFree=cudaFree, cudaMemcpyAsync=cudaMemcpyAsync,
-        cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaStreamCreate=cudaStreamCreate,
+        cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate,
         cudaStreamSynchronize=cudaStreamSynchronize, cudaStreamDestroy=cudaStreamDestroy))
 
 

@@ -50,6 +50,11 @@ class CudaStream:
             check(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, self._d2d, self.handle),
                   "cudaMemcpy2DAsync (device to device)")
 
+    def zero(self, device_ptr: int, nbytes: int) -> None:
+        """Queue a memset of `nbytes` device bytes to 0."""
+        if nbytes:
+            check(self.rt.cudaMemsetAsync(device_ptr, 0, nbytes, self.handle), "cudaMemsetAsync")
+
     def synchronize(self) -> None:
         check(self.rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 

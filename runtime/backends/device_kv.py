@@ -167,6 +167,10 @@ class DeviceStepRunner:
         for name, array in host.items():
             stream.upload(addresses[name], array)
         past_kv = addresses["past_kv"]
+        if any(row.resume < past for row in rows):
+            # the padding of shorter pasts must be finite: a masked NaN still poisons attention
+            # (0 * NaN), and fresh device memory can hold any bits
+            stream.zero(past_kv, sizes["past_kv"])
         for b, row in enumerate(rows):                     # gather on the device
             for lk in range(self._lk):
                 stream.copy_rows(past_kv + (lk * batch + b) * s.kv_heads * past * self._row_bytes,

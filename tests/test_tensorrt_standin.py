@@ -1,0 +1,335 @@
+"""The TensorRT runners' real logic on the CPU stand-in (tests/trt_standin.py, a test
+double): building, profile choice and switching, batch splitting, streaming with KV caches
+kept in "device" memory, the defects the first review found, and fallback. Numerics and
+speed on a real GPU are benchmarks/gpu_check.sh's; these prove the code paths."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from corpus import CORPUS
+from helpers import TOL, random_chunks
+
+LONG = ("Explain, step by step and in great detail, how the ancient Romans built their aqueducts, which "
+        "materials they used, how they kept the slope constant over many miles, and why some still stand. ")
+
+
+@pytest.fixture(scope="module")
+def engines(all_layers, tmp_path_factory):
+    """A copy of the all-layers bundle with stand-in engines: max_batch 4 (so 16 texts split)
+    and 3 streams per step call (so 16 streams take several calls)."""
+    from trt_standin import StandIn
+    from siren_engines.build import build_engines
+    bundle = tmp_path_factory.mktemp("trt") / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    with pytest.MonkeyPatch.context() as mp:
+        StandIn().install(mp)
+        result = build_engines(bundle, max_batch=4, stream_batch=3, show_progress=False)
+    return bundle, result
+
+
+def _fresh(engines, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engines[0], bundle)
+    return bundle
+
+
+def _trt_guard(bundle, **options):
+    from siren_runtime import SirenGuard
+    return SirenGuard.from_pretrained(bundle, backend="tensorrt", device="cuda", **options)
+
+
+def test_build_records_both_engines_after_their_checks(engines, trt_standin):
+    bundle, result = engines
+    from siren_runtime.bundle import read_bundle
+    contract = read_bundle(bundle)
+    contract.verify()
+    model, step = contract.engines_for("model")[0].record, contract.engines_for("streaming")[0].record
+    assert model["verify"]["passed"] and model["verify"]["max_abs_diff"] <= TOL
+    assert step["verify"]["passed"] and step["verify"]["texts"] == 8 and step["verify"]["max_abs_diff"] <= TOL
+    assert step["profiles"][0]["shapes"]["input_ids"]["max"] == [3, 64]       # new tokens up to max_length
+    assert result["warnings"] == []
+    assert (bundle / "engines" / "timing.cache").read_bytes().startswith(b"SIREN-TIMING-CACHE:")
+
+
+def test_scores_match_llm_siren_with_batches_split(engines, trt_standin, all_layers):
+    guard = _trt_guard(engines[0])
+    assert (guard.backend, guard.device, guard.runners.step.name) == ("tensorrt", "cuda", "tensorrt")
+    ours = np.array([r.score for r in guard.score_batch(CORPUS)])
+    ref = np.array([r.score for r in all_layers.reference.score_batch(CORPUS)])
+    assert np.max(np.abs(ours - ref)) <= TOL
+    runs = [e for e in trt_standin.gpu.executions if e[0] == "model.onnx"]
+    assert len(runs) >= len(CORPUS) // 4 and all(shapes["input_ids"][0] <= 4 for _, _, shapes in runs)
+    guard.close()
+    assert trt_standin.gpu.streams == set() and trt_standin.gpu.live_bytes() == 0
+
+
+def test_profiles_are_chosen_and_switched(all_layers, trt_standin):
+    """Two profiles (short and long sequences): each batch runs on the tightest one."""
+    import tensorrt as trt
+    from siren_engines.build import _build_one
+    from siren_engines.profiles import Profile
+    from siren_runtime.backends.tensorrt_runner import TensorRTRunner
+    from siren_runtime.bundle import SCORE_IO
+
+    def profile(seq):
+        return Profile({n: {"min": [1, 1], "opt": [2, seq // 2], "max": [4, seq]} for n in SCORE_IO.inputs})
+    profiles = [profile(16), profile(64)]
+    plan = _build_one(trt, all_layers.bundle / "model.onnx", profiles, None, None, False)
+    runner = TensorRTRunner(plan, {"profiles": [p.to_dict() for p in profiles]})
+    rng = np.random.default_rng(0)
+    for seq, want in ((10, 0), (50, 1), (12, 0), (64, 1)):
+        ids = rng.integers(0, 1000, (3, seq))
+        runner.run(ids, np.ones_like(ids))
+        assert trt_standin.gpu.executions[-1][1] == want
+    with pytest.raises(ValueError, match="outside every profile.*siren build --max-seq 65"):
+        runner.run(np.zeros((1, 65), np.int64), np.ones((1, 65), np.int64))
+    runner.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.run(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64))
+
+
+def test_sixteen_streams_on_device_equal_whole_prefix_scores(engines, trt_standin, all_layers):
+    """feed_batch over 16 sessions with random chunking (rollbacks whenever a chunk splits a
+    token, groups re-merging as lengths change), past max_length; no KV byte reaches the host."""
+    guard = _trt_guard(engines[0])
+    step, score = guard.runners.step, guard.runners.score
+    rng = random.Random(7)
+    texts = [(CORPUS[i % len(CORPUS)] + " " + LONG) for i in range(16)]
+    plans = [random_chunks(t, rng, 1, 40) for t in texts]
+    sessions = [guard.stream() for _ in texts]
+    worst, rounds, past_max = 0.0, 0, False
+    while any(plans):
+        live = [(s, p.pop(0)) for s, p in zip(sessions, plans) if p]
+        results = guard.feed_batch([s for s, _ in live], [d for _, d in live])
+        rounds += 1
+        if rounds % 3 == 0:   # the oracle on a sample of rounds (llm-siren is the slow part)
+            ref = all_layers.reference.score_batch([s.text for s, _ in live])
+            worst = max([worst] + [abs(a.score - b.score) for a, b in zip(results, ref)])
+        past_max = past_max or any(len(guard.token_ids(s.text)) == guard.max_length for s, _ in live)
+    assert past_max and worst <= TOL
+    ours = [s.score.score for s in sessions]
+    ref = [r.score for r in all_layers.reference.score_batch([s.text for s in sessions])]
+    assert max(abs(a - b) for a, b in zip(ours, ref)) <= TOL
+    steps = [e for e in trt_standin.gpu.executions if e[0] == "step.onnx"]
+    assert max(shapes["input_ids"][0] for _, _, shapes in steps) == 3        # several streams per call
+    # what crossed to the host is exactly each call's scores and feature sums: no KV byte
+    features = guard.bundle.streaming.feature_dim
+    expected = sum(shapes["input_ids"][0] * 4 * (1 + (shapes["input_ids"][1] * features if name == "step.onnx" else 0))
+                   for name, _, shapes in trt_standin.gpu.executions)
+    assert sum(r.nbytes for r in trt_standin.host_reads()) == expected
+    guard.close()
+    assert trt_standin.gpu.live_bytes() == 0 and trt_standin.gpu.streams == set()
+
+
+def test_interleaved_score_streaming_forks_device_states(engines, trt_standin, all_layers):
+    guard = _trt_guard(engines[0])
+    openings = ["Tell me how to", "Tell me how to"]
+    endings = [[" bake", " bread", " at home"], [" build", " a", " bomb"]]
+    texts = list(openings)
+    for step in range(3):
+        for i in range(2):
+            texts[i] += endings[i][step]
+            got = guard.score_streaming(texts[i]).score
+            assert abs(got - all_layers.reference.score(texts[i]).score) <= TOL
+    assert len(guard.stream_cache) == 2
+    guard.close()
+    assert trt_standin.gpu.live_bytes() == 0
+
+
+def test_step_failure_changes_no_stream(engines, trt_standin, all_layers):
+    guard = _trt_guard(engines[0])
+    session = guard.stream()
+    first = session.feed("How do I pick").score
+    trt_standin.gpu.fail_execute.add("step.onnx")
+    with pytest.raises(RuntimeError, match="TensorRT failed to run the streaming engine"):
+        session.feed(" a lock")
+    assert session.text == "How do I pick" and session.score.score == first
+    trt_standin.gpu.fail_execute.clear()
+    assert abs(session.feed(" a lock").score - all_layers.reference.score("How do I pick a lock").score) <= TOL
+
+
+def test_grow_allocation_failure_changes_no_stream(engines, trt_standin, all_layers):
+    guard = _trt_guard(engines[0])
+    session = guard.stream()
+    session.feed("Hi")
+    trt_standin.gpu.fail_malloc_after = trt_standin.gpu.mallocs      # no more device memory
+    with pytest.raises(Exception, match="cudaErrorMemoryAllocation"):
+        session.feed(" " + LONG)
+    assert session.text == "Hi"
+    trt_standin.gpu.fail_malloc_after = -1
+    assert abs(session.feed(" there").score - all_layers.reference.score("Hi there").score) <= TOL
+
+
+# -- the review's defects, each failing on the code before this change --------------------
+def test_old_driver_is_named_and_falls_back(engines, tmp_path, monkeypatch):
+    """Risk: a CUDA 12 driver under cuda-python 13 read as 'sees none'."""
+    from trt_standin import StandIn
+    from siren_runtime import BackendUnavailableError, SirenGuard
+    from siren_runtime.backends import warn_once
+    StandIn(count_error=35).install(monkeypatch)
+    with pytest.raises(BackendUnavailableError, match="cudaErrorInsufficientDriver.*tensorrt-cu12"):
+        _trt_guard(engines[0])
+    warn_once.__defaults__[0].clear()
+    with pytest.warns(RuntimeWarning, match="cudaErrorInsufficientDriver.*falling back to onnxruntime"):
+        guard = SirenGuard.from_pretrained(engines[0])
+    assert guard.backend == "onnxruntime"
+
+
+def test_runtime_that_cannot_start_cuda_is_unavailable(engines, monkeypatch):
+    """Defect 6: trt.Runtime() raises TypeError when CUDA cannot start."""
+    from trt_standin import StandIn
+    from siren_runtime import BackendUnavailableError
+    from siren_runtime.backends.tensorrt_runner import TensorRTEngine
+    from siren_runtime.bundle import SCORE_IO, read_bundle
+    standin = StandIn().install(monkeypatch)
+    plan = read_bundle(engines[0]).read_verified(read_bundle(engines[0]).engines_for("model")[0].path)
+    standin.gpu.device_count = 0
+    with pytest.raises(BackendUnavailableError, match="could not start CUDA.*no NVIDIA GPU"):
+        TensorRTEngine(plan, "model", SCORE_IO)
+
+
+def test_context_that_cannot_be_created_falls_back(engines, trt_standin):
+    """Defect 6: create_execution_context() returning None was unchecked."""
+    from siren_runtime import BackendUnavailableError, SirenGuard
+    from siren_runtime.backends import warn_once
+    trt_standin.gpu.fail_context = True
+    with pytest.raises(BackendUnavailableError, match="execution context"):
+        _trt_guard(engines[0])
+    warn_once.__defaults__[0].clear()
+    with pytest.warns(RuntimeWarning, match="execution context.*falling back"):
+        assert SirenGuard.from_pretrained(engines[0]).backend == "onnxruntime"
+
+
+def test_refused_shapes_and_addresses_raise(engines, trt_standin):
+    """Defect 6: set_input_shape / set_tensor_address / profile results were unchecked."""
+    from siren_runtime.backends.cuda_memory import CudaStream
+    from siren_runtime.backends.tensorrt_runner import TensorRTEngine
+    from siren_runtime.bundle import SCORE_IO, read_bundle
+    contract = read_bundle(engines[0])
+    engine = TensorRTEngine(contract.read_verified(contract.engines_for("model")[0].path), "model", SCORE_IO)
+    stream = CudaStream(trt_standin.cudart)
+    with pytest.raises(ValueError, match="does not accept input_ids of shape \\[5, 8\\]"):
+        engine.bind(stream, 0, {"input_ids": (5, 8)}, {})
+    with pytest.raises(RuntimeError, match="refused the address of nonexistent"):
+        engine.bind(stream, 0, {}, {"nonexistent": 4096})
+    with pytest.raises(RuntimeError, match="could not switch.*profile 3"):
+        engine.bind(stream, 3, {}, {})
+    stream.close()
+
+
+def test_damaged_or_foreign_plan(engines, tmp_path, trt_standin):
+    from siren_runtime import BackendUnavailableError, BundleError
+    from siren_runtime.bundle import describe_file
+    bundle = _fresh(engines, tmp_path)
+    manifest = json.loads((bundle / "siren_bundle.json").read_text())
+    rel = manifest["engines"][0]["path"]
+    (bundle / rel).write_bytes(b"x" + (bundle / rel).read_bytes())
+    with pytest.raises(BundleError, match="does not match the manifest"):
+        _trt_guard(bundle, verify=False)                # the bytes TensorRT would get are checked
+    manifest["files"][rel] = describe_file(bundle, rel)
+    (bundle / "siren_bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendUnavailableError, match="could not deserialize the model engine"):
+        _trt_guard(bundle)
+
+
+def test_failing_step_engine_keeps_the_model_engine(all_layers, tmp_path, trt_standin):
+    """Defect 2: a failure in the step engine lost a good model engine."""
+    from siren_engines.build import build_engines
+    from siren_runtime.bundle import read_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    trt_standin.gpu.fail_build.add("step.onnx")
+    with pytest.warns(RuntimeWarning, match="streaming step engine was not kept.*failed to build"):
+        result = build_engines(bundle, max_batch=4, show_progress=False)
+    contract = read_bundle(bundle)
+    assert [e.graph for e in contract.engines] == ["model"] and len(result["engines"]) == 1
+    assert not list((bundle / "engines").glob("streaming-*"))
+    trt_standin.gpu.fail_build.clear()
+    trt_standin.gpu.fail_execute.add("step.onnx")      # builds, but cannot pass its own check
+    with pytest.warns(RuntimeWarning, match="streaming step engine was not kept.*failed to run"):
+        build_engines(bundle, max_batch=4, verify=False, show_progress=False)
+    assert [e.graph for e in read_bundle(bundle).engines] == ["model"]
+
+
+def test_foreign_timing_cache_is_replaced(all_layers, tmp_path, trt_standin):
+    """Defect 7: a timing cache from another GPU/TensorRT killed the build after it succeeded."""
+    from siren_engines.build import build_engines
+    bundle = tmp_path / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    cache = tmp_path / "other-gpu.cache"
+    cache.write_bytes(b"SIREN-TIMING-CACHE:9.0.0/another GPU")
+    with pytest.warns(RuntimeWarning, match="another GPU or TensorRT"):
+        build_engines(bundle, max_batch=2, streaming=False, verify=False, timing_cache=cache, show_progress=False)
+    assert b"NVIDIA Stand-in" in cache.read_bytes()
+
+
+def test_build_without_onnxruntime_keeps_the_engine(all_layers, tmp_path, trt_standin, monkeypatch):
+    """Defect 5: with only the tensorrt extra, verify crashed after the engines were written."""
+    import sys
+    from siren_engines.build import build_engines
+    bundle = tmp_path / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)     # import onnxruntime now fails
+    with pytest.warns(RuntimeWarning, match="not verified: ONNX Runtime is not installed"):
+        result = build_engines(bundle, max_batch=2, show_progress=False)
+    assert [e["graph"] for e in result["engines"]] == ["model", "streaming"]
+    assert "verify" not in result["engines"][0]
+
+
+def test_max_seq_below_max_length(all_layers, tmp_path, trt_standin):
+    """Defect 4: texts between --max-seq and max_length crashed score_batch and the build's verify."""
+    from siren_engines.build import build_engines
+    bundle = tmp_path / "bundle"
+    shutil.copytree(all_layers.bundle, bundle)
+    result = build_engines(bundle, max_batch=4, max_seq=16, streaming=False, show_progress=False)
+    report = result["engines"][0]["verify"]
+    assert report["passed"] and report["left_out_too_long"] > 0
+    from siren_runtime.backends import warn_once
+    warn_once.__defaults__[0].clear()
+    with pytest.warns(RuntimeWarning, match="takes at most 16 tokens of the bundle.s 64"):
+        guard = _trt_guard(bundle)
+    runs = len(trt_standin.gpu.executions)
+    with pytest.raises(ValueError, match="has [0-9]+ tokens.*at most 16.*siren build --max-seq 64"):
+        guard.score_batch(["hi", LONG])
+    assert len(trt_standin.gpu.executions) == runs          # refused before any work
+    assert abs(guard.score("hi").score - all_layers.reference.score("hi").score) <= TOL
+
+
+def test_step_profiles_fit_short_bundles():
+    """Defect 3: the default 64 new tokens did not fit a bundle with max_length < 64."""
+    from siren_engines.profiles import step_profiles
+    shapes = step_profiles(40, kv_layers=2, kv_heads=2, head_dim=8, features=16)[0].to_dict()["shapes"]
+    assert shapes["input_ids"]["max"] == [16, 40] and shapes["past_kv"]["max"][4] == 40
+
+
+def test_step_engine_with_too_few_new_tokens_is_refused(engines, tmp_path, trt_standin):
+    from siren_runtime import BackendUnavailableError
+    from siren_runtime.backends.tensorrt_runner import TensorRTStepRunner
+    from siren_runtime.bundle import read_bundle
+    contract = read_bundle(engines[0])
+    entry = json.loads(json.dumps(contract.engines_for("streaming")[0].record))
+    entry["profiles"][0]["shapes"]["input_ids"]["max"][1] = 8
+    with pytest.raises(BackendUnavailableError, match="takes 8 new tokens.*rebuild"):
+        TensorRTStepRunner(contract.read_verified(entry["path"]), entry, contract)
+
+
+def test_without_gpu_backend_tensorrt_says_why_and_none_falls_back_once(engines, monkeypatch):
+    from siren_runtime import BackendUnavailableError, SirenGuard
+    from siren_runtime.backends import warn_once
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    with pytest.raises(BackendUnavailableError, match="^TensorRT is not installed") as info:
+        SirenGuard.from_pretrained(engines[0], backend="tensorrt")
+    assert "\n" not in str(info.value)
+    warn_once.__defaults__[0].clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SirenGuard.from_pretrained(engines[0])
+        SirenGuard.from_pretrained(engines[0])
+    said = [w for w in caught if "falling back to onnxruntime" in str(w.message)]
+    assert len(said) == 1

@@ -70,7 +70,13 @@ def bundle_with_engine(all_layers, tmp_path):
     return bundle
 
 
-def test_runtime_falls_back_to_onnxruntime_and_says_so(bundle_with_engine, all_layers):
+@pytest.fixture()
+def no_tensorrt(monkeypatch):
+    """These tests are about a machine without TensorRT: make that true on a GPU box too."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+def test_runtime_falls_back_to_onnxruntime_and_says_so(bundle_with_engine, all_layers, no_tensorrt):
     from siren_runtime import BackendUnavailableError, SirenGuard
     from siren_runtime.backends import warn_once
     warn_once.__defaults__[0].clear()
@@ -85,19 +91,23 @@ def test_runtime_falls_back_to_onnxruntime_and_says_so(bundle_with_engine, all_l
         SirenGuard.from_pretrained(bundle_with_engine, backend="tensorrt")
 
 
-def _siren(*args):
-    return subprocess.run([sys.executable, "-m", "siren_export.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+def _siren(*args, hide_tensorrt: bool = False):
+    prefix = "import sys; sys.modules['tensorrt'] = None; " if hide_tensorrt else "import sys; "
+    code = prefix + "from siren_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_build_and_verify_without_gpu_fail_with_one_line(all_layers):
-    for args in (["build", str(all_layers.bundle)], ["verify", str(all_layers.bundle), "--backend", "tensorrt"]):
-        proc = _siren(*args)
+def test_build_and_verify_without_tensorrt_fail_with_one_line(all_layers, tmp_path):
+    bundle = tmp_path / "bundle"          # a copy: on a GPU box a build must not touch the shared bundle
+    shutil.copytree(all_layers.bundle, bundle)
+    for args in (["build", str(bundle)], ["verify", str(bundle), "--backend", "tensorrt"]):
+        proc = _siren(*args, hide_tensorrt=True)
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "Traceback" not in proc.stderr
-    proc = _siren("build", str(all_layers.bundle), "--precision", "bf16")
+    proc = _siren("build", str(bundle), "--precision", "bf16")
     assert proc.returncode == 2 and "precision lives in the graph" in proc.stderr
+    assert json.loads((bundle / "siren_bundle.json").read_text()).get("engines") in (None, [])
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +141,14 @@ def test_fp16_numerics_on_onnxruntime_cpu(reduced, all_layers):
     ours = np.array([r.score for r in guard.score_batch(CORPUS)])
     ref = np.array([r.score for r in all_layers.reference.score_batch(CORPUS)])
     assert np.all(np.isfinite(ours)) and np.max(np.abs(ours - ref)) < 0.02
+
+
+def test_bf16_bundle_on_a_cpu_says_what_to_export(reduced, no_tensorrt):
+    from siren_runtime import BackendUnavailableError, SirenGuard
+    for device in (None, "cpu"):
+        with pytest.raises(BackendUnavailableError, match="^a bf16 bundle runs on TensorRT or ONNX Runtime CUDA "
+                                                          "only.*siren export --dtype fp32.*no bf16 kernels"):
+            SirenGuard.from_pretrained(reduced["bf16"], device=device)
 
 
 def test_bf16_numerics_with_the_torch_module(reduced, all_layers):

@@ -94,11 +94,10 @@ def test_profiles_are_chosen_and_switched(all_layers, trt_standin):
         runner.run(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64))
 
 
-def test_sixteen_streams_on_device_equal_whole_prefix_scores(engines, trt_standin, all_layers):
+def _sixteen_streams(guard, standin, reference):
     """feed_batch over 16 sessions with random chunking (rollbacks whenever a chunk splits a
-    token, groups re-merging as lengths change), past max_length; no KV byte reaches the host."""
-    guard = _trt_guard(engines[0])
-    step, score = guard.runners.step, guard.runners.score
+    token, groups re-merging as lengths change), past max_length, each score equal to
+    llm-siren's on the prefix; no KV byte reaches the host."""
     rng = random.Random(7)
     texts = [(CORPUS[i % len(CORPUS)] + " " + LONG) for i in range(16)]
     plans = [random_chunks(t, rng, 1, 40) for t in texts]
@@ -109,21 +108,51 @@ def test_sixteen_streams_on_device_equal_whole_prefix_scores(engines, trt_standi
         results = guard.feed_batch([s for s, _ in live], [d for _, d in live])
         rounds += 1
         if rounds % 3 == 0:   # the oracle on a sample of rounds (llm-siren is the slow part)
-            ref = all_layers.reference.score_batch([s.text for s, _ in live])
+            ref = reference.score_batch([s.text for s, _ in live])
             worst = max([worst] + [abs(a.score - b.score) for a, b in zip(results, ref)])
         past_max = past_max or any(len(guard.token_ids(s.text)) == guard.max_length for s, _ in live)
     assert past_max and worst <= TOL
     ours = [s.score.score for s in sessions]
-    ref = [r.score for r in all_layers.reference.score_batch([s.text for s in sessions])]
+    ref = [r.score for r in reference.score_batch([s.text for s in sessions])]
     assert max(abs(a - b) for a, b in zip(ours, ref)) <= TOL
+    # what crossed to the host is exactly each step's scores and feature sums: no KV byte
+    features = guard.bundle.streaming.feature_dim
+    steps = [c for c in standin.gpu.copies if c.kind == "d2h"]
+    assert steps
+    return sum(c.nbytes for c in steps), features
+
+
+def test_sixteen_streams_on_tensorrt_equal_whole_prefix_scores(engines, trt_standin, all_layers):
+    guard = _trt_guard(engines[0])
+    read, features = _sixteen_streams(guard, trt_standin, all_layers.reference)
     steps = [e for e in trt_standin.gpu.executions if e[0] == "step.onnx"]
     assert max(shapes["input_ids"][0] for _, _, shapes in steps) == 3        # several streams per call
-    # what crossed to the host is exactly each call's scores and feature sums: no KV byte
-    features = guard.bundle.streaming.feature_dim
     expected = sum(shapes["input_ids"][0] * 4 * (1 + (shapes["input_ids"][1] * features if name == "step.onnx" else 0))
                    for name, _, shapes in trt_standin.gpu.executions)
-    assert sum(r.nbytes for r in trt_standin.host_reads()) == expected
+    assert read == expected
     guard.close()
+    assert trt_standin.gpu.live_bytes() == 0 and trt_standin.gpu.streams == set()
+
+
+def test_sixteen_streams_on_onnxruntime_device_states(all_layers, trt_standin):
+    """ONNX Runtime's IO-binding step runner over the same device-state code (bound as
+    host memory here, as "cuda" on a GPU)."""
+    from siren_runtime import SirenGuard
+    from siren_runtime.backends import Runners, open_runners
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, open_session
+    from siren_runtime.bundle import read_bundle
+    contract = read_bundle(all_layers.bundle)
+    session = open_session(contract.path(contract.streaming.graph.path), "cpu", spinning=False)
+    step = OnnxRuntimeDeviceStepRunner(session, contract.streaming, contract.inference.max_length,
+                                       trt_standin.cudart, memory="cpu", max_batch=5)
+    calls, execute = [], step._execute
+    step._execute = lambda shapes, out, addresses: (calls.append(shapes["input_ids"]),
+                                                    execute(shapes, out, addresses))
+    score = open_runners(contract, backend="onnxruntime", device="cpu", streaming=False).score
+    with SirenGuard(contract, Runners(score, step)) as guard:
+        read, features = _sixteen_streams(guard, trt_standin, all_layers.reference)
+    assert max(b for b, _ in calls) == 5
+    assert read == sum(b * 4 * (1 + w * features) for b, w in calls)      # scores and sums only
     assert trt_standin.gpu.live_bytes() == 0 and trt_standin.gpu.streams == set()
 
 

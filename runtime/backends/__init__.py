@@ -83,10 +83,13 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
     if not tried:
         raise BackendUnavailableError(f"no backend offers backend={backend!r} device={device!r} for this bundle")
     if score is None:
+        if bundle.model.dtype == "bf16":
+            raise BackendUnavailableError(
+                "a bf16 bundle runs on TensorRT or ONNX Runtime CUDA only (ONNX Runtime's CPU provider has no "
+                "bf16 kernels); for a CPU, export with `siren export --dtype fp32`. Tried: " + "; ".join(errors))
         if len(tried) == 1 and errors:
-            raise BackendUnavailableError(errors[0].split(": ", 1)[1] + _bf16_hint(bundle))
-        raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors)
-                                      + _bf16_hint(bundle))
+            raise BackendUnavailableError(errors[0].split(": ", 1)[1])
+        raise BackendUnavailableError("no scoring backend is usable here: " + "; ".join(errors))
     if errors:
         warn_once(f"siren_runtime: {errors[0]}; falling back to {score.name} on the {score.device}")
     step = None
@@ -113,13 +116,6 @@ def _first_that_opens(pairs, loader: str, bundle: Bundle, options: dict):
         except BackendUnavailableError as e:
             errors.append(f"{name} ({dev}): {e}")
     return None, errors
-
-
-def _bf16_hint(bundle: Bundle) -> str:
-    if bundle.model.dtype == "bf16":
-        return ("; a bf16 bundle needs TensorRT or ONNX Runtime CUDA (ONNX Runtime's CPU provider has no "
-                "bf16 kernels): for a CPU, export with `siren export --dtype fp32`")
-    return ""
 
 
 def _load(name: str):

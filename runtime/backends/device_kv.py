@@ -67,8 +67,10 @@ class DeviceStepRunner:
         self.stream: Optional[CudaStream] = CudaStream(rt)
 
     # -- what a backend provides ------------------------------------------------------
-    def _execute(self, shapes: dict, addresses: dict) -> None:
-        """Run the step graph on `self.stream` with these input shapes and tensor addresses."""
+    def _execute(self, shapes: dict, out_shapes: dict, addresses: dict) -> None:
+        """Run the step graph after the copies queued on `self.stream`, with these input and
+        output shapes and tensor addresses; its outputs must be complete, or queued on
+        `self.stream`, when this returns."""
         raise NotImplementedError
 
     def _release_engine(self) -> None:
@@ -177,7 +179,7 @@ class DeviceStepRunner:
                                  past * self._row_bytes,
                                  (row.state.ptr or 0) + lk * s.kv_heads * row.state.capacity * self._row_bytes,
                                  row.state.capacity * self._row_bytes, row.resume * self._row_bytes, s.kv_heads)
-        self._execute(shapes, addresses)
+        self._execute(shapes, out_shapes, addresses)
         score = np.empty(batch, dtype=np.float32)
         sums = np.empty(out_shapes["sums"], dtype=np.float32)
         stream.download(score, addresses["score"])

@@ -15,6 +15,8 @@ import numpy as np
 from ..bundle import SCORE_IO, STEP_IO, Bundle, StreamingSpec
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow
+from .cuda_env import CudaError, cudart
+from .device_kv import DeviceStepRunner
 
 _GPU_PROVIDER = "CUDAExecutionProvider"
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
@@ -239,8 +241,45 @@ class OnnxRuntimeStepRunner(_Closable):
         return outputs
 
 
+class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
+    """The step graph on ONNX Runtime CUDA with stream states in device memory: every
+    tensor is bound by address (IO binding), so a step moves only ids, lengths and sums
+    across PCIe, never a KV cache. `memory` is the device type the bound addresses live
+    on ("cuda"; the tests bind the CUDA stand-in's host-backed memory as "cpu")."""
+    name = "onnxruntime"
+
+    def __init__(self, session, spec: StreamingSpec, max_length: int, rt, memory: str = "cuda",
+                 max_batch: int = 16):
+        problem = _signature_error(session, STEP_IO, "the streaming step graph")
+        if problem:
+            raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
+        if spec.kv_dtype not in _NUMPY_KV:
+            raise BackendUnavailableError(f"ONNX Runtime's IO binding takes numpy element types; a {spec.kv_dtype} "
+                                          "KV cache streams on TensorRT")
+        self._session = session
+        self._memory = memory
+        kv = _NUMPY_KV[spec.kv_dtype]
+        self._types = {"input_ids": np.int64, "new_lengths": np.int64, "past_lengths": np.int64, "past_kv": kv,
+                       "past_sums": np.float32, "score": np.float32, "new_kv": kv, "sums": np.float32}
+        super().__init__(rt, spec, max_length, max_batch)
+
+    def _execute(self, shapes: dict, out_shapes: dict, addresses: dict) -> None:
+        binding = self._session.io_binding()
+        for name in STEP_IO.inputs:
+            binding.bind_input(name, self._memory, 0, self._types[name], list(shapes[name]), addresses[name])
+        for name in STEP_IO.outputs:
+            binding.bind_output(name, self._memory, 0, self._types[name], list(out_shapes[name]), addresses[name])
+        self.stream.synchronize()          # ONNX Runtime runs on its own stream: inputs must be in place
+        self._session.run_with_iobinding(binding)
+
+    def _release_engine(self) -> None:
+        self._session = None
+
+
 def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
                         spinning: bool = True, **_options) -> OnnxRuntimeRunner:
+    if bundle.model.dtype == "bf16" and device == "cpu":
+        raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
     session = open_session(bundle.path(bundle.model.path), device, intra_op_threads, spinning)
     return OnnxRuntimeRunner(session, device)
 
@@ -253,4 +292,10 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
         raise BackendUnavailableError(f"a {bundle.streaming.kv_dtype} KV cache cannot stream on the CPU")
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
     session = open_session(bundle.path(bundle.streaming.graph.path), device, intra_op_threads, spinning=False)
+    if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in _NUMPY_KV:
+        try:
+            return OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
+        except CudaError as e:
+            raise BackendUnavailableError(str(e)) from e
+    # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
     return OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)

@@ -175,7 +175,7 @@ class TensorRTStepRunner(DeviceStepRunner):
         self._engine = TensorRTEngine(plan, "streaming", STEP_IO)
         super().__init__(cudart(), spec, max_length, max_batch)
 
-    def _execute(self, shapes: dict, addresses: dict) -> None:
+    def _execute(self, shapes: dict, out_shapes: dict, addresses: dict) -> None:
         self._engine.bind(self.stream, 0, shapes, addresses)
         self._engine.execute(self.stream)
 

@@ -1,7 +1,9 @@
 """GPU check: build engines, verify them, and time TensorRT / ONNX Runtime CUDA / llm-siren.
 
 Run through benchmarks/gpu_check.sh on a machine with an NVIDIA GPU and TensorRT. Prints a
-latency/throughput table for batch 1/8/32 x sequence 64/256 on the same weights.
+latency/throughput table for batch 1/8/32 x sequence 64/256, and one for 1/16/64 concurrent
+streams (feed_batch on the step engine vs rescoring every prefix, vs llm-siren rescoring)
+on the same weights.
 """
 from __future__ import annotations
 
@@ -44,8 +46,10 @@ def prepare(size: str, workdir: Path) -> tuple[Path, Path, Path]:
     fp32, bf16 = root / "bundle-fp32", root / "bundle-bf16"
     for bundle, dtype in ((fp32, "fp32"), (bf16, "bf16")):
         if not (bundle / "siren_bundle.json").is_file():
-            export_bundle(str(root / "artifact"), bundle, dtype=dtype, overwrite=True, streaming=dtype == "bf16")
-    sh("siren", "build", str(bf16), "--max-batch", "32", "--max-seq", "512", "--reference-bundle", str(fp32))
+            export_bundle(str(root / "artifact"), bundle, dtype=dtype, overwrite=True, streaming=True)
+    sh("siren", "build", str(fp32), "--max-batch", "32", "--max-seq", "512", "--stream-batch", "64")
+    sh("siren", "build", str(bf16), "--max-batch", "32", "--max-seq", "512", "--stream-batch", "64",
+       "--reference-bundle", str(fp32))
     sh("siren", "verify", str(bf16), "--backend", "tensorrt", "--reference-bundle", str(fp32))
     return root / "artifact", fp32, bf16
 
@@ -70,10 +74,11 @@ def main() -> None:
     from siren_runtime import SirenGuard
 
     sizes = ["tiny"] + (["qwen3-4b"] if args.full else [])
-    rows = []
+    rows, stream_rows = [], []
     for size in sizes:
         artifact, fp32, bf16 = prepare(size, Path(args.workdir))
-        impls = {"tensorrt bf16": SirenGuard.from_pretrained(bf16, backend="tensorrt", device="cuda")}
+        impls = {"tensorrt bf16": SirenGuard.from_pretrained(bf16, backend="tensorrt", device="cuda"),
+                 "tensorrt fp32": SirenGuard.from_pretrained(fp32, backend="tensorrt", device="cuda")}
         try:
             impls["onnxruntime-cuda fp32"] = SirenGuard.from_pretrained(fp32, backend="onnxruntime", device="cuda")
         except Exception as e:  # onnxruntime-gpu absent
@@ -90,6 +95,43 @@ def main() -> None:
                 torch.cuda.synchronize()
             p50, p95 = time_calls(ref_call)
             rows.append((size, "llm-siren torch-cuda bf16", batch, seq, p50, p95))
+        for streams in (1, 16, 64):
+            for name, guard in impls.items():
+                seconds, tokens = time_streams(guard, streams)
+                stream_rows.append((size, streams, f"{name} feed_batch", seconds, tokens))
+                seconds = time_rescoring(guard.score_batch, streams)
+                stream_rows.append((size, streams, f"{name} rescoring", seconds, tokens))
+
+            def ref_batch(texts):
+                reference.score_batch(texts)
+                torch.cuda.synchronize()
+            stream_rows.append((size, streams, "llm-siren rescoring", time_rescoring(ref_batch, streams), 16 * streams))
+    print_table(rows)
+    print(f"\n{'size':<9} {'streams':>7} {'implementation':<34} {'ms/round':>9} {'new tok/s':>10}")
+    for size, streams, name, seconds, tokens in stream_rows:
+        print(f"{size:<9} {streams:>7} {name:<34} {1e3 * seconds:>9.2f} {tokens / seconds:>10.0f}")
+
+
+def time_streams(guard, streams: int, rounds: int = 8, delta: str = " hello" * 16) -> tuple[float, int]:
+    """(seconds per feed_batch round, new tokens per round) for `streams` sessions."""
+    sessions = [guard.stream() for _ in range(streams)]
+    guard.feed_batch(sessions, ["Write a story about a dragon."] * streams)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        guard.feed_batch(sessions, [delta] * streams)
+    return (time.perf_counter() - started) / rounds, 16 * streams
+
+
+def time_rescoring(score_batch, streams: int, rounds: int = 8, delta: str = " hello" * 16) -> float:
+    texts = ["Write a story about a dragon."] * streams
+    started = time.perf_counter()
+    for _ in range(rounds):
+        texts = [t + delta for t in texts]
+        score_batch(texts)
+    return (time.perf_counter() - started) / rounds
+
+
+def print_table(rows) -> None:
     print(f"\n{'size':<9} {'implementation':<26} {'batch':>5} {'seq':>5} {'p50 ms':>8} {'p95 ms':>8} {'tokens/s':>10}")
     for size, name, batch, seq, p50, p95 in rows:
         print(f"{size:<9} {name:<26} {batch:>5} {seq:>5} {1e3 * p50:>8.2f} {1e3 * p95:>8.2f} "

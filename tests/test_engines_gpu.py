@@ -37,3 +37,33 @@ def test_manifest_records_engine(engine_bundle):
     assert entry["tensorrt_version"] == tensorrt_version()
     assert entry["compute_capability"] == gpu_info()["compute_capability"]
     assert entry["verify"]["passed"]
+
+
+def test_streaming_engine_on_the_gpu(engine_bundle, all_layers):
+    """16 sessions through the step engine, KV caches on the device, each feed equal to the
+    reference on the prefix (fp32 engine; TensorRT may use TF32)."""
+    from siren_runtime import SirenGuard
+    guard = SirenGuard.from_pretrained(engine_bundle, backend="tensorrt", device="cuda")
+    assert guard.runners.step is not None and guard.runners.step.name == "tensorrt"
+    sessions = [guard.stream() for _ in range(16)]
+    words = [CORPUS[i % len(CORPUS)].split(" ") for i in range(16)]
+    for round_ in range(max(len(w) for w in words)):
+        live = [(s, (" " if round_ else "") + w[round_]) for s, w in zip(sessions, words) if round_ < len(w)]
+        results = guard.feed_batch([s for s, _ in live], [d for _, d in live])
+        ref = all_layers.reference.score_batch([s.text for s, _ in live])
+        assert max(abs(a.score - b.score) for a, b in zip(results, ref)) < 5e-3
+    guard.close()
+
+
+def test_onnxruntime_cuda_streams_on_the_device(all_layers):
+    from siren_runtime import SirenGuard
+    from siren_runtime.backends.onnxruntime_runner import gpu_available
+    if not gpu_available():
+        pytest.skip("onnxruntime-gpu is not installed")
+    guard = SirenGuard.from_pretrained(all_layers.bundle, backend="onnxruntime", device="cuda")
+    assert type(guard.runners.step).__name__ == "OnnxRuntimeDeviceStepRunner"
+    session = guard.stream()
+    for word in CORPUS[0].split(" "):
+        got = session.feed(word + " ").score
+        assert abs(got - all_layers.reference.score(session.text).score) < 5e-3
+    guard.close()

@@ -131,8 +131,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
                                      art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]), progress)
             gc.collect()
             sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
-            if not (staging / (STEP_FILE + ".data")).exists():
-                step_graph["external_data"] = None
+            if not (staging / (STEP_FILE + ".data")).exists():    # every weight is in the model's file
+                step_graph["external_data"] = graph["external_data"] if sharing["shared_bytes"] else None
             streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 

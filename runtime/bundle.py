@@ -22,7 +22,8 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
@@ -151,6 +152,10 @@ class Bundle:
     files: dict
     engines: tuple
     manifest: dict = field(compare=False, repr=False)
+    #: hash the files runners load (False: trusted paths, see trusting())
+    check_files: bool = field(default=True, compare=False)
+    _loaded: "weakref.WeakValueDictionary" = field(default_factory=lambda: weakref.WeakValueDictionary(),
+                                                   compare=False, repr=False)
 
     def path(self, rel: str) -> Path:
         return safe_relative_path(self.directory, rel)
@@ -158,11 +163,10 @@ class Bundle:
     def engines_for(self, graph: str) -> list:
         return [e for e in self.engines if e.graph == graph]
 
-    def verify(self, only=None) -> None:
-        """Check that every listed file exists with its recorded size and sha256.
-
-        Done before any session or engine is created: a truncated or altered weight file
-        must be refused, not half-loaded."""
+    def verify(self, only=None, contents: bool = True) -> None:
+        """Check that every listed file exists with its recorded size and (with `contents`)
+        sha256. The runtime itself checks sizes here and hashes each file it loads as it
+        reads it (:meth:`read_verified`); stages that hand paths to other tools hash here."""
         for rel, record in self.files.items():
             if only is not None and rel not in only:
                 continue
@@ -173,21 +177,49 @@ class Bundle:
             if size != record.bytes:
                 raise BundleError(f"{path}: size {size} differs from the manifest's "
                                   f"{record.bytes} (truncated or altered file)")
-            if sha256_file(path) != record.sha256:
+            if contents and sha256_file(path) != record.sha256:
                 raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
 
-    def read_verified(self, rel: str) -> bytes:
-        """The bytes of a listed file, read once and checked against the manifest: what is
-        checked is what is used (a file swapped after the check cannot slip in)."""
+    def trusting(self) -> "Bundle":
+        """This bundle with hashing of the files it loads switched off (``verify=False``:
+        trusted, read-only paths only). The bytes are still read once and owned in memory."""
+        return replace(self, check_files=False)
+
+    def read_verified(self, rel: str):
+        """A listed file's contents as a read-only uint8 array, read once and hashed while
+        read: what is checked is exactly what is used, and a file changed or truncated later
+        cannot reach a loaded guard. Arrays are shared while alive (the weights file read by
+        both graphs is read once)."""
+        import numpy as np
+        cached = self._loaded.get(rel)
+        if cached is not None:
+            return cached
         record = self.files.get(rel)
         if record is None:
             raise BundleError(f"{self.directory}: {rel} is not listed in the manifest's files")
         path = self.path(rel)
         if not path.is_file():
             raise FileNotFoundError(f"{self.directory}: bundle file {rel} is missing")
-        data = path.read_bytes()
-        if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-            raise BundleError(f"{path}: does not match the manifest's size/sha256 (altered or corrupted file)")
+        data = np.empty(record.bytes, dtype=np.uint8)
+        digest = hashlib.sha256() if self.check_files else None
+        view = memoryview(data)
+        with open(path, "rb", buffering=0) as f:
+            filled = 0
+            while filled < record.bytes:
+                n = f.readinto(view[filled:filled + _HASH_CHUNK])
+                if not n:
+                    break
+                if digest is not None:
+                    digest.update(view[filled:filled + n])
+                filled += n
+            longer = bool(f.read(1))
+        if filled != record.bytes or longer:
+            raise BundleError(f"{path}: size differs from the manifest's {record.bytes} bytes (truncated or "
+                              "altered file)")
+        if digest is not None and digest.hexdigest() != record.sha256:
+            raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
+        data.flags.writeable = False
+        self._loaded[rel] = data
         return data
 
     def raw(self) -> dict:
@@ -358,6 +390,10 @@ def _read_streaming(f: _Fields, bundle_dir: Path, manifest: dict, version: int, 
                       RuntimeWarning, stacklevel=3)
         return None
     graph = _read_graph(f, bundle_dir, section, "streaming.", STEP_IO, files)
+    weights = section.get("weights")
+    if graph.external_data is None and isinstance(weights, dict) and weights.get("shared_bytes"):
+        # exports before the step graph named the weights file it shares with the model graph
+        graph = replace(graph, external_data=model.external_data)
     if graph.path in model.files():
         f.fail("streaming.path", f"points at the model graph's file {graph.path!r}")
     if graph.path == model.path or graph.path == manifest["tokenizer"].get("path"):

@@ -38,7 +38,8 @@ class SirenGuard:
         """A guard over runners already opened for `bundle` (``from_pretrained`` opens them;
         tests and embedders inject their own, e.g. a wrapped step runner)."""
         if encoder is None:
-            encoder = TextEncoder(bundle.path(bundle.tokenizer_path), max_length=bundle.inference.max_length,
+            tokenizer_json = bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8")
+            encoder = TextEncoder(None, tokenizer_json=tokenizer_json, max_length=bundle.inference.max_length,
                                   pad_token_id=bundle.inference.pad_token_id)
         self._bundle = bundle
         self._runners = runners
@@ -90,8 +91,11 @@ class SirenGuard:
         if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
         bundle = read_bundle(bundle_dir)
-        if verify:
-            bundle.verify()
+        # every listed file present with its size now; each file a runner or the tokenizer
+        # loads is hashed as it is read, and those very bytes are used (Bundle.read_verified)
+        bundle.verify(contents=False)
+        if not verify:
+            bundle = bundle.trusting()
         stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
         runners = open_runners(bundle, backend=backend, device=device, streaming=incremental_streaming,
                                **backend_options)

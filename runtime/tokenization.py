@@ -46,15 +46,22 @@ def common_prefix_length(a, b) -> int:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_path: Path, max_length: int, pad_token_id: int):
+    def __init__(self, tokenizer_path: Optional[Path], max_length: int, pad_token_id: int, *,
+                 tokenizer_json: Optional[str] = None):
+        """From a tokenizer.json path, or from its text (the runtime passes the verified bytes
+        it read, so the tokenizer used is the one checked)."""
         from tokenizers import Tokenizer
 
+        def load():
+            if tokenizer_json is not None:
+                return Tokenizer.from_str(tokenizer_json)
+            return Tokenizer.from_file(str(tokenizer_path))
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._tokenizer = load()
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=self.max_length, direction="right")
-        self._pieces = Tokenizer.from_file(str(tokenizer_path))   # untruncated, for text pieces
+        self._pieces = load()   # untruncated, for text pieces
         self._pieces.no_padding()
         self._pieces.no_truncation()
         probe = "a b"

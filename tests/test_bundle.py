@@ -129,3 +129,82 @@ def test_export_lets_go_of_the_traced_weights(all_layers, tmp_path):
     scorer = loaded = None
     gc.collect()
     assert weight() is None
+
+
+_TAMPER_AFTER_LOAD = r"""
+import os, sys
+from siren_runtime import SirenGuard
+bundle = sys.argv[1]
+guard = SirenGuard.from_pretrained(bundle, device="cpu")
+text = "How do I pick a lock?"
+before = guard.score(text).score
+session = guard.stream()
+streamed = session.feed("How do I").score
+data = os.path.join(bundle, "model.onnx.data")
+with open(data, "r+b") as f:                         # in place, same size: zeros
+    f.write(b"\0" * os.path.getsize(data))
+assert guard.score(text).score == before, "an in-place overwrite changed a loaded guard"
+with open(data, "r+b") as f:                         # truncated: a SIGBUS under mmap
+    f.truncate(0)
+with open(os.path.join(bundle, "tokenizer.json"), "w") as f:
+    f.write("{}")
+assert guard.score(text).score == before, "a truncation changed a loaded guard"
+assert guard.score_batch([text, "hello"])[0].score == before
+assert abs(session.feed(" pick a lock?").score - before) < 1e-5
+print("immune")
+"""
+
+
+def test_loaded_guard_is_immune_to_later_file_changes(bundle_copy):
+    """Break 1: ONNX Runtime kept reading the weights file after it was verified."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _TAMPER_AFTER_LOAD, str(bundle_copy)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "immune", (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("swap_after", ["model.onnx", "model.onnx.data", "step.onnx", "tokenizer.json"])
+def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, swap_after):
+    """Break 2: the weights file replaced (by rename) with zeros right after another file
+    was loaded. Swapped before the weights are read, the load is refused; swapped after,
+    the guard runs on the bytes that were checked."""
+    import os
+    from siren_runtime.bundle import Bundle
+    data = bundle_copy / "model.onnx.data"
+    read, order = Bundle.read_verified, []
+
+    def read_then_swap(self, rel):
+        out = read(self, rel)
+        order.append(rel)
+        if rel == swap_after and b"\0" * 64 != data.read_bytes()[:64]:
+            tmp = bundle_copy / "zeros.tmp"
+            tmp.write_bytes(b"\0" * data.stat().st_size)
+            os.replace(tmp, data)
+        return out
+    monkeypatch.setattr(Bundle, "read_verified", read_then_swap)
+    text = "How do I pick a lock?"
+    if order_of_weights_read_before(swap_after):
+        guard = SirenGuard.from_pretrained(bundle_copy, device="cpu")
+        assert abs(guard.score(text).score - all_layers.reference.score(text).score) <= 1e-5
+        assert abs(guard.score_streaming(text).score - all_layers.reference.score(text).score) <= 1e-5
+    else:
+        with pytest.raises(BundleError, match="model.onnx.data.*sha256"):
+            SirenGuard.from_pretrained(bundle_copy, device="cpu")
+        assert order == ["model.onnx"]                   # refused while reading the swapped file
+
+
+def order_of_weights_read_before(rel: str) -> bool:
+    """Load order: the model graph, its weights, the step graph, the tokenizer."""
+    return rel != "model.onnx"
+
+
+def test_every_loaded_file_is_listed(bundle_copy):
+    """Break 3: files the runtime loads need not have been listed."""
+    for rel in ("model.onnx.data", "tokenizer.json", "step.onnx"):
+        bundle = read_bundle(bundle_copy)
+        files = dict(bundle.files)
+        files.pop(rel)
+        from dataclasses import replace
+        with pytest.raises(BundleError, match=f"{rel} is not listed"):
+            replace(bundle, files=files).read_verified(rel)

@@ -7,12 +7,13 @@ onnxruntime cannot serve is a ``BackendUnavailableError``, never a silent switch
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..bundle import SCORE_IO, STEP_IO, Bundle, StreamingSpec
+from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow
 from .cuda_env import CudaError, cudart
@@ -59,8 +60,11 @@ def gpu_available() -> bool:
         return False
 
 
-def open_session(graph_path: Path, device: str, intra_op_threads: Optional[int] = None, spinning: bool = True):
-    """An InferenceSession on exactly `device`."""
+def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spinning: bool = True,
+                 external: Optional[dict] = None):
+    """An InferenceSession on exactly `device`, from a graph path or the graph's bytes (then
+    `external` maps each external-data file name, as the graph refers to it, to its
+    contents, which ONNX Runtime uses in place: keep them alive with the session)."""
     ort = _import_ort()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -77,14 +81,36 @@ def open_session(graph_path: Path, device: str, intra_op_threads: Optional[int] 
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if external:
+        names = list(external)
+        options.add_external_initializers_from_files_in_memory(
+            names, [external[n] for n in names], [int(external[n].nbytes) for n in names])
+        options.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
+    what = graph if isinstance(graph, (str, Path)) else "the bundle's graph"
     try:
-        session = ort.InferenceSession(str(graph_path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(graph if isinstance(graph, (str, Path)) else bytes(graph),
+                                       sess_options=options, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        raise BackendUnavailableError(f"ONNX Runtime could not load {graph_path} on the {device}: "
+        raise BackendUnavailableError(f"ONNX Runtime could not load {what} on the {device}: "
                                       f"{str(e).splitlines()[0][:300]}") from e
     if device == "cuda" and _GPU_PROVIDER not in session.get_providers():
         raise BackendUnavailableError("ONNX Runtime did not enable CUDAExecutionProvider for this graph")
     return session
+
+
+def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_threads: Optional[int] = None,
+                        spinning: bool = True):
+    """(session, buffers it uses) for one of the bundle's graphs, loaded from the verified
+    bytes of its files, never from their paths: ONNX Runtime would otherwise keep reading
+    the weights file after the check (a later overwrite changes scores, a truncation is a
+    SIGBUS)."""
+    graph = bundle.read_verified(spec.path)
+    external = {}
+    if spec.external_data:
+        name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
+        external[name] = bundle.read_verified(spec.external_data)
+    session = open_session(graph, device, intra_op_threads, spinning, external=external)
+    return session, (graph, *external.values())
 
 
 def _signature_error(session, io, what: str) -> Optional[str]:
@@ -104,6 +130,7 @@ class _Closable:
 
     def close(self) -> None:
         self._session = None
+        self.buffers = ()
 
 
 class OnnxRuntimeRunner(_Closable):
@@ -274,14 +301,17 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
 
     def _release_engine(self) -> None:
         self._session = None
+        self.buffers = ()
 
 
 def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
                         spinning: bool = True, **_options) -> OnnxRuntimeRunner:
     if bundle.model.dtype == "bf16" and device == "cpu":
         raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
-    session = open_session(bundle.path(bundle.model.path), device, intra_op_threads, spinning)
-    return OnnxRuntimeRunner(session, device)
+    session, buffers = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning)
+    runner = OnnxRuntimeRunner(session, device)
+    runner.buffers = buffers
+    return runner
 
 
 def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
@@ -291,11 +321,13 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
     if bundle.streaming.kv_dtype not in _NUMPY_KV and device == "cpu":
         raise BackendUnavailableError(f"a {bundle.streaming.kv_dtype} KV cache cannot stream on the CPU")
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
-    session = open_session(bundle.path(bundle.streaming.graph.path), device, intra_op_threads, spinning=False)
+    session, buffers = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads, spinning=False)
     if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in _NUMPY_KV:
         try:
-            return OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
+            runner = OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
         except CudaError as e:
             raise BackendUnavailableError(str(e)) from e
-    # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
-    return OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)
+    else:   # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
+        runner = OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)
+    runner.buffers = buffers
+    return runner

@@ -38,8 +38,8 @@ def _cmd_score(args) -> int:
         results = [guard.score(prompt=args.prompt, response=args.response, threshold=threshold)]
         labels = [f"prompt={args.prompt!r} response={args.response!r}"]
     else:
-        texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
-        results = guard.score_batch(texts, threshold=threshold)
+        texts = args.texts or read_lines(sys.stdin.buffer, args.errors)
+        results = guard.score_batch(texts, threshold=threshold) if texts else []
         labels = texts
     for label, result in zip(labels, results):
         if args.json:
@@ -49,6 +49,24 @@ def _cmd_score(args) -> int:
             shown = shown if len(shown) <= 70 else shown[:67] + "..."
             print(f"{result.score:.6f}\t{'HARMFUL' if result.is_harmful else 'ok'}\t{shown}")
     return 0
+
+
+def read_lines(stream, errors: str = "fail") -> list[str]:
+    """One text per line of a byte stream, each decoded as UTF-8 on its own: a bad line is
+    named by its number (errors="fail": nothing is scored) or skipped with a note on stderr
+    (errors="skip"); the other lines are never lost to it."""
+    texts = []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
+            if errors == "skip":
+                print(f"siren score: skipped {problem}", file=sys.stderr)
+                continue
+            raise ValueError(problem + "; fix the input or pass --errors skip") from None
+        texts.append(line[:-1] if line.endswith("\n") else line)
+    return texts
 
 
 def _cmd_demo(args) -> int:
@@ -112,11 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score texts with a bundle (torch-free)")
     p.add_argument("bundle")
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score (default: one per line from stdin)")
+    p.add_argument("texts", nargs="*", default=[], metavar="TEXT",
+                   help="texts to score (default: one per line from stdin)")
     p.add_argument("--prompt")
     p.add_argument("--response")
     p.add_argument("--threshold", type=float)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--errors", choices=["fail", "skip"], default="fail",
+                   help="a stdin line that is not valid UTF-8: fail naming it (default) or skip it")
     p.add_argument("--backend", help="onnxruntime (default: best available)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable")
     p.set_defaults(func=_cmd_score)
@@ -176,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:        # `siren score ... | head -1`: the reader left, like any Unix tool
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
     except KeyboardInterrupt:
         print("siren: interrupted", file=sys.stderr)
         return 130

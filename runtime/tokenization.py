@@ -19,6 +19,9 @@ import numpy as np
 # the end; an edit further back re-tokenizes from the start (exact, just slower).
 _KEPT_SPLITS = 16
 _SAFE_SPLIT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+# Texts longer than this many characters per usable token are tokenized only up to a safe
+# split point past what max_length can use (see TextEncoder.usable_prefix).
+_LONG_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,29 @@ class TextEncoder:
                     f"text {i} is not valid Unicode: code point {t[e.start]!r} at index "
                     f"{e.start} is a lone surrogate") from None
 
+    def usable_prefix(self, text: str, tokens: Optional[int] = None) -> str:
+        """A prefix of `text` whose first `tokens` (default max_length) ids are the text's own,
+        so a long text is never tokenized whole (a tokenizer peaks at ~100x the text's size).
+        Cut at a safe split point once the prefix holds enough tokens; texts without one
+        (no ASCII letter-space-letter) are kept whole."""
+        tokens = self.max_length if tokens is None else tokens
+        budget = _LONG_CHARS_PER_TOKEN * max(tokens, 1)
+        if not self.can_resume or len(text) <= budget:
+            return text
+        while budget < len(text):
+            match = _SAFE_SPLIT.search(text, budget)
+            if match is None:
+                return text
+            cut = match.start()
+            if len(self._pieces.encode(text[:cut], add_special_tokens=False).ids) >= tokens:
+                return text[:cut]
+            budget = 2 * cut
+        return text
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated, unpadded."""
         self._check_encodable(texts)
+        texts = [self.usable_prefix(t) for t in texts]
         if len(texts) == 1:  # the streaming path: skip the batch encoder's thread-pool round trip
             return [self._tokenizer.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
@@ -103,7 +126,7 @@ class TextEncoder:
             if start_token >= self.max_length:        # everything before is already past the limit
                 return Tokenized(text, previous.ids, splits)
         ids = list(previous.ids[:start_token]) if start_token else []
-        tail = text[start_char:]
+        tail = self.usable_prefix(text[start_char:], self.max_length - start_token)
         last = None
         for match in _SAFE_SPLIT.finditer(tail):
             last = match.start()

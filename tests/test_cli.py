@@ -55,3 +55,33 @@ def test_errors_are_one_line(all_layers, tmp_path, args, match):
     errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("siren ")]
     assert len(errors) == 1 and re.search(match, errors[0]), proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_broken_pipe_is_quiet(all_layers):
+    """`siren score ... | head -1`: no Broken pipe error, the SIGPIPE status."""
+    proc = subprocess.Popen([sys.executable, "-m", "siren_export.cli", "score", str(all_layers.bundle)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"hello there\n" * 20000)
+    proc.stdin.close()
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=600) == 141
+    assert proc.stderr.read() == b""
+
+
+def test_invalid_utf8_line_is_named(all_layers):
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "siren_export.cli", "score", str(all_layers.bundle),
+                                         *extra], input=b"hello\n\xff bad line\nworld\n", capture_output=True,
+                                        timeout=600)
+    proc = run()
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr.decode().strip() == ("siren score: error: line 2: not valid UTF-8 (byte 0xff at byte 1); "
+                                            "fix the input or pass --errors skip")
+    proc = run("--errors", "skip")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
+    assert b"skipped line 2" in proc.stderr
+
+
+def test_usage_does_not_require_text():
+    proc = siren("score")
+    assert proc.returncode == 2 and "required: bundle" in proc.stderr and "TEXT" not in proc.stderr.splitlines()[-1]

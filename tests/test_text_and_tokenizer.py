@@ -83,3 +83,63 @@ def _encoders(path, max_length):
     if key not in _ENCODER_CACHE:
         _ENCODER_CACHE[key] = TextEncoder(path, max_length, 151643)
     return _ENCODER_CACHE[key]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(PIECES + [" word", " Word", " and"] * 6), min_size=200, max_size=1200),
+       st.sampled_from([1, 8, 20]))
+def test_long_texts_tokenize_only_a_usable_prefix_exactly(qwen_tokenizer_json, pieces, max_length):
+    """Long texts are cut at a safe split point past what max_length can use; the ids stay
+    those of the untruncated tokenizer on the whole text (an independent oracle)."""
+    encoder = _encoders(qwen_tokenizer_json, max_length)
+    whole = _encoders(qwen_tokenizer_json, 1 << 20)._pieces      # untruncated
+    text = "".join(pieces)
+    want = whole.encode(text).ids[:max_length]
+    assert encoder.token_ids([text])[0] == want
+    assert list(encoder.tokenize_resuming(text).ids) == want
+
+
+_MEMORY_PROBE = r"""
+import resource, sys
+from siren_runtime.tokenization import TextEncoder
+encoder = TextEncoder(sys.argv[1], 512, 151643)
+encoder.token_ids(["warm up"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+text = "The quick brown fox jumps over the lazy dog. " * 90_000        # ~4 MB
+ids = encoder.token_ids([text])[0]
+state = encoder.tokenize_resuming(text)
+assert len(ids) == 512 and list(state.ids) == ids
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_long_text_tokenization_memory_is_bounded(qwen_tokenizer_json):
+    """Also seen in the hostile review: a 3.8 MB text added ~480 MiB while tokenized whole."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(qwen_tokenizer_json)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip()) < 100, f"peak grew by {proc.stdout.strip()} MiB for a 4 MB text"
+
+
+def test_feeds_past_max_length_cost_the_new_text(qwen_tokenizer_json):
+    """Past max_length a feed re-tokenizes nothing it already covered: the characters the
+    tokenizer sees over 200 feeds stay near the text's length, not its square."""
+    from siren_runtime.tokenization import TextEncoder
+    encoder = TextEncoder(qwen_tokenizer_json, 64, 151643)
+    seen = []
+    pieces = encoder._pieces
+
+    class Counting:
+        def encode(self, text, **kwargs):
+            seen.append(len(text))
+            return pieces.encode(text, **kwargs)
+    encoder._pieces = Counting()
+    text, state = "", None
+    for i in range(200):
+        text += f" sentence number {i} says nothing much at all" * 10
+        state = encoder.tokenize_resuming(text, state)
+        if i % 25 == 0 or i == 199:
+            assert list(state.ids) == pieces.encode(text).ids[:64]
+    assert sum(seen) < 2 * len(text), (sum(seen), len(text))

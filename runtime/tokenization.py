@@ -4,24 +4,80 @@ padding with the pad id, truncation keeping the first `max_length` tokens.
 """
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-# A space between two ASCII letters is always a split point of Qwen's pre-tokenizer: the
-# letter run before it ends there whatever follows, a scan restarted there matches what the
-# scan of the whole text matches (no look-behind in the pattern), NFC cannot compose across a
-# space, and no added token contains one. Tokenizing the two sides apart gives the same ids.
+# Safe split points. The pre-tokenizers of Qwen2/Qwen3 (and Llama 3) split text with a regex
+# that has no look-behind, so a scan restarted at a boundary of the whole text's scan finds
+# what the whole scan finds after it. A letter followed by a character that is neither a
+# letter, a digit nor a combining mark is always such a boundary: the only alternatives that
+# match letters (`\p{L}+` with an optional leading symbol, and the contractions `'s` ...) end
+# there and look no further. NFC cannot compose across it (the right side is not a combining
+# mark), and it is not inside an added token when no `<` before it is left unclosed (every
+# added token is `<...>`; checked per tokenizer). Character classes are taken only where
+# Unicode 3.2 and this Python's Unicode agree, so a tokenizer built on another Unicode version
+# sees the same letters. Tokenizing the two sides apart then gives the same ids.
+_CANDIDATE = re.compile(r"[^\W\d_](?=\W)")
+# The pre-tokenizer patterns the rule was shown for.
+_SPLIT_PATTERNS = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",                                                           # Qwen2 / Qwen3
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",                                                           # Llama 3
+)
+_ADDED_TOKEN = re.compile(r"<[^<>]+>")
 # Split points a stream remembers: enough to resume after any usual re-merge or edit near
 # the end; an edit further back re-tokenizes from the start (exact, just slower).
 _KEPT_SPLITS = 16
-_SAFE_SPLIT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 # Texts longer than this many characters per usable token are tokenized only up to a safe
 # split point past what max_length can use (see TextEncoder.usable_prefix).
 _LONG_CHARS_PER_TOKEN = 16
+
+
+def _category(ch: str) -> str:
+    """The general category where Unicode 3.2 and this Python agree, else "Cn"."""
+    now = unicodedata.category(ch)
+    return now if unicodedata.ucd_3_2_0.category(ch) == now else "Cn"
+
+
+def safe_split_at(text: str, i: int) -> bool:
+    """Whether tokenizing text[:i] and text[i:] apart gives the ids of text (see above)."""
+    if not 0 < i < len(text) or not _category(text[i - 1]).startswith("L"):
+        return False
+    right = _category(text[i])
+    if right[0] in "LMN" or right in ("Cn", "Co", "Cs", "Cf"):
+        return False
+    opened = text.rfind("<", 0, i)
+    return opened < 0 or text.find(">", opened, i) >= 0
+
+
+def last_safe_split(text: str) -> int:
+    """The last safe split point of `text` (0 when there is none), looking back from the end
+    in growing windows so a long text costs what its tail costs."""
+    window = 256
+    while True:
+        start = max(0, len(text) - window)
+        best = 0
+        for match in _CANDIDATE.finditer(text, start):
+            if safe_split_at(text, match.end()):
+                best = match.end()
+        if best or start == 0:
+            return best
+        window *= 4
+
+
+def first_safe_split(text: str, at: int) -> int:
+    """The first safe split point at or after `at` (0 when there is none)."""
+    for match in _CANDIDATE.finditer(text, max(at - 1, 0)):
+        if match.end() >= at and safe_split_at(text, match.end()):
+            return match.end()
+    return 0
 
 
 @dataclass(frozen=True)
@@ -68,9 +124,15 @@ class TextEncoder:
         self._pieces.no_padding()
         self._pieces.no_truncation()
         probe = "a b"
-        # Resuming is only exact when the post-processor adds nothing (true for Qwen3).
+        # Resuming is only exact when the post-processor adds nothing (true for Qwen3), the
+        # pre-tokenizer is one the split rule was shown for, and every added token is <...>.
+        spec = json.loads(self._pieces.to_str())
+        splits = [p for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])
+                  if p.get("type") == "Split"]
         self.can_resume = (self._pieces.encode(probe, add_special_tokens=True).ids
-                           == self._pieces.encode(probe, add_special_tokens=False).ids)
+                           == self._pieces.encode(probe, add_special_tokens=False).ids
+                           and len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS
+                           and all(_ADDED_TOKEN.fullmatch(t["content"]) for t in spec.get("added_tokens", [])))
 
     @staticmethod
     def _check_encodable(texts: list[str]) -> None:
@@ -87,16 +149,15 @@ class TextEncoder:
         """A prefix of `text` whose first `tokens` (default max_length) ids are the text's own,
         so a long text is never tokenized whole (a tokenizer peaks at ~100x the text's size).
         Cut at a safe split point once the prefix holds enough tokens; texts without one
-        (no ASCII letter-space-letter) are kept whole."""
+        (one unbroken run of letters) are kept whole."""
         tokens = self.max_length if tokens is None else tokens
         budget = _LONG_CHARS_PER_TOKEN * max(tokens, 1)
         if not self.can_resume or len(text) <= budget:
             return text
         while budget < len(text):
-            match = _SAFE_SPLIT.search(text, budget)
-            if match is None:
+            cut = first_safe_split(text, budget)
+            if not cut:
                 return text
-            cut = match.start()
             if len(self._pieces.encode(text[:cut], add_special_tokens=False).ids) >= tokens:
                 return text[:cut]
             budget = 2 * cut
@@ -127,9 +188,7 @@ class TextEncoder:
                 return Tokenized(text, previous.ids, splits)
         ids = list(previous.ids[:start_token]) if start_token else []
         tail = self.usable_prefix(text[start_char:], self.max_length - start_token)
-        last = None
-        for match in _SAFE_SPLIT.finditer(tail):
-            last = match.start()
+        last = last_safe_split(tail)
         if last:
             head = self._pieces.encode(tail[:last], add_special_tokens=False).ids
             ids += head

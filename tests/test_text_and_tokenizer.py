@@ -1,6 +1,7 @@
 """Text cleaning equals llm-siren's; the offline Qwen3 tokenizer equals tiktoken's ids."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from siren_guard.siren_guard import _join_prompt_response, _to_raw_text
@@ -49,10 +50,14 @@ def test_qwen3_tokenizer_matches_tiktoken(qwen_tokenizer_json):
 
 PIECES = list("abcXYZ   \n\t.,'!?-0123") + ["é", "e\u0301", "ö", "中", "🙂", "👍🏽", "<think>", "</think>",
                                              "<|im_end|>", "<|im_", "end|>", "'s", " don't", "\r\n", "\u00a0",
-                                             "\u200b", "ﬁ", "A\u030a"]
+                                             "\u200b", "ﬁ", "A\u030a",
+                                             # scripts without spaces, and what splits them
+                                             "文字", "，", "。", "、", "「", "」", "々", "〇", "\u302a", "１２",
+                                             "ｱｲ", "\u3000", "ـ", "ا", "\u064b", "ก", "\u0e31", "\u1100\u1161",
+                                             "\u11a8", "<", ">", "_", "\U0002b739"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=80), st.lists(st.integers(1, 9), min_size=1),
        st.integers(0, 3), st.sampled_from([8, 64, 100_000]))
 def test_resumed_tokenization_equals_full(qwen_tokenizer_json, pieces, steps, edit, max_length):
@@ -123,9 +128,12 @@ def test_long_text_tokenization_memory_is_bounded(qwen_tokenizer_json):
     assert int(proc.stdout.strip()) < 100, f"peak grew by {proc.stdout.strip()} MiB for a 4 MB text"
 
 
-def test_feeds_past_max_length_cost_the_new_text(qwen_tokenizer_json):
-    """Past max_length a feed re-tokenizes nothing it already covered: the characters the
-    tokenizer sees over 200 feeds stay near the text's length, not its square."""
+@pytest.mark.parametrize("sentence", [" sentence number {i} says nothing much at all",
+                                      "这是第{i}句话，没有什么特别的。", "第{i}行\n"])
+def test_feeds_past_max_length_cost_the_new_text(qwen_tokenizer_json, sentence):
+    """Past max_length a feed re-tokenizes nothing it already covered, whatever the script:
+    the characters the tokenizer sees over 200 feeds stay near the text's length, not its
+    square (CJK and newline-separated text used to re-tokenize everything per feed)."""
     from siren_runtime.tokenization import TextEncoder
     encoder = TextEncoder(qwen_tokenizer_json, 64, 151643)
     seen = []
@@ -138,7 +146,7 @@ def test_feeds_past_max_length_cost_the_new_text(qwen_tokenizer_json):
     encoder._pieces = Counting()
     text, state = "", None
     for i in range(200):
-        text += f" sentence number {i} says nothing much at all" * 10
+        text += sentence.format(i=i) * 10
         state = encoder.tokenize_resuming(text, state)
         if i % 25 == 0 or i == 199:
             assert list(state.ids) == pieces.encode(text).ids[:64]

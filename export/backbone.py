@@ -12,7 +12,10 @@ from typing import Any, Optional
 
 from .errors import ArtifactError
 
-SUPPORTED_MODEL_TYPES = ("qwen3",)
+#: backbones whose decoder layers the one decoder walk (decoder.run_layer) reproduces: they
+#: differ only in what their sub-modules hold (Qwen3's q/k RMSNorm, Llama 3's rope scaling in
+#: the rotary embedding's inverse frequencies), which the walk reads from the modules.
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -123,16 +123,29 @@ class TextEncoder:
         self._pieces = load()   # untruncated, for text pieces
         self._pieces.no_padding()
         self._pieces.no_truncation()
-        probe = "a b"
-        # Resuming is only exact when the post-processor adds nothing (true for Qwen3), the
-        # pre-tokenizer is one the split rule was shown for, and every added token is <...>.
+        # Resuming is exact when the post-processor adds at most a fixed prefix (nothing for
+        # Qwen3, <|begin_of_text|> for Llama 3), the pre-tokenizer is one the split rule was
+        # shown for, and every added token is <...>.
+        self.prefix = self._fixed_prefix()
         spec = json.loads(self._pieces.to_str())
         splits = [p for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])
                   if p.get("type") == "Split"]
-        self.can_resume = (self._pieces.encode(probe, add_special_tokens=True).ids
-                           == self._pieces.encode(probe, add_special_tokens=False).ids
+        self.can_resume = (self.prefix is not None
                            and len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS
                            and all(_ADDED_TOKEN.fullmatch(t["content"]) for t in spec.get("added_tokens", [])))
+
+    def _fixed_prefix(self) -> Optional[tuple]:
+        """The ids the post-processor puts before every text when that is all it adds (the
+        same for every probe, nothing after), else None."""
+        prefixes = set()
+        for probe in ("a b", "Hello, world!\n", "x"):
+            full = self._pieces.encode(probe, add_special_tokens=True).ids
+            bare = self._pieces.encode(probe, add_special_tokens=False).ids
+            cut = len(full) - len(bare)
+            if cut < 0 or full[cut:] != bare:
+                return None
+            prefixes.add(tuple(full[:cut]))
+        return prefixes.pop() if len(prefixes) == 1 else None
 
     @staticmethod
     def _check_encodable(texts: list[str]) -> None:
@@ -150,7 +163,7 @@ class TextEncoder:
         so a long text is never tokenized whole (a tokenizer peaks at ~100x the text's size).
         Cut at a safe split point once the prefix holds enough tokens; texts without one
         (one unbroken run of letters) are kept whole."""
-        tokens = self.max_length if tokens is None else tokens
+        tokens = self.max_length - len(self.prefix or ()) if tokens is None else tokens
         budget = _LONG_CHARS_PER_TOKEN * max(tokens, 1)
         if not self.can_resume or len(text) <= budget:
             return text
@@ -186,13 +199,13 @@ class TextEncoder:
                 splits = tuple(kept)
             if start_token >= self.max_length:        # everything before is already past the limit
                 return Tokenized(text, previous.ids, splits)
-        ids = list(previous.ids[:start_token]) if start_token else []
-        tail = self.usable_prefix(text[start_char:], self.max_length - start_token)
+        ids = list(previous.ids[:start_token]) if start_token else list(self.prefix)
+        tail = self.usable_prefix(text[start_char:], self.max_length - len(ids))
         last = last_safe_split(tail)
         if last:
             head = self._pieces.encode(tail[:last], add_special_tokens=False).ids
             ids += head
-            splits += ((start_char + last, start_token + len(head)),)
+            splits += ((start_char + last, len(ids)),)
             tail = tail[last:]
         ids += self._pieces.encode(tail, add_special_tokens=False).ids
         return Tokenized(text, tuple(ids[:self.max_length]), splits)

@@ -40,9 +40,13 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
 
 def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128,
                         num_heads: int = 4, num_kv_heads: int = 1, head_dim: int = 16, seed: int = 0,
-                        max_position_embeddings: int = 4096, rms_norm_eps: float = 1e-5) -> Path:
-    """A randomly initialised LlamaForCausalLM with Llama 3's rope scaling (`llama3`), untied
-    embeddings, and a Llama-3-style tokenizer made offline (BOS post-processor, no pad)."""
+                        max_position_embeddings: int = 4096, rms_norm_eps: float = 1e-5,
+                        vocab_size: Optional[int] = None, tie_word_embeddings: bool = False,
+                        original_max_position_embeddings: int = 64) -> Path:
+    """A randomly initialised LlamaForCausalLM with Llama 3's rope scaling (`llama3`), and a
+    Llama-3-style tokenizer made offline (BOS post-processor, no pad). `vocab_size` defaults
+    to the tokenizer's; pass the real 128,256 to measure real-scale sizes (the extra rows are
+    never looked up)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,12 +56,13 @@ def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int =
     folder.mkdir(parents=True, exist_ok=True)
     vocab = save_llama3_style_tokenizer(folder)
     ids = build_llama3_style_tokenizer()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+    config = LlamaConfig(vocab_size=max(vocab, vocab_size or 0), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                          head_dim=head_dim, max_position_embeddings=max_position_embeddings, rms_norm_eps=rms_norm_eps,
-                         rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_theta=500000.0, tie_word_embeddings=tie_word_embeddings,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": original_max_position_embeddings},
                          bos_token_id=ids.token_to_id(BOS_TOKEN), eos_token_id=ids.token_to_id(EOS_TOKEN))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

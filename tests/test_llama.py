@@ -133,3 +133,25 @@ def test_unsupported_architectures_are_refused_by_name(llama, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="is a 'gpt2' model; supported: qwen3, llama"):
         load_backbone_config(str(other), None)
+
+
+def test_llama_engines_and_streaming_on_the_tensorrt_standin(llama, tmp_path, trt_standin):
+    """The TensorRT path is architecture-blind: build both engines (stand-in, tests/trt_standin.py)
+    and stream through the step engine, BOS first."""
+    import shutil
+    from siren_engines.build import build_engines
+    from siren_runtime import SirenGuard
+    bundle, reference, _ = llama
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    result = build_engines(copy, max_batch=4, stream_batch=3, show_progress=False)
+    assert [e["graph"] for e in result["engines"]] == ["model", "streaming"] and not result["warnings"]
+    guard = SirenGuard.from_pretrained(copy, backend="tensorrt", device="cuda")
+    assert guard.runners.step.name == "tensorrt"
+    ours = [r.score for r in guard.score_batch(CORPUS)]
+    assert max(abs(a - r.score) for a, r in zip(ours, reference.score_batch(CORPUS))) <= TOL
+    sessions = [guard.stream() for _ in range(4)]
+    for piece in ["Tell me", " how to", " bake br", "ead at home", " and then more words" * 3]:
+        results = guard.feed_batch(sessions, [piece] * 4)
+        assert abs(results[0].score - reference.score(sessions[0].text).score) <= TOL
+    guard.close()

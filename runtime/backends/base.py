@@ -70,6 +70,29 @@ class StepOutput:
     sums: np.ndarray           # float32 [len(new_ids), features]: running sums after each new token
 
 
+def check_state(owner, state, state_type: type, resume) -> None:
+    """A step runner's check that `state` is one of its own and can resume at `resume`."""
+    if not isinstance(state, state_type) or state.owner is not owner:
+        raise ValueError("stream state belongs to another runner")
+    if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume <= state.length:
+        raise ValueError(f"cannot resume at {resume!r}: the state holds {state.length} tokens")
+
+
+def check_rows(owner, rows: Sequence[StepRow], state_type: type, max_length: int,
+               max_batch: Optional[int] = None) -> None:
+    """Everything a step runner checks before it touches any state (shared by all runners)."""
+    if max_batch is not None and len(rows) > max_batch:
+        raise ValueError(f"a step runs at most {max_batch} streams here, got {len(rows)}")
+    seen = set()
+    for row in rows:
+        check_state(owner, row.state, state_type, row.resume)
+        if id(row.state) in seen:
+            raise ValueError("a stream state appears twice in one step")
+        seen.add(id(row.state))
+        if not 0 < len(row.new_ids) <= max_length - row.resume:
+            raise ValueError(f"a step runs 1..{max_length - row.resume} new tokens here, got {len(row.new_ids)}")
+
+
 class StepRunner(Protocol):
     name: str
     device: str

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..bundle import STEP_IO, StreamingSpec
-from .base import RunnerLimits, StepOutput, StepRow
+from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_memory import CudaStream, DeviceBuffer, allocate, free
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -84,12 +84,6 @@ class DeviceStepRunner:
             free(self.rt, self._graveyard.pop())
         return self.stream
 
-    def _check_state(self, state, resume) -> None:
-        if not isinstance(state, DeviceKVState) or state.owner is not self:
-            raise ValueError("stream state belongs to another runner")
-        if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume <= state.length:
-            raise ValueError(f"cannot resume at {resume!r}: the state holds {state.length} tokens")
-
     def new_state(self) -> DeviceKVState:
         with self._lock:
             self._live()
@@ -108,7 +102,7 @@ class DeviceStepRunner:
     def fork(self, state: DeviceKVState, length: int) -> DeviceKVState:
         with self._lock:
             stream = self._live()
-            self._check_state(state, length)
+            check_state(self, state, DeviceKVState, length)
             copy = DeviceKVState(self)
             if length:
                 capacity = max(length, _MIN_CAPACITY)
@@ -126,21 +120,8 @@ class DeviceStepRunner:
             stream = self._live()
             if not rows:
                 return []
-            self._check_rows(rows)
+            check_rows(self, rows, DeviceKVState, self._max_length, self.limits.max_batch)
             return self._step(stream, list(rows))
-
-    def _check_rows(self, rows: Sequence[StepRow]) -> None:
-        if len(rows) > self.limits.max_batch:
-            raise ValueError(f"a step runs at most {self.limits.max_batch} streams here, got {len(rows)}")
-        seen = set()
-        for row in rows:
-            self._check_state(row.state, row.resume)
-            if id(row.state) in seen:
-                raise ValueError("a stream state appears twice in one step")
-            seen.add(id(row.state))
-            if not 0 < len(row.new_ids) <= self._max_length - row.resume:
-                raise ValueError(f"a step runs 1..{self._max_length - row.resume} new tokens here, "
-                                 f"got {len(row.new_ids)}")
 
     def _step(self, stream: CudaStream, rows: list[StepRow]) -> list[StepOutput]:
         s = self._spec

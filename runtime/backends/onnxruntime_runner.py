@@ -15,7 +15,7 @@ import numpy as np
 
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec
 from ..errors import BackendUnavailableError, BundleError
-from .base import RunnerLimits, StepOutput, StepRow
+from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
 
@@ -209,30 +209,16 @@ class OnnxRuntimeStepRunner(_Closable):
         return HostKVState(self._empty(0), 0, self)
 
     def fork(self, state: HostKVState, length: int) -> HostKVState:
-        self._check_state(state, length)
+        check_state(self, state, HostKVState, length)
         kv = self._empty(length)
         kv[:, :, :, :length] = state.kv[:, :, :, :length]
         return HostKVState(kv, length, self)
-
-    def _check_state(self, state, resume: int) -> None:
-        if not isinstance(state, HostKVState) or state.owner is not self:
-            raise ValueError("stream state belongs to another runner")
-        if isinstance(resume, bool) or not isinstance(resume, int) or not 0 <= resume <= state.length:
-            raise ValueError(f"cannot resume at {resume!r}: the state holds {state.length} tokens")
 
     def step(self, rows: Sequence[StepRow]) -> list[StepOutput]:
         session = self._live_session()
         if not rows:
             return []
-        seen = set()
-        for row in rows:
-            self._check_state(row.state, row.resume)
-            if id(row.state) in seen:
-                raise ValueError("a stream state appears twice in one step")
-            seen.add(id(row.state))
-            if not 0 < len(row.new_ids) <= self._max_length - row.resume:
-                raise ValueError(f"a step runs 1..{self._max_length - row.resume} new tokens here, "
-                                 f"got {len(row.new_ids)}")
+        check_rows(self, rows, HostKVState, self._max_length)
         s = self._spec
         batch = len(rows)
         past = max(row.resume for row in rows)

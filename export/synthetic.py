@@ -17,7 +17,6 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
                   num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                   tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096) -> Path:
     """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer."""
-    import torch
     from transformers import Qwen3ForCausalLM
 
     from transformers.utils import logging as tf_logging
@@ -27,13 +26,7 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
     folder.mkdir(parents=True, exist_ok=True)
     config = _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
                            max_position_embeddings)
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    std = _init_std(hidden_size)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            _init_(name, p, std)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    _save_random(Qwen3ForCausalLM, config, folder, hidden_size, seed)
     save_qwen3_tokenizer(folder, tokenizer_cache)
     return folder
 
@@ -47,7 +40,6 @@ def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int =
     Llama-3-style tokenizer made offline (BOS post-processor, no pad). `vocab_size` defaults
     to the tokenizer's; pass the real 128,256 to measure real-scale sizes (the extra rows are
     never looked up)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .llama_tokenizer_build import BOS_TOKEN, EOS_TOKEN, build_llama3_style_tokenizer, save_llama3_style_tokenizer
@@ -64,14 +56,20 @@ def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int =
                                        "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": original_max_position_embeddings},
                          bos_token_id=ids.token_to_id(BOS_TOKEN), eos_token_id=ids.token_to_id(EOS_TOKEN))
+    _save_random(LlamaForCausalLM, config, folder, hidden_size, seed)
+    return folder
+
+
+def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int) -> None:
+    """Instantiate `model_class(config)` with this module's random initialisation and save it."""
+    import torch
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     std = _init_std(hidden_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
             _init_(name, p, std)
     model.save_pretrained(str(folder), safe_serialization=True)
-    return folder
 
 
 def _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "siren-bench"))
     args = parser.parse_args()
-    from siren_export.triton_repo import write_repository
+    from siren_serving.triton_repo import write_repository
     bundle = Path(args.bundle) if args.bundle else build("tiny", Path(args.workdir))[1]
     rows = []
     for batching in (True, False):

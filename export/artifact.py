@@ -54,7 +54,7 @@ class SirenArtifact:
         return sum(len(self.neurons[l]) for l in self.selected_layers)
 
 
-def resolve_artifact(source: str, cache_dir: Optional[str] = None) -> tuple[Path, Path]:
+def resolve_artifact(source: str, cache_dir: Optional[str] = None, revision: Optional[str] = None) -> tuple[Path, Path]:
     """A local folder, or a Hugging Face repo id (downloaded with huggingface_hub,
     which honours HF_HOME and HF_HUB_OFFLINE)."""
     path = Path(source).expanduser()
@@ -69,8 +69,10 @@ def resolve_artifact(source: str, cache_dir: Optional[str] = None) -> tuple[Path
         raise FileNotFoundError(f"artifact not found: {source} is neither a folder nor a Hub repo id (owner/name)")
     from huggingface_hub import hf_hub_download
     try:
-        config_path = hf_hub_download(repo_id=source, filename=CONFIG_NAME, cache_dir=cache_dir)
-        weights_path = hf_hub_download(repo_id=source, filename=WEIGHTS_NAME, cache_dir=cache_dir)
+        config_path = hf_hub_download(repo_id=source, filename=CONFIG_NAME, cache_dir=cache_dir, revision=revision)
+        # the weights from the commit the config came from (a push between the two cannot mix them)
+        commit = Path(config_path).parent.name
+        weights_path = hf_hub_download(repo_id=source, filename=WEIGHTS_NAME, cache_dir=cache_dir, revision=commit)
     except Exception as e:  # network, auth, offline mode: one clear line for the CLI
         raise ArtifactError(f"could not fetch artifact {source} from the Hugging Face Hub: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -197,8 +199,8 @@ def _load_head(weights_path: Path, parsed: dict, source: str) -> list[HeadLayer]
     return head
 
 
-def load_artifact(source: str, cache_dir: Optional[str] = None) -> SirenArtifact:
-    config_path, weights_path = resolve_artifact(str(source), cache_dir)
+def load_artifact(source: str, cache_dir: Optional[str] = None, revision: Optional[str] = None) -> SirenArtifact:
+    config_path, weights_path = resolve_artifact(str(source), cache_dir, revision)
     label = str(source)
     try:
         config = json.loads(Path(config_path).read_text(encoding="utf-8"))

@@ -33,10 +33,10 @@ class LoadedBackbone:
     config: Any
 
 
-def load_backbone_config(model_id: str, revision: Optional[str]):
+def load_backbone_config(model_id: str, revision: Optional[str], cache_dir: Optional[str] = None):
     from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model_id, revision=revision, cache_dir=cache_dir, trust_remote_code=False)
     except Exception as e:
         raise ArtifactError(f"could not load the backbone config of {model_id!r}"
                             f"{f' at revision {revision}' if revision else ''}: {type(e).__name__}: "
@@ -50,11 +50,11 @@ def load_backbone_config(model_id: str, revision: Optional[str]):
 
 
 def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtype: str = "fp32",
-                  config=None) -> LoadedBackbone:
+                  config=None, cache_dir: Optional[str] = None) -> LoadedBackbone:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    config = config or load_backbone_config(model_id, revision)
+    config = config or load_backbone_config(model_id, revision, cache_dir)
     num_layers = int(config.num_hidden_layers)
     if kept_layers > num_layers:
         raise ArtifactError(f"asked for {kept_layers} layers of a {num_layers}-layer backbone")
@@ -68,7 +68,7 @@ def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtyp
     tf_logger.setLevel(logging.ERROR)
     try:
         model = AutoModel.from_pretrained(
-            model_id, revision=revision, config=config, dtype=getattr(torch, TORCH_DTYPES[dtype]),
+            model_id, revision=revision, cache_dir=cache_dir, config=config, dtype=getattr(torch, TORCH_DTYPES[dtype]),
             attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
     except Exception as e:
         raise ArtifactError(f"could not load backbone weights from {model_id!r}: {type(e).__name__}: "
@@ -79,7 +79,8 @@ def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtyp
     for p in model.parameters():
         p.requires_grad_(False)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, cache_dir=cache_dir,
+                                              trust_remote_code=False)
     if not getattr(tokenizer, "is_fast", False):
         raise ArtifactError(f"backbone {model_id!r} has no fast tokenizer (tokenizer.json); the runtime needs one")
     return LoadedBackbone(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision,

@@ -17,12 +17,14 @@ from typing import Optional
 
 from siren_runtime.calibration import calibration_texts
 from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, read_bundle, write_manifest
+from siren_runtime.hub import CARD_NAME
 from siren_runtime.tokenization import TextEncoder
 
 from . import __version__
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
+from .model_card import model_card
 from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
                      check_step_against_module, check_tokenizer, cpu_unrunnable_reason,
@@ -46,20 +48,29 @@ def _versions() -> dict:
     return out
 
 
-def _quiet_transformers() -> None:
+def _quiet_transformers(show_progress: bool) -> None:
+    """transformers' own warnings off; Hugging Face download bars stay on (an 8 GB backbone
+    download must not be silent) unless progress is off."""
     try:
         from transformers.utils import logging as tf_logging
-        tf_logging.set_verbosity_error()
-        tf_logging.disable_progress_bar()
+        if os.environ.get("TRANSFORMERS_VERBOSITY") is None:
+            tf_logging.set_verbosity_error()
     except ImportError:
         pass
+    if not show_progress:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
 
 
 def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
                   readout: str = "runtime", overwrite: bool = False, parity_tolerance: Optional[float] = None,
-                  cache_dir: Optional[str] = None, show_progress: bool = True, streaming: bool = True) -> Path:
+                  cache_dir: Optional[str] = None, show_progress: bool = True, streaming: bool = True,
+                  revision: Optional[str] = None, backbone_revision: Optional[str] = None) -> Path:
     """Export `artifact` (Hub id or folder) into the bundle directory `output`.
 
+    revision: the artifact's Hub revision; backbone_revision: the backbone's (default: the
+        artifact's pin for its own backbone, main for an overriding `backbone`).
+    cache_dir: Hugging Face cache for the artifact and the backbone alike.
     streaming: also write the incremental step graph (shares the weights file).
     """
     if dtype not in TORCH_DTYPES:
@@ -69,21 +80,22 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-    _quiet_transformers()
+    _quiet_transformers(show_progress)
     progress = Progress(total_steps=8 if streaming else 7, enabled=show_progress)
 
     progress.start(f"reading SIREN artifact {artifact}")
-    art = load_artifact(artifact, cache_dir=cache_dir)
+    art = load_artifact(artifact, cache_dir=cache_dir, revision=revision)
+    artifact_revision = revision
     model_id = backbone or art.base_model_id
-    revision = None if backbone else art.base_model_revision
-    config = load_backbone_config(model_id, revision)
+    revision = backbone_revision or (None if backbone else art.base_model_revision)
+    config = load_backbone_config(model_id, revision, cache_dir=cache_dir)
     check_against_backbone(art, int(config.num_hidden_layers), int(config.hidden_size))
     kept = art.deepest_layer + 1
     progress.done(f"{art.pooling_type}, {len(art.selected_layers)} layers, {art.feature_dim} features")
 
     load_dtype = "bf16" if dtype == "fp16" else dtype
     progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {load_dtype})")
-    loaded = load_backbone(model_id, revision, kept, dtype=load_dtype, config=config)
+    loaded = load_backbone(model_id, revision, kept, dtype=load_dtype, config=config, cache_dir=cache_dir)
     scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -178,7 +190,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         manifest = {
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {
-                "artifact": art.source,
+                "artifact": art.source, "revision": artifact_revision,
                 "files": {CONFIG_NAME: art.file_sha256[CONFIG_NAME], WEIGHTS_NAME: art.file_sha256[WEIGHTS_NAME]},
                 "declared_backbone": {"model_id": art.base_model_id, "revision": art.base_model_revision},
             },
@@ -208,6 +220,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             "parity": parity,
         }
         write_manifest(staging, manifest)
+        (staging / CARD_NAME).write_text(model_card(read_bundle(staging).raw()), encoding="utf-8")
+        os.chmod(staging / CARD_NAME, 0o644)
         read_bundle(staging).verify()          # the contract's own reader accepts what was written
         os.chmod(staging, 0o755)
         if output.exists():

@@ -180,6 +180,12 @@ class Bundle:
             if contents and sha256_file(path) != record.sha256:
                 raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
 
+    def without_engines(self) -> "Bundle":
+        """This bundle with its TensorRT engines left out (a Hub download that did not fetch
+        them): the engine records and their files leave the typed view together."""
+        engine_files = {e.path for e in self.engines}
+        return replace(self, engines=(), files={k: v for k, v in self.files.items() if k not in engine_files})
+
     def trusting(self) -> "Bundle":
         """This bundle with hashing of the files it loads switched off (``verify=False``:
         trusted, read-only paths only). The bytes are still read once and owned in memory."""

@@ -9,6 +9,7 @@ import numpy as np
 from .backends import Runners, open_runners, warn_once
 from .batching import length_groups
 from .bundle import Bundle, read_bundle
+from .hub import download_bundle, is_repo_id
 from .result import ScoreResult
 from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
 from .text import clean_text, join_prompt_response
@@ -67,8 +68,16 @@ class SirenGuard:
                         token_budget: int = DEFAULT_TOKEN_BUDGET, max_padding: Optional[float] = None,
                         incremental_streaming: bool = True,
                         stream_cache_size: int = DEFAULT_STREAM_CACHE,
-                        stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, **backend_options) -> "SirenGuard":
-        """Load a bundle made by ``siren export``.
+                        stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, revision: Optional[str] = None,
+                        cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False,
+                        token: Optional[Union[str, bool]] = None, engines: Optional[bool] = None,
+                        **backend_options) -> "SirenGuard":
+        """Load a bundle made by ``siren export``: a folder, or a Hub repo id ("org/name").
+
+        revision / cache_dir / local_files_only / token: for a Hub bundle, as in
+            huggingface_hub (``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured); the bundle's
+            files are fetched into the Hub cache and checked like a local bundle's.
+        engines: fetch a Hub bundle's TensorRT engines (default: only for backend="tensorrt").
 
         device: "cpu", "cuda" or None (GPU when usable, else CPU).
         backend: "tensorrt", "onnxruntime" or None (best available; a fallback is said once).
@@ -90,7 +99,14 @@ class SirenGuard:
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
         if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
-        bundle = read_bundle(bundle_dir)
+        if revision is not None and not isinstance(revision, str):
+            raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
+        if not Path(bundle_dir).exists() and is_repo_id(str(bundle_dir)):
+            bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only, token=token,
+                                     engines=engines if engines is not None else backend in ("tensorrt", "trt"))
+        else:
+            bundle = read_bundle(bundle_dir)
         # every listed file present with its size now; each file a runner or the tokenizer
         # loads is hashed as it is read, and those very bytes are used (Bundle.read_verified)
         bundle.verify(contents=False)

@@ -8,7 +8,7 @@ import sys
 
 def test_demo_runs_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "siren_export.cli", "demo", "--workdir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "siren_cli", "demo", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

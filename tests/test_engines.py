@@ -93,7 +93,7 @@ def test_runtime_falls_back_to_onnxruntime_and_says_so(bundle_with_engine, all_l
 
 def _siren(*args, hide_tensorrt: bool = False):
     prefix = "import sys; sys.modules['tensorrt'] = None; " if hide_tensorrt else "import sys; "
-    code = prefix + "from siren_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = prefix + "from siren_cli.main import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 

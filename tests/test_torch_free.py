@@ -49,8 +49,8 @@ def test_runtime_scores_without_torch(all_layers):
 
 def test_siren_score_cli_without_torch(all_layers):
     """`siren score` goes through the CLI module, which must not pull in torch either."""
-    script = ("BLOCKED = ('torch', 'transformers')" + BLOCKER_TEMPLATE +
-              "from siren_export import cli\n"
+    script = ("BLOCKED = ('torch', 'transformers', 'siren_export')" + BLOCKER_TEMPLATE +
+              "from siren_cli import main as cli\n"
               "raise SystemExit(cli.main(['score', sys.argv[1], 'hello', '--json']))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(all_layers.bundle)],
                           capture_output=True, text=True, timeout=300)

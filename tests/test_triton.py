@@ -16,7 +16,7 @@ def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from siren_export.triton_repo import ensemble_config, scorer_config, tokenizer_config, write_repository
+    from siren_serving.triton_repo import ensemble_config, scorer_config, tokenizer_config, write_repository
     texts = [tokenizer_config(16, 2), ensemble_config("siren_guard", "python", 16)]
     texts += [scorer_config(flavor, 16, 2) for flavor in ("python", "onnxruntime", "tensorrt")]
     texts += [ensemble_config("guard", flavor, 8) for flavor in ("onnxruntime", "tensorrt")]
@@ -38,7 +38,7 @@ def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
 def server(all_layers, tmp_path_factory):
     if not server_binary().is_file():
         pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
-    from siren_export.triton_repo import write_repository
+    from siren_serving.triton_repo import write_repository
     repo = write_repository(all_layers.bundle, tmp_path_factory.mktemp("triton") / "repo", scorer="python",
                             max_batch=16)
     srv = TritonServer(repo)

@@ -123,7 +123,7 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     tok_dir = output / TOKENIZER_MODEL
     (tok_dir / "1" / "bundle").mkdir(parents=True)
     (tok_dir / "config.pbtxt").write_text(tokenizer_config(max_batch, instances))
-    template = resources.files("siren_export") / "triton_models"
+    template = resources.files("siren_serving") / "triton_models"
     (tok_dir / "1" / "model.py").write_text((template / "tokenizer_model.py").read_text(encoding="utf-8"))
     for rel in (MANIFEST_NAME, contract.tokenizer_path):
         _copy(bundle / rel, tok_dir / "1" / "bundle" / rel)

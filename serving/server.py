@@ -1,0 +1,324 @@
+"""`siren serve`: a bundle behind the HTTP APIs guard users already call.
+
+    POST /v1/moderations     OpenAI's moderation API (one category, `harmful`)
+    POST /classify           vLLM's classification API
+    POST /v1/streams         open a stream session -> {"id"}
+    POST /v1/streams/{id}    feed {"delta"} -> the score of the whole text so far
+    GET/DELETE /v1/streams/{id}
+    GET /health, GET /metrics (Prometheus)
+
+Concurrent requests are batched dynamically into one `score_batch`-style engine call and
+concurrent stream feeds into one `feed_batch` call. Torch-free: Starlette + uvicorn +
+prometheus_client (the `serve` extra) over `siren_runtime`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_threshold,
+                  require_object, stream_response)
+from .batcher import DynamicBatcher
+from .metrics import ServerMetrics
+from .sessions import SessionLimitError, SessionRegistry, UnknownSessionError
+
+log = logging.getLogger("siren_serving.server")
+
+
+@dataclass
+class ServeConfig:
+    bundle: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threshold: Optional[float] = None          # server default (None: the bundle's)
+    max_batch: int = 32                        # texts per dynamic batch
+    max_wait_ms: float = 2.0                   # longest a request waits for its batch to fill
+    dynamic_batching: bool = True
+    max_body_bytes: int = 1 << 20
+    max_inputs: int = 256
+    max_sessions: int = 1024
+    session_ttl_s: float = 300.0
+    model_name: Optional[str] = None
+    device: Optional[str] = None
+    backend: Optional[str] = None
+    verify: bool = True
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+    local_files_only: bool = False
+    graceful_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_body_bytes", "max_inputs", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or not self.session_ttl_s > 0:
+            raise ValueError("max-wait-ms must be >= 0 and session-ttl > 0")
+        if self.threshold is not None:
+            parse_threshold({"threshold": self.threshold}, 0.5)
+
+
+class _Service:
+    """What the routes share: the guard, its batchers, the sessions and the metrics."""
+
+    def __init__(self, guard, config: ServeConfig, model_name: str):
+        self.guard = guard
+        self.config = config
+        self.model = model_name
+        self.threshold = config.threshold if config.threshold is not None else guard.default_threshold
+        self.metrics = ServerMetrics()
+        self.sessions = SessionRegistry(guard, config.max_sessions, config.session_ttl_s)
+        batching = dict(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0,
+                        enabled=config.dynamic_batching)
+        self.scorer = DynamicBatcher(self._score_texts, observe=self.metrics.batch_size.labels("score").observe,
+                                     name="siren-score", **batching)
+        self.feeder = DynamicBatcher(self._feed, conflict_key=lambda item: item[0].id, isolate=False,
+                                     observe=self.metrics.batch_size.labels("stream").observe,
+                                     name="siren-stream", **batching)
+        self.closing = False
+        self._sweeper: Optional[asyncio.Task] = None
+
+    # -- blocking work, on the batchers' threads ----------------------------------------
+    def _score_texts(self, texts: list) -> list:
+        ids = [self.guard.token_ids(t) for t in texts]
+        scores = self.guard.score_token_ids(ids)
+        return [(float(s), len(i)) for s, i in zip(scores, ids)]
+
+    def _feed(self, items: list) -> list:
+        results = self.guard.feed_batch([held.session for held, _ in items], [delta for _, delta in items])
+        return [(result, len(held.session.text)) for (held, _), result in zip(items, results)]
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.scorer.start()
+        await self.feeder.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.scorer.stop()
+        await self.feeder.stop()
+        self.sessions.clear()
+        self.guard.close()
+
+    async def _sweep_forever(self) -> None:
+        period = max(1.0, min(60.0, self.config.session_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            closed = self.sessions.sweep()
+            if closed:
+                self.metrics.sessions_expired.inc(closed)
+            self.metrics.sessions.set(len(self.sessions))
+
+    # -- helpers for the routes ---------------------------------------------------------
+    async def read_json(self, request: Request) -> dict:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                           code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        try:
+            return require_object(json.loads(bytes(body)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="malformed_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="malformed_json") from None
+
+    @staticmethod
+    def unwrap(results: list) -> list:
+        """Batch results -> values; an item's own failure becomes its request's error."""
+        for result in results:
+            if isinstance(result, (ValueError, TypeError)):
+                raise ApiError(400, f"input refused: {result}", code="invalid_input")
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def scores(self, texts: list) -> tuple[list, list]:
+        out = self.unwrap(await self.scorer.submit(texts))
+        return [s for s, _ in out], [n for _, n in out]
+
+
+def _check_encodable(texts: list, param: str) -> None:
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{param}[{i}] is not valid Unicode (a lone surrogate such as \\ud800)",
+                           param=f"{param}[{i}]") from None
+
+
+def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional[str] = None) -> Starlette:
+    """The ASGI app over an open guard (the app closes it on shutdown)."""
+    config = config or ServeConfig()
+    config.check()
+    name = model_name or config.model_name or (Path(config.bundle).name if config.bundle else "siren-guard")
+    service = _Service(guard, config, name)
+
+    def endpoint(label: str):
+        def wrap(handler):
+            async def route(request: Request) -> Response:
+                started = time.perf_counter()
+                try:
+                    if service.closing:
+                        raise ApiError(503, "the server is shutting down", kind="server_error")
+                    response = await handler(request)
+                except ApiError as e:
+                    service.metrics.errors.labels("client" if e.status < 500 else "unavailable").inc()
+                    response = JSONResponse(e.body(), status_code=e.status)
+                except Exception as e:   # a bug or an engine failure: logged, the server keeps serving
+                    log.exception("siren serve: %s failed", label)
+                    service.metrics.errors.labels("server").inc()
+                    response = JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                                                     kind="server_error").body(), status_code=500)
+                service.metrics.requests.labels(label, str(response.status_code)).inc()
+                service.metrics.latency.labels(label).observe(time.perf_counter() - started)
+                return response
+            return route
+        return wrap
+
+    @endpoint("moderations")
+    async def moderations(request: Request) -> Response:
+        body = await service.read_json(request)
+        texts = parse_inputs(body, config.max_inputs)
+        threshold = parse_threshold(body, service.threshold)
+        _check_encodable(texts, "input")
+        scores, _ = await service.scores(texts)
+        service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
+        return JSONResponse(moderation_response(body.get("model") or service.model, scores, threshold))
+
+    @endpoint("classify")
+    async def classify(request: Request) -> Response:
+        body = await service.read_json(request)
+        texts = parse_inputs(body, config.max_inputs)
+        threshold = parse_threshold(body, service.threshold)
+        _check_encodable(texts, "input")
+        scores, tokens = await service.scores(texts)
+        service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
+        return JSONResponse(classify_response(body.get("model") or service.model, scores, threshold, tokens))
+
+    @endpoint("streams")
+    async def open_stream(request: Request) -> Response:
+        body = await service.read_json(request) if await _has_body(request) else {}
+        threshold = parse_threshold(body, service.threshold)
+        try:
+            held = service.sessions.create(threshold)
+        except SessionLimitError as e:
+            raise ApiError(429, str(e), code="too_many_sessions") from None
+        service.metrics.sessions.set(len(service.sessions))
+        return JSONResponse({"id": held.id, "threshold": threshold, "ttl_s": config.session_ttl_s,
+                             "incremental": guard.incremental_streaming}, status_code=201)
+
+    def held_session(request: Request):
+        session_id = request.path_params["session_id"]
+        try:
+            return service.sessions.get(session_id)
+        except UnknownSessionError:
+            raise ApiError(404, f"no stream session {session_id!r} (closed, expired or never opened)",
+                           param="id", code="unknown_session") from None
+
+    @endpoint("stream_feed")
+    async def feed_stream(request: Request) -> Response:
+        held = held_session(request)
+        delta = parse_delta(await service.read_json(request))
+        _check_encodable([delta], "delta")
+        [(result, chars)] = service.unwrap(await service.feeder.submit([(held, delta)]))
+        service.metrics.observe_verdicts([result.score], [result.is_harmful])
+        return JSONResponse(stream_response(held.id, result, chars))
+
+    @endpoint("stream_get")
+    async def get_stream(request: Request) -> Response:
+        held = held_session(request)
+        return JSONResponse(stream_response(held.id, held.session.score, len(held.session.text)))
+
+    @endpoint("stream_delete")
+    async def delete_stream(request: Request) -> Response:
+        held = held_session(request)
+        with contextlib.suppress(UnknownSessionError):
+            service.sessions.delete(held.id)
+        service.metrics.sessions.set(len(service.sessions))
+        return JSONResponse({"id": held.id, "deleted": True})
+
+    async def health(request: Request) -> Response:
+        status = 503 if service.closing else 200
+        return JSONResponse({"status": "shutting_down" if service.closing else "ok", "model": service.model,
+                             "backend": guard.backend, "device": guard.device,
+                             "incremental_streaming": guard.incremental_streaming,
+                             "dynamic_batching": config.dynamic_batching, "sessions": len(service.sessions)},
+                            status_code=status)
+
+    async def metrics(request: Request) -> Response:
+        payload, content_type = service.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        service.metrics.errors.labels("client").inc()
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    routes = [
+        Route("/v1/moderations", moderations, methods=["POST"]),
+        Route("/classify", classify, methods=["POST"]),
+        Route("/v1/classify", classify, methods=["POST"]),
+        Route("/v1/streams", open_stream, methods=["POST"]),
+        Route("/v1/streams/{session_id}", feed_stream, methods=["POST"]),
+        Route("/v1/streams/{session_id}", get_stream, methods=["GET"]),
+        Route("/v1/streams/{session_id}", delete_stream, methods=["DELETE"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.service = service
+    return app
+
+
+async def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return bool(length and length != "0") or "chunked" in request.headers.get("transfer-encoding", "")
+
+
+def serve(config: ServeConfig, log_level: str = "info") -> int:
+    """Load the bundle (errors surface before the port opens), then serve until SIGINT/SIGTERM;
+    in-flight requests finish, queued batches are answered, then the guard is closed."""
+    import uvicorn
+    from siren_runtime import SirenGuard
+
+    config.check()
+    guard = SirenGuard.from_pretrained(config.bundle, device=config.device, backend=config.backend,
+                                       verify=config.verify, revision=config.revision, cache_dir=config.cache_dir,
+                                       local_files_only=config.local_files_only)
+    try:
+        app = create_app(guard, config)
+    except BaseException:
+        guard.close()
+        raise
+    log.info("siren serve: %s on %s/%s at http://%s:%d", config.bundle, guard.backend, guard.device,
+             config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=config.graceful_timeout_s)
+    return 0

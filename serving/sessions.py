@@ -1,0 +1,98 @@
+"""Stream sessions held by the server on behalf of HTTP clients.
+
+Each session is a runtime ``StreamSession`` (its KV cache lives with the guard's step
+runner). The registry is bounded in count and closes sessions idle longer than the TTL, so
+abandoned streams cannot hold memory forever.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class SessionLimitError(RuntimeError):
+    """Too many open sessions (HTTP 429)."""
+
+
+class UnknownSessionError(KeyError):
+    """No such session, or it expired (HTTP 404)."""
+
+
+@dataclass
+class HeldSession:
+    id: str
+    session: object                      # siren_runtime.streaming.StreamSession
+    created: float
+    last_used: float = field(default=0.0)
+
+
+class SessionRegistry:
+    def __init__(self, guard, max_sessions: int = 1024, ttl_s: float = 300.0, clock=time.monotonic):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if not ttl_s > 0:
+            raise ValueError(f"session TTL must be positive, got {ttl_s}")
+        self._guard = guard
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._held: dict[str, HeldSession] = {}
+        self._lock = threading.Lock()
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def create(self, threshold: Optional[float]) -> HeldSession:
+        with self._lock:
+            self._sweep_locked()
+            if len(self._held) >= self.max_sessions:
+                raise SessionLimitError(f"{len(self._held)} stream sessions are open (the limit); "
+                                        "close finished ones with DELETE /v1/streams/{id}")
+            now = self._clock()
+            held = HeldSession(id="strm-" + secrets.token_hex(12), session=self._guard.stream(threshold=threshold),
+                               created=now, last_used=now)
+            self._held[held.id] = held
+            return held
+
+    def get(self, session_id: str) -> HeldSession:
+        with self._lock:
+            held = self._held.get(session_id)
+            if held is None or self._clock() - held.last_used > self.ttl_s:
+                if held is not None:
+                    self._drop_locked(session_id)
+                    self.expired += 1
+                raise UnknownSessionError(session_id)
+            held.last_used = self._clock()
+            return held
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            if session_id not in self._held:
+                raise UnknownSessionError(session_id)
+            self._drop_locked(session_id)
+
+    def sweep(self) -> int:
+        """Close sessions idle past the TTL; returns how many."""
+        with self._lock:
+            return self._sweep_locked()
+
+    def clear(self) -> None:
+        with self._lock:
+            for session_id in list(self._held):
+                self._drop_locked(session_id)
+
+    def _sweep_locked(self) -> int:
+        now = self._clock()
+        stale = [k for k, h in self._held.items() if now - h.last_used > self.ttl_s]
+        for session_id in stale:
+            self._drop_locked(session_id)
+        self.expired += len(stale)
+        return len(stale)
+
+    def _drop_locked(self, session_id: str) -> None:
+        held = self._held.pop(session_id)
+        held.session.reset()      # frees its KV state now, not at garbage collection

@@ -4,6 +4,8 @@
     REPO/siren_scorer/      python (siren_runtime on ONNX Runtime; runs on CPU-only servers),
                             onnxruntime (onnxruntime_onnx) or tensorrt (tensorrt_plan)
     REPO/siren_guard/       ensemble: TEXT (or PROMPT/RESPONSE) -> SCORE
+    REPO/siren_stream/      (--streaming) sequence-batched Python model: DELTA per request of a
+                            sequence -> SCORE of the whole text so far, incremental (KV cache)
 
 Thresholds stay with the client: one deployment serves many policies (a strict child-safety
 threshold and a permissive red-team one read the same SCORE).
@@ -18,8 +20,22 @@ from pathlib import Path
 from siren_runtime.bundle import MANIFEST_NAME, read_bundle
 
 SCORERS = ("python", "onnxruntime", "tensorrt")
+INSTANCE_KINDS = {"auto": None, "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TOKENIZER_MODEL = "siren_tokenizer"
 SCORER_MODEL = "siren_scorer"
+STREAM_MODEL = "siren_stream"
+
+
+def scorer_kind(flavor: str, instance_kind: str = "auto") -> str:
+    """Where scorer instances run. auto: a TensorRT plan needs its GPU; the onnxruntime
+    flavour lets Triton choose (GPU when the server has one, else CPU); the Python scorer
+    runs on the CPU (on a GPU ask for it: it then uses ONNX Runtime CUDA)."""
+    if instance_kind not in INSTANCE_KINDS:
+        raise ValueError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if flavor == "tensorrt" and instance_kind == "cpu":
+        raise ValueError("a TensorRT plan runs on a GPU: --instance-kind cpu cannot serve --scorer tensorrt")
+    return INSTANCE_KINDS[instance_kind] or {"tensorrt": "KIND_GPU", "onnxruntime": "KIND_AUTO",
+                                             "python": "KIND_CPU"}[flavor]
 
 
 def _preferred_sizes(max_batch: int) -> list[int]:
@@ -49,7 +65,8 @@ def tokenizer_config(max_batch: int, instances: int, queue_delay_us: int = 500) 
             + _batching(max_batch, queue_delay_us) + _instances(instances, "KIND_CPU"))
 
 
-def scorer_config(flavor: str, max_batch: int, instances: int, queue_delay_us: int = 1000) -> str:
+def scorer_config(flavor: str, max_batch: int, instances: int, queue_delay_us: int = 1000,
+                  instance_kind: str = "auto") -> str:
     if flavor not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {flavor!r}")
     head = {"python": 'backend: "python"\n', "onnxruntime": 'platform: "onnxruntime_onnx"\n',
@@ -58,12 +75,37 @@ def scorer_config(flavor: str, max_batch: int, instances: int, queue_delay_us: i
               '  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }\n]\n')
     if flavor == "python":
         output = 'output [\n  { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }\n]\n'
-        kind = "KIND_CPU"
     else:  # the graph's `score` is [batch]: seen by Triton as dims [1] per request
         output = ('output [\n  { name: "score" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } }\n]\n')
-        kind = "KIND_GPU"
+    kind = scorer_kind(flavor, instance_kind)
     return (f'name: "{SCORER_MODEL}"\n{head}max_batch_size: {max_batch}\n{inputs}{output}'
             + _batching(max_batch, queue_delay_us) + _instances(instances, kind))
+
+
+def stream_config(max_batch: int, instances: int, max_sequences: int = 64, idle_seconds: float = 300.0,
+                  queue_delay_us: int = 1000, instance_kind: str = "cpu") -> str:
+    """The sequence-batched streaming model. The oldest strategy batches one request from
+    each of up to `max_sequences` live sequences per instance into one execute call, which the
+    model steps together with feed_batch; START/END/CORRID arrive as control inputs."""
+    kind = INSTANCE_KINDS.get(instance_kind) or "KIND_CPU"
+    sizes = ", ".join(str(s) for s in _preferred_sizes(max_batch))
+    idle_us = int(idle_seconds * 1e6)
+    return (f'name: "{STREAM_MODEL}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+            'input [\n  { name: "DELTA" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+            'output [\n  { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }\n]\n'
+            'sequence_batching {\n'
+            f'  max_sequence_idle_microseconds: {idle_us}\n'
+            f'  oldest {{\n    max_candidate_sequences: {max_sequences}\n'
+            f'    preferred_batch_size: [ {sizes} ]\n    max_queue_delay_microseconds: {queue_delay_us}\n  }}\n'
+            '  control_input [\n'
+            '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n'
+            '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] },\n'
+            '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }\n'
+            '  ]\n}\n'
+            'parameters [\n'
+            f'  {{ key: "max_sessions" value: {{ string_value: "{max_sequences}" }} }},\n'
+            f'  {{ key: "idle_seconds" value: {{ string_value: "{idle_seconds:g}" }} }}\n]\n'
+            + _instances(instances, kind))
 
 
 def ensemble_config(name: str, flavor: str, max_batch: int) -> str:
@@ -96,7 +138,10 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "python", max_batch: int = 32,
-                     instances: int = 1, name: str = "siren_guard", overwrite: bool = False) -> Path:
+                     instances: int = 1, name: str = "siren_guard", overwrite: bool = False,
+                     instance_kind: str = "auto", streaming: bool = False, max_sequences: int = 64,
+                     idle_seconds: float = 300.0) -> Path:
+    """Write the model repository; `streaming` adds the sequence-batched `siren_stream`."""
     bundle, output = Path(bundle), Path(output)
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
@@ -104,7 +149,10 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
         raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ValueError(f"instances must be a positive int, got {instances!r}")
-    if not name.replace("_", "").replace("-", "").isalnum() or name in (TOKENIZER_MODEL, SCORER_MODEL):
+    scorer_kind(scorer, instance_kind)           # refuses a TensorRT scorer on CPU instances up front
+    if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
+        raise ValueError(f"max_sequences must be a positive int, got {max_sequences!r}")
+    if not name.replace("_", "").replace("-", "").isalnum() or name in (TOKENIZER_MODEL, SCORER_MODEL, STREAM_MODEL):
         raise ValueError(f"invalid ensemble name {name!r}")
     contract = read_bundle(bundle)
     contract.verify()
@@ -130,7 +178,7 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
 
     sc_dir = output / SCORER_MODEL
     (sc_dir / "1").mkdir(parents=True)
-    (sc_dir / "config.pbtxt").write_text(scorer_config(scorer, max_batch, instances))
+    (sc_dir / "config.pbtxt").write_text(scorer_config(scorer, max_batch, instances, instance_kind=instance_kind))
     if scorer == "python":
         (sc_dir / "1" / "model.py").write_text((template / "scorer_model.py").read_text(encoding="utf-8"))
         files = [MANIFEST_NAME] + list(contract.files)
@@ -142,10 +190,21 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     else:
         _copy(engine, sc_dir / "1" / "model.plan")
 
+    if streaming:
+        st_dir = output / STREAM_MODEL
+        (st_dir / "1").mkdir(parents=True)
+        kind = "gpu" if instance_kind == "gpu" else "cpu"
+        (st_dir / "config.pbtxt").write_text(stream_config(max_batch, instances, max_sequences, idle_seconds,
+                                                           instance_kind=kind))
+        (st_dir / "1" / "model.py").write_text((template / "stream_model.py").read_text(encoding="utf-8"))
+        for rel in [MANIFEST_NAME] + list(contract.files):
+            _copy(bundle / rel, st_dir / "1" / "bundle" / rel)
+
     ens_dir = output / name
     (ens_dir / "1").mkdir(parents=True)
     (ens_dir / "config.pbtxt").write_text(ensemble_config(name, scorer, max_batch))
-    (output / "README.md").write_text(_REPO_README.format(name=name, scorer=scorer, bundle=bundle))
+    readme = _REPO_README.format(name=name, scorer=scorer, bundle=bundle)
+    (output / "README.md").write_text(readme + (_STREAM_README if streaming else ""))
     return output
 
 
@@ -166,4 +225,15 @@ environment's site-packages):
 
 Thresholds stay with the client: compare `SCORE` with your policy's threshold (e.g. 0.1 for a
 strict deployment, 0.9 for a permissive one); one deployment serves every policy.
+"""
+
+_STREAM_README = """
+## Streaming: `siren_stream`
+
+A sequence-batched model: send the text of one stream piece by piece as requests of one
+sequence (`sequence_id` = your stream id, `sequence_start=True` on the first piece,
+`sequence_end=True` on the last). Input `DELTA` (TYPE_STRING, dims [1]) is the new text;
+output `SCORE` is the score of the whole text so far, equal to scoring the prefix at once,
+computed incrementally from the stream's KV cache. Concurrent sequences are stepped together.
+A sequence idle longer than `max_sequence_idle_microseconds` is dropped (state freed).
 """

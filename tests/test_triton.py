@@ -17,7 +17,8 @@ def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
     from tritonclient.grpc import model_config_pb2
 
     from siren_serving.triton_repo import ensemble_config, scorer_config, tokenizer_config, write_repository
-    texts = [tokenizer_config(16, 2), ensemble_config("siren_guard", "python", 16)]
+    from siren_serving.triton_repo import stream_config
+    texts = [tokenizer_config(16, 2), ensemble_config("siren_guard", "python", 16), stream_config(16, 1, 8, 60.0)]
     texts += [scorer_config(flavor, 16, 2) for flavor in ("python", "onnxruntime", "tensorrt")]
     texts += [ensemble_config("guard", flavor, 8) for flavor in ("onnxruntime", "tensorrt")]
     for text in texts:
@@ -26,6 +27,15 @@ def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
     onnx_repo = write_repository(all_layers.bundle, tmp_path / "repo", scorer="onnxruntime")
     parsed = text_format.Parse((onnx_repo / "siren_scorer" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert parsed.platform == "onnxruntime_onnx" and (onnx_repo / "siren_scorer" / "1" / "model.onnx").is_file()
+    assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO   # CPU-only servers too
+    cpu = write_repository(all_layers.bundle, tmp_path / "cpu", scorer="onnxruntime", instance_kind="cpu")
+    parsed = text_format.Parse((cpu / "siren_scorer" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert parsed.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    with pytest.raises(ValueError, match="runs on a GPU"):
+        write_repository(all_layers.bundle, tmp_path / "x", scorer="tensorrt", instance_kind="cpu")
+    stream = text_format.Parse(stream_config(16, 1, 8, 60.0), model_config_pb2.ModelConfig())
+    assert stream.sequence_batching.oldest.max_candidate_sequences == 8
+    assert [c.name for c in stream.sequence_batching.control_input] == ["START", "END", "CORRID"]
     ens = text_format.Parse((onnx_repo / "siren_guard" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["siren_tokenizer", "siren_scorer"]
     with pytest.raises(ValueError, match="no TensorRT engine.*siren build"):
@@ -40,7 +50,7 @@ def server(all_layers, tmp_path_factory):
         pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
     from siren_serving.triton_repo import write_repository
     repo = write_repository(all_layers.bundle, tmp_path_factory.mktemp("triton") / "repo", scorer="python",
-                            max_batch=16)
+                            max_batch=16, streaming=True, max_sequences=16)
     srv = TritonServer(repo)
     try:
         srv.start()
@@ -133,3 +143,57 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server, guard):
     huge = "harmless filler text " * 50_000
     assert abs(_score(client, httpclient, [huge])[0] - guard.score(huge).score) <= TOL
     assert _score(client, httpclient, ["still serving"])[0] == pytest.approx(baseline, abs=TOL)
+
+
+def _feed(client, module, corrid, delta, start=False, end=False):
+    result = client.infer("siren_stream", [_text_input(module, "DELTA", [delta.encode("utf-8")])],
+                          sequence_id=corrid, sequence_start=start, sequence_end=end)
+    return float(result.as_numpy("SCORE").reshape(-1)[0])
+
+
+def test_streaming_sequences_interleaved(server, guard):
+    """Concurrent, interleaved sequences on siren_stream: every response equals the runtime's
+    score of that sequence's text so far (the implementation is incremental, the value exact)."""
+    import random
+    import tritonclient.http as httpclient
+    from helpers import random_chunks
+    from tritonclient.utils import InferenceServerException
+    rng = random.Random(5)
+    texts = [CORPUS[i] + " " + CORPUS[-1 - i] for i in range(8)]
+    pieces = [random_chunks(t, rng, 2, 10) for t in texts]
+    failures = []
+
+    def run(k):
+        client = httpclient.InferenceServerClient(server.http_url)
+        so_far = ""
+        for n, piece in enumerate(pieces[k]):
+            so_far += piece
+            try:
+                score = _feed(client, httpclient, 1000 + k, piece, start=n == 0, end=n == len(pieces[k]) - 1)
+            except Exception as e:       # reported below
+                failures.append((k, n, repr(e)))
+                return
+            if abs(score - guard.score(so_far).score) > TOL:
+                failures.append((k, so_far, score, guard.score(so_far).score))
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures[:3]
+    client = httpclient.InferenceServerClient(server.http_url)
+    stats = client.get_inference_statistics("siren_stream")["model_stats"][0]
+    assert int(stats["inference_count"]) == sum(len(p) for p in pieces)
+    assert int(stats["execution_count"]) < int(stats["inference_count"])    # sequences shared execute calls
+    # one sequence, restarted: START forgets the old text
+    _feed(client, httpclient, 77, "first text ", start=True)
+    assert abs(_feed(client, httpclient, 77, "again", start=True) - guard.score("again").score) <= TOL
+    assert abs(_feed(client, httpclient, 77, " and more", end=True) - guard.score("again and more").score) <= TOL
+    # a sequence that was never started, and invalid UTF-8, are refused; the model keeps serving
+    with pytest.raises(InferenceServerException):
+        _feed(client, httpclient, 78, "no start")
+    bad = httpclient.InferInput("DELTA", [1, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
+    with pytest.raises(InferenceServerException, match="siren_stream"):
+        client.infer("siren_stream", [bad], sequence_id=79, sequence_start=True, sequence_end=True)
+    assert abs(_feed(client, httpclient, 80, "still ok", start=True, end=True) - guard.score("still ok").score) <= TOL

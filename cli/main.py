@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_output(quiet: bool, verbose: bool) -> None:
-    """-v: the siren loggers (and Hugging Face's) at INFO; -q: warnings only and no progress
-    bars anywhere (Hugging Face downloads included)."""
-    level = logging.INFO if verbose else logging.WARNING
+    """Progress (export steps, reading and hashing large bundle files, downloads) is on by
+    default; -q: warnings only and no progress bars anywhere (Hugging Face downloads
+    included); -v: debug details from siren and Hugging Face."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     for name in ("siren_runtime", "siren_export", "siren_engines", "siren_serving"):
         logging.getLogger(name).setLevel(level)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
+import time
 import os
 import re
 import warnings
@@ -37,6 +39,10 @@ MAX_LENGTH_LIMIT = 1 << 20
 _HASH_CHUNK = 8 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DTYPES = ("fp32", "fp16", "bf16")
+#: files at least this large say when they are read and hashed (an 8 GB weights file takes seconds)
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+log = logging.getLogger("siren_runtime.bundle")
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,9 @@ class Bundle:
             raise FileNotFoundError(f"{self.directory}: bundle file {rel} is missing")
         data = np.empty(record.bytes, dtype=np.uint8)
         digest = hashlib.sha256() if self.check_files else None
+        started = time.perf_counter()
+        if record.bytes >= PROGRESS_MIN_BYTES:
+            log.info("reading%s %s (%.2f GB) ...", " and hashing" if digest else "", rel, record.bytes / 1e9)
         view = memoryview(data)
         with open(path, "rb", buffering=0) as f:
             filled = 0
@@ -225,6 +234,10 @@ class Bundle:
         if digest is not None and digest.hexdigest() != record.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
         data.flags.writeable = False
+        if record.bytes >= PROGRESS_MIN_BYTES:
+            seconds = time.perf_counter() - started
+            log.info("%s: %.1f s (%.2f GB/s)%s", rel, seconds, record.bytes / 1e9 / max(seconds, 1e-9),
+                     ", sha256 matches the manifest" if digest else "")
         self._loaded[rel] = data
         return data
 

@@ -65,6 +65,12 @@ def test_hub_bundle_cache_dir_revision_and_card(all_layers, tmp_path):
                                     device="cpu") as tagged:
         assert tagged.default_threshold == 0.3
         assert abs(tagged.score("hi").score - all_layers.reference.score("hi").score) <= 1e-5
+    # the CLI takes the repo id too
+    proc = subprocess.run([sys.executable, "-m", "siren_cli", "score", REPO, "hello", "--json", "--offline",
+                           "--cache-dir", str(cache), "--revision", "v1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["threshold"] == 0.3 and abs(row["score"] - all_layers.reference.score("hello").score) <= 1e-5
     card = (all_layers.bundle / "README.md").read_text()
     source = json.loads((all_layers.bundle / "siren_bundle.json").read_text())["source"]
     assert source["files"]["siren.safetensors"] in card and "SirenGuard.from_pretrained" in card

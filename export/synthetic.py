@@ -15,8 +15,15 @@ from .qwen_tokenizer_build import QWEN3_VOCAB_SIZE, save_qwen3_tokenizer
 
 def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128,
                   num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
-                  tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096) -> Path:
-    """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer."""
+                  tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096,
+                  outlier_channels: int = 0, outlier_scale: float = 40.0) -> Path:
+    """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer.
+
+    outlier_channels: that many residual-stream channels (chosen by the seed) carry very large
+    activations, as real Qwen3/Llama checkpoints do ("massive activations"): their embedding
+    column and every layer's down_proj row are multiplied by `outlier_scale`, so every token's
+    residual stream, and after RMSNorm every projection's input, has a few channels tens of
+    times larger than the rest. Random Gaussian weights alone quantize unrealistically well."""
     from transformers import Qwen3ForCausalLM
 
     from transformers.utils import logging as tf_logging
@@ -26,7 +33,7 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
     folder.mkdir(parents=True, exist_ok=True)
     config = _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
                            max_position_embeddings)
-    _save_random(Qwen3ForCausalLM, config, folder, hidden_size, seed)
+    _save_random(Qwen3ForCausalLM, config, folder, hidden_size, seed, outlier_channels, outlier_scale)
     save_qwen3_tokenizer(folder, tokenizer_cache)
     return folder
 
@@ -60,7 +67,8 @@ def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int =
     return folder
 
 
-def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int) -> None:
+def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int, outlier_channels: int = 0,
+                 outlier_scale: float = 1.0) -> None:
     """Instantiate `model_class(config)` with this module's random initialisation and save it."""
     import torch
     torch.manual_seed(seed)
@@ -69,6 +77,11 @@ def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int)
     with torch.no_grad():
         for name, p in model.named_parameters():
             _init_(name, p, std)
+        if outlier_channels:
+            channels = torch.randperm(hidden_size, generator=torch.Generator().manual_seed(seed + 1))[:outlier_channels]
+            model.model.embed_tokens.weight[:, channels] *= outlier_scale
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight[channels, :] *= outlier_scale
     model.save_pretrained(str(folder), safe_serialization=True)
 
 

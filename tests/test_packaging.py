@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("siren_runtime", "siren_export", "siren_engines", "siren_serving", "siren_cli")
+PACKAGES = ("siren_runtime", "siren_export", "siren_engines", "siren_serving", "siren_cli", "siren_quantize")
 
 
 def test_wheel_contents_and_no_setuptools_warnings(tmp_path):

@@ -109,7 +109,14 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
     if spec.external_data:
         name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
         external[name] = bundle.read_verified(spec.external_data)
-    session = open_session(graph, device, intra_op_threads, spinning, external=external)
+    try:
+        session = open_session(graph, device, intra_op_threads, spinning, external=external)
+    except BackendUnavailableError as e:
+        if "external data" in str(e).lower():      # the graph reads a weights file the manifest does not name
+            raise BundleError(f"{bundle.directory}: {spec.path} reads external weights that the manifest's "
+                              f"external_data ({spec.external_data!r}) does not provide; the manifest does not "
+                              "match the graph (re-export the bundle)") from None
+        raise
     return session, (graph, *external.values())
 
 

@@ -19,12 +19,21 @@ def _parity_line(parity: Any) -> str:
             f"on {parity.get('texts', 'the calibration')} texts ({parity.get('backend', 'onnxruntime-cpu')})")
 
 
+def _precision(manifest: dict) -> str:
+    quant = manifest.get("quantization")
+    if quant:
+        return (f"int8 decoder weights ({quant.get('scheme')}: {quant.get('activations')}), quantized from the "
+                f"{quant.get('source', {}).get('dtype')} export; embedding, pooling, head and softmax in fp32")
+    return f"{manifest['model'].get('dtype', 'fp32')} backbone; pooling, head and softmax in fp32"
+
+
 def model_card(manifest: dict, repo_hint: str = "org/name") -> str:
     source, backbone, siren = manifest["source"], manifest["backbone"], manifest["siren"]
     model, inference = manifest["model"], manifest["inference"]
     files = source.get("files", {})
     revision = backbone.get("revision") or "(unpinned)"
     streaming = manifest.get("streaming")
+    title = "int8" if manifest.get("quantization") else model.get("dtype", "fp32")
     lines = [
         "---",
         "library_name: siren-deploy",
@@ -33,7 +42,7 @@ def model_card(manifest: dict, repo_hint: str = "org/name") -> str:
         "license: apache-2.0",
         "---",
         "",
-        f"# SIREN guard bundle ({backbone.get('model_type', 'backbone')}, {model.get('dtype', 'fp32')})",
+        f"# SIREN guard bundle ({backbone.get('model_type', 'backbone')}, {title})",
         "",
         "A [siren-deploy](https://pypi.org/project/siren-deploy/) bundle: a SIREN harmfulness guard exported to "
         "ONNX, scored by the torch-free `siren_runtime` (ONNX Runtime or TensorRT) with llm-siren's API.",
@@ -46,7 +55,7 @@ def model_card(manifest: dict, repo_hint: str = "org/name") -> str:
     lines += [
         f"| backbone | `{backbone['model_id']}` at revision `{revision}` "
         f"({siren.get('backbone_layers')} of {backbone.get('num_hidden_layers')} layers kept, no LM head) |",
-        f"| precision | {model.get('dtype', 'fp32')} backbone; pooling, head and softmax in fp32 |",
+        f"| precision | {_precision(manifest)} |",
         f"| readout | `{siren.get('readout')}` ({'llm-siren semantics' if siren.get('readout') == 'runtime' else 'training semantics: raw last layer'}) |",
         f"| pooling | `{siren.get('pooling_type')}`, layers {siren.get('selected_layers')}, "
         f"{siren.get('feature_dim')} features |",

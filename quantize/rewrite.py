@@ -1,0 +1,257 @@
+"""Rewriting one bundle graph: decoder MatMuls -> int8 nodes; every other tensor kept (and,
+for an fp16/bf16 source, computed in fp32 again: ONNX Runtime's CPU has no bf16 kernels).
+
+Weights are read one initializer at a time from the source weights file (memory-mapped) and
+written one at a time to the new one, so memory stays near the largest single tensor. The
+scoring and step graphs share the source file; a source tensor is converted and written once
+and both graphs point at the same bytes of the new file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .schemes import QuantizedWeight, quantize_weight
+
+MS_DOMAIN = "com.microsoft"
+_HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
+_ALIGN = 64
+
+
+def _to_float32(raw: np.ndarray, data_type: int) -> np.ndarray:
+    if data_type == TensorProto.BFLOAT16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if data_type == TensorProto.FLOAT16:
+        return raw.view(np.float16).astype(np.float32)
+    return raw
+
+
+class WeightsFile:
+    """The new weights file, appended tensor by tensor (64-byte aligned)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self._file = open(self.path, "wb")
+        self.offset = 0
+        self.written: dict = {}          # source key -> {suffix: (offset, length, dtype, dims)}
+
+    def append(self, array: np.ndarray) -> tuple[int, int]:
+        pad = (-self.offset) % _ALIGN
+        if pad:
+            self._file.write(b"\0" * pad)
+            self.offset += pad
+        data = np.ascontiguousarray(array).tobytes()
+        self._file.write(data)
+        start, self.offset = self.offset, self.offset + len(data)
+        return start, len(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def tensor(self, name: str, record: tuple) -> TensorProto:
+        offset, length, data_type, dims = record
+        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+
+class SourceWeights:
+    """Read-only, memory-mapped views of the source bundle's external data files."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._maps: dict = {}
+
+    def external(self, tensor: TensorProto) -> tuple[tuple, np.ndarray]:
+        info = {e.key: e.value for e in tensor.external_data}
+        location, offset = info["location"], int(info.get("offset", 0))
+        if location not in self._maps:
+            self._maps[location] = np.memmap(self.directory / location, dtype=np.uint8, mode="r")
+        length = int(info["length"]) if "length" in info else self._maps[location].size - offset
+        key = (location, offset, length)
+        raw = self._maps[location][offset:offset + length]
+        return key, raw
+
+
+@dataclass
+class GraphReport:
+    quantized: int = 0
+    kept: int = 0
+    weight_bytes_in: int = 0
+    weight_bytes_out: int = 0
+    names: list = field(default_factory=list)
+
+
+def _is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def _float_type(elem_type: int, to_fp32: bool) -> int:
+    return TensorProto.FLOAT if (to_fp32 and elem_type in _HALF_TYPES) else elem_type
+
+
+def _fp32_tensor(t: TensorProto) -> TensorProto:
+    """An inline (non-external) half tensor as fp32."""
+    if t.data_type not in _HALF_TYPES:
+        return t
+    if t.raw_data:
+        raw = np.frombuffer(t.raw_data, dtype=np.uint16)
+    else:                                   # int32_data holds the 16-bit patterns
+        raw = np.asarray(t.int32_data, dtype=np.uint32).astype(np.uint16)
+    values = _to_float32(raw.copy(), t.data_type).reshape(tuple(t.dims))
+    out = numpy_helper.from_array(values.astype(np.float32), t.name)
+    return out
+
+
+def _float_node(node: onnx.NodeProto, to_fp32: bool) -> onnx.NodeProto:
+    """Cast-to-half becomes Cast-to-fp32; half constants become fp32 (fp32 compute)."""
+    if not to_fp32:
+        return node
+    for attr in node.attribute:
+        if attr.name == "to" and node.op_type in ("Cast",) and attr.i in _HALF_TYPES:
+            attr.i = TensorProto.FLOAT
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _HALF_TYPES:
+            attr.t.CopyFrom(_fp32_tensor(attr.t))
+        elif attr.name == "dtype" and attr.type == onnx.AttributeProto.INT and attr.i in _HALF_TYPES:
+            attr.i = TensorProto.FLOAT
+    return node
+
+
+class GraphRewriter:
+    def __init__(self, model: onnx.ModelProto, source: SourceWeights, out: WeightsFile, scheme: str,
+                 block_size: int, to_fp32: bool):
+        self.model, self.source, self.out = model, source, out
+        self.scheme, self.block_size, self.to_fp32 = scheme, block_size, to_fp32
+        self.report = GraphReport()
+        self._added: dict = {}             # initializer name -> TensorProto
+        self._act: dict = {}               # activation name -> (quantized, row scale)
+
+    # -- weights --------------------------------------------------------------------
+    def _kept(self, t: TensorProto) -> TensorProto:
+        """An initializer left as it is (fp32 after conversion), moved into the new file."""
+        if not _is_external(t):
+            return _fp32_tensor(t) if self.to_fp32 else t
+        key, raw = self.source.external(t)
+        record = self.out.written.get(key)
+        if record is None:
+            array = _to_float32(np.asarray(raw), t.data_type) if self.to_fp32 else np.asarray(raw)
+            data_type = _float_type(t.data_type, self.to_fp32)
+            offset, length = self.out.append(array)
+            record = {"": (offset, length, data_type, tuple(t.dims))}
+            self.out.written[key] = record
+            self.report.weight_bytes_in += raw.size
+            self.report.weight_bytes_out += length
+        self.report.kept += 1
+        return self.out.tensor(t.name, record[""])
+
+    def _quantized(self, t: TensorProto) -> dict:
+        key, raw = self.source.external(t)
+        record = self.out.written.get(key)
+        if record is None:
+            weight = _to_float32(np.asarray(raw), t.data_type)
+            weight = weight.view(np.float32).reshape(tuple(t.dims)) if t.data_type == TensorProto.FLOAT \
+                else weight.reshape(tuple(t.dims))
+            qw: QuantizedWeight = quantize_weight(weight, self.scheme, self.block_size)
+            record = {}
+            for suffix, array in qw.arrays.items():
+                offset, length = self.out.append(array)
+                data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+                record[suffix] = (offset, length, data_type, array.shape)
+                self.report.weight_bytes_out += length
+            record["meta"] = (qw.k, qw.n, qw.block_size)
+            self.out.written[key] = record
+            self.report.weight_bytes_in += raw.size
+        return record
+
+    def _add(self, name: str, record: tuple) -> str:
+        if name not in self._added:
+            self._added[name] = self.out.tensor(name, record)
+        return name
+
+    def _constant(self, name: str, value) -> str:
+        if name not in self._added:
+            self._added[name] = numpy_helper.from_array(np.asarray(value), name)
+        return name
+
+    # -- nodes ----------------------------------------------------------------------
+    def _row_quantized(self, activation: str, nodes: list) -> tuple[str, str]:
+        """Per-token symmetric int8 of `activation` (stored as uint8 around 128), once per tensor."""
+        if activation in self._act:
+            return self._act[activation]
+        p = f"{activation}__q8"
+        axes = self._constant("siren_q8_axes", np.array([-1], np.int64))
+        inv = self._constant("siren_q8_inv127", np.array(1.0 / 127.0, np.float32))
+        tiny = self._constant("siren_q8_tiny", np.array(1e-30, np.float32))
+        offset = self._constant("siren_q8_offset", np.array(128.0, np.float32))
+        nodes += [
+            helper.make_node("Abs", [activation], [p + "_abs"]),
+            helper.make_node("ReduceMax", [p + "_abs", axes], [p + "_amax"], keepdims=1),
+            helper.make_node("Mul", [p + "_amax", inv], [p + "_s0"]),
+            helper.make_node("Max", [p + "_s0", tiny], [p + "_scale"]),
+            helper.make_node("Div", [activation, p + "_scale"], [p + "_div"]),
+            helper.make_node("Round", [p + "_div"], [p + "_round"]),
+            helper.make_node("Add", [p + "_round", offset], [p + "_shift"]),
+            helper.make_node("Cast", [p + "_shift"], [p + "_u8"], to=TensorProto.UINT8),
+        ]
+        self._act[activation] = (p + "_u8", p + "_scale")
+        return self._act[activation]
+
+    def _matmul(self, node: onnx.NodeProto, weight: TensorProto, nodes: list) -> None:
+        record = self._quantized(weight)
+        k, n, block_size = record["meta"]
+        q = self._add(weight.name + "__q8", record["q"])
+        scale = self._add(weight.name + "__scale", record["scale"])
+        a, y = node.input[0], node.output[0]
+        if self.scheme == "dynamic":
+            a_q, a_scale = self._row_quantized(a, nodes)
+            one = self._constant("siren_q8_one", np.array(1.0, np.float32))
+            zero_point = self._constant("siren_q8_zp", np.array(128, np.uint8))
+            nodes += [helper.make_node("MatMulIntegerToFloat", [a_q, q, one, scale, zero_point], [y + "__int"],
+                                       domain=MS_DOMAIN, name=(node.name or y) + "_q8"),
+                      helper.make_node("Mul", [y + "__int", a_scale], [y])]
+        else:
+            nodes.append(helper.make_node("MatMulNBits", [a, q, scale], [y], domain=MS_DOMAIN,
+                                          name=(node.name or y) + "_q8", K=k, N=n, bits=8,
+                                          block_size=block_size, accuracy_level=4))
+        self.report.quantized += 1
+        self.report.names.append(weight.name)
+
+    def run(self) -> GraphReport:
+        graph = self.model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        uses: dict = {}
+        for node in graph.node:
+            for name in node.input:
+                uses[name] = uses.get(name, 0) + 1
+        quantizable = {
+            node.input[1] for node in graph.node
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers
+            and _is_external(initializers[node.input[1]]) and len(initializers[node.input[1]].dims) == 2
+            and uses[node.input[1]] == 1
+            and initializers[node.input[1]].data_type in (TensorProto.FLOAT, *_HALF_TYPES)}
+        nodes: list = []
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.input[1] in quantizable:
+                self._matmul(node, initializers[node.input[1]], nodes)
+            else:
+                nodes.append(_float_node(node, self.to_fp32))
+        kept = [self._kept(t) for t in graph.initializer if t.name not in quantizable]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + list(self._added.values()))
+        if self.to_fp32:
+            for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+                if value.type.HasField("tensor_type"):
+                    value.type.tensor_type.elem_type = _float_type(value.type.tensor_type.elem_type, True)
+        if not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        return self.report

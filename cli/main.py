@@ -56,7 +56,8 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from siren_export.bench import format_table, run_bench
     rows, texts, tokens = run_bench(args.bundle, reference=args.reference, texts_file=args.texts, batch=args.batch,
-                                    repeat=args.repeat, breakdown=args.breakdown, backend=args.backend)
+                                    repeat=args.repeat, breakdown=args.breakdown, backend=args.backend,
+                                    also=args.also)
     print(format_table(rows, texts, tokens))
     return 0
 
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
     p.add_argument("--backend", help="runtime backend (default: best available)")
+    p.add_argument("--also", action="append", metavar="BUNDLE",
+                   help="another bundle of the same artifact (int8, bf16 ...) to measure in the same run")
     p.set_defaults(func=_cmd_bench)
 
     p = add("triton", help="write a Triton Inference Server model repository from a bundle")

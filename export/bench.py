@@ -71,7 +71,7 @@ if spec["side"] == "runtime":
     out["tokens"] = sum(len(i) for i in ids)
     batch = lambda ts: [r.score for r in guard.score_batch(ts)]
     one = lambda t: guard.score(t).score
-    out["variants"]["siren_runtime (" + guard.backend + ")"] = measure(batch, one)
+    out["variants"]["siren_runtime " + spec.get("label", "") + " (" + guard.backend + ")"] = measure(batch, one)
 else:
     torch.set_grad_enabled(False)
     ref = siren_guard.SirenGuard.from_pretrained(spec["artifact"], device="cpu", dtype=torch.float32)
@@ -124,31 +124,55 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _label(bundle: str) -> str:
+    """fp32 / bf16 / int8-dynamic ...: what a bundle computes with, from its manifest."""
+    from siren_runtime.bundle import read_bundle
+    manifest = read_bundle(bundle).manifest
+    quant = manifest.get("quantization")
+    return f"int8-{quant['scheme']}" if quant else manifest["model"].get("dtype", "fp32")
+
+
+def _bundle_mb(bundle: str) -> float:
+    from siren_runtime.bundle import read_bundle
+    return sum(r.bytes for r in read_bundle(bundle).files.values()) / 1e6
+
+
 def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional[str] = None,
               batch: Optional[int] = None, repeat: int = 3, breakdown: bool = False,
-              backend: Optional[str] = None) -> list[dict]:
+              backend: Optional[str] = None, also: Optional[list] = None) -> list[dict]:
+    """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run."""
     texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
              if texts_file else default_texts())
     if batch:
         texts = (texts * (batch // len(texts) + 1))[:batch]
     spec = {"bundle": str(bundle), "artifact": reference, "texts": texts, "repeat": repeat,
             "breakdown": breakdown, "backend": backend}
-    sides = [_run_worker({**spec, "side": "runtime"})]
+    bundles = [str(bundle)] + [str(b) for b in (also or [])]
+    sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime"})) for b in bundles]
     if reference:
-        sides.insert(0, _run_worker({**spec, "side": "reference"}))
-    tokens = sides[-1]["tokens"]
+        sides.insert(0, (None, _run_worker({**spec, "side": "reference"})))
+    tokens = sides[-1][1]["tokens"]
     rows, reference_scores = [], None
-    for side in sides:
+    for source, side in sides:
         for name, (scores, batch_times, single) in side["variants"].items():
             reference_scores = reference_scores or scores
             best = min(batch_times)
+            diffs = [abs(a - b) for a, b in zip(scores, reference_scores)]
+            agree = {t: sum((a >= t) == (b >= t) for a, b in zip(scores, reference_scores)) / len(scores)
+                     for t in (0.1, 0.5, 0.9)}
             rows.append({
+                "bundle_mb": _bundle_mb(source) if source else None, "mean_dscore": sum(diffs) / len(diffs),
+                "agreement": agree,
                 "implementation": name, "texts_per_s": len(texts) / best, "tokens_per_s": tokens / best,
                 "batch_s": best, "p50_ms": 1e3 * statistics.median(single), "p95_ms": 1e3 * _pct(single, 0.95),
                 "peak_rss_mb": side["peak_rss_mb"], "import_s": side["import_s"], "load_s": side["load_s"],
-                "max_dscore": max(abs(a - b) for a, b in zip(scores, reference_scores)),
+                "max_dscore": max(diffs),
             })
     return rows, texts, tokens
+
+
+def size_mb(row: dict) -> str:
+    return f"{row['bundle_mb']:.0f}" if row.get("bundle_mb") else "-"
 
 
 def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
@@ -156,13 +180,16 @@ def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
     words = [len(t.split()) for t in texts]
     lines = [f"{len(texts)} texts, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; CPU fp32",
              "", f"{'implementation':<34} {'texts/s':>8} {'tokens/s':>9} {'x thrpt':>7} {'p50 ms':>8} "
-                 f"{'p95 ms':>8} {'x p50':>6} {'peak RSS MB':>11} {'import s':>8} {'max|Δ|':>8}"]
+                 f"{'p95 ms':>8} {'x p50':>6} {'peak RSS MB':>11} {'import s':>8} {'max|Δ|':>8} {'mean|Δ|':>8} "
+                 f"{'agree .1/.5/.9':>15} {'bundle MB':>9}"]
     lines.append("-" * len(lines[-1]))
     for r in rows:
         lines.append(f"{r['implementation']:<34} {r['texts_per_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
                      f"{r['texts_per_s'] / base['texts_per_s']:>6.2f}x {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
                      f"{base['p50_ms'] / r['p50_ms']:>5.2f}x {r['peak_rss_mb']:>11.0f} {r['import_s']:>8.2f} "
-                     f"{r['max_dscore']:>8.1e}")
+                     f"{r['max_dscore']:>8.1e} {r['mean_dscore']:>8.1e} "
+                     f"{'/'.join(f'{a * 100:.0f}' for a in r['agreement'].values()):>15} "
+                     f"{size_mb(r):>9}")
     lines.append("")
     lines.append(f"x thrpt / x p50: relative to {base['implementation']}; peak RSS and import time are per process "
                  "(torch variants share the llm-siren process).")

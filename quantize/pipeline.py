@@ -29,6 +29,11 @@ from .rewrite import GraphRewriter, SourceWeights, WeightsFile
 from .schemes import SCHEMES
 
 WEIGHTS_FILE = "model.onnx.data"
+#: streamed vs whole-prefix scores of one int8 bundle. The two compute a token's row with fp32
+#: rounding differences (attention over a cached past vs the whole sequence); quantizing that
+#: row can then land one int8 step apart, and deep models compound such steps (measured: 1e-7
+#: on a 4-layer model, 1.8e-3 on 36 layers of Qwen3-4B dims). Far below the gate's bound.
+STREAM_TOLERANCE = 5e-3
 
 
 class QuantizationRejected(ValueError):
@@ -59,7 +64,8 @@ def _streaming_check(bundle: Path, texts: list[str]) -> dict:
             whole = guard.score_batch([s.text for s, _ in live])
             worst = max([worst] + [abs(a.score - b.score) for a, b in zip(streamed, whole)])
             steps += len(live)
-    return {"checked": True, "steps": steps, "max_abs_diff": float(worst), "passed": worst <= 1e-4}
+    return {"checked": True, "steps": steps, "max_abs_diff": float(worst), "tolerance": STREAM_TOLERANCE,
+            "passed": worst <= STREAM_TOLERANCE}
 
 
 def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "int8", scheme: str = "dynamic",

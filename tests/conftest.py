@@ -30,6 +30,7 @@ class Case:
     neurons_per_layer: int = 8
     layer_dims: tuple = (32, 16)
     seed: int = 0
+    outlier_channels: int = 0        # massive-activation channels (synthetic.make_backbone)
 
 
 CASES = {
@@ -42,6 +43,8 @@ CASES = {
                      neurons_per_layer=12, seed=2),
     # the paper's training readout (raw last layer) on an all-layers head
     "training": Case("training", 4, 64, 128, 4, 2, 16, (0, 1, 2, 3), readout="training", max_length=64, seed=3),
+    # a few residual channels with very large activations, as real checkpoints have (quantization's hard case)
+    "outliers": Case("outliers", 4, 128, 256, 4, 2, 32, (0, 1, 2, 3), max_length=64, seed=4, outlier_channels=3),
 }
 
 
@@ -81,7 +84,7 @@ def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True
     backbone = make_backbone(root / f"{case.name}-backbone", num_layers=case.num_layers,
                              hidden_size=case.hidden_size, intermediate_size=case.intermediate_size,
                              num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
-                             seed=case.seed, tokenizer_cache=tokenizer_json)
+                             seed=case.seed, tokenizer_cache=tokenizer_json, outlier_channels=case.outlier_channels)
     artifact = make_head(root / f"{case.name}-head", backbone, num_layers=case.num_layers, width=case.hidden_size,
                          selected_layers=case.selected_layers, neurons_per_layer=case.neurons_per_layer,
                          pooling_type=case.pooling_type, layer_dims=case.layer_dims, max_length=case.max_length,

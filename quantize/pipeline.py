@@ -110,6 +110,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
             _say(show_progress, f"      {reports[section].quantized} MatMuls quantized, {reports[section].kept} tensors "
                                 f"kept, {time.perf_counter() - t0:.1f}s")
         writer.close()
+        weights_source.close()
         shutil.copy2(source / contract.tokenizer_path, staging / contract.tokenizer_path)
 
         manifest = contract.raw()

@@ -64,21 +64,38 @@ class WeightsFile:
 
 
 class SourceWeights:
-    """Read-only, memory-mapped views of the source bundle's external data files."""
+    """The source bundle's external data, read one tensor at a time into memory that is freed
+    with the tensor (not memory-mapped: mapped pages of an 8 GB file stay resident)."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self._maps: dict = {}
+        self._files: dict = {}
 
-    def external(self, tensor: TensorProto) -> tuple[tuple, np.ndarray]:
+    def _file(self, location: str):
+        if location not in self._files:
+            self._files[location] = open(self.directory / location, "rb", buffering=0)
+        return self._files[location]
+
+    def key(self, tensor: TensorProto) -> tuple:
+        """(file, offset, length): the same bytes seen by both graphs have the same key."""
         info = {e.key: e.value for e in tensor.external_data}
         location, offset = info["location"], int(info.get("offset", 0))
-        if location not in self._maps:
-            self._maps[location] = np.memmap(self.directory / location, dtype=np.uint8, mode="r")
-        length = int(info["length"]) if "length" in info else self._maps[location].size - offset
-        key = (location, offset, length)
-        raw = self._maps[location][offset:offset + length]
-        return key, raw
+        length = int(info["length"]) if "length" in info else self._file(location).seek(0, 2) - offset
+        return location, offset, length
+
+    def read(self, key: tuple) -> np.ndarray:
+        location, offset, length = key
+        f = self._file(location)
+        raw = np.empty(length, dtype=np.uint8)
+        f.seek(offset)
+        if f.readinto(memoryview(raw)) != length:
+            raise ValueError(f"{self.directory / location}: a tensor runs past the end of the file")
+        return raw
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 @dataclass
@@ -139,9 +156,10 @@ class GraphRewriter:
         """An initializer left as it is (fp32 after conversion), moved into the new file."""
         if not _is_external(t):
             return _fp32_tensor(t) if self.to_fp32 else t
-        key, raw = self.source.external(t)
+        key = self.source.key(t)
         record = self.out.written.get(key)
         if record is None:
+            raw = self.source.read(key)
             array = _to_float32(np.asarray(raw), t.data_type) if self.to_fp32 else np.asarray(raw)
             data_type = _float_type(t.data_type, self.to_fp32)
             offset, length = self.out.append(array)
@@ -153,9 +171,10 @@ class GraphRewriter:
         return self.out.tensor(t.name, record[""])
 
     def _quantized(self, t: TensorProto) -> dict:
-        key, raw = self.source.external(t)
+        key = self.source.key(t)
         record = self.out.written.get(key)
         if record is None:
+            raw = self.source.read(key)
             weight = _to_float32(np.asarray(raw), t.data_type)
             weight = weight.view(np.float32).reshape(tuple(t.dims)) if t.data_type == TensorProto.FLOAT \
                 else weight.reshape(tuple(t.dims))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from siren_runtime.calibration import calibration_texts
-from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, publish, read_bundle, write_manifest
 from siren_runtime.hub import CARD_NAME
 from siren_runtime.tokenization import TextEncoder
 
@@ -223,14 +223,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         (staging / CARD_NAME).write_text(model_card(read_bundle(staging).raw()), encoding="utf-8")
         os.chmod(staging / CARD_NAME, 0o644)
         read_bundle(staging).verify()          # the contract's own reader accepts what was written
-        os.chmod(staging, 0o755)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        publish(staging, output)
         progress.done(f"{output / MANIFEST_NAME}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import onnx
 
-from siren_runtime.bundle import MANIFEST_NAME, describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, describe_file, publish, read_bundle, write_manifest
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
 
@@ -167,14 +167,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         (staging / CARD_NAME).write_text(model_card(read_bundle(staging).raw()), encoding="utf-8")
         for name in files + [CARD_NAME]:
             os.chmod(staging / name, 0o644)
-        os.chmod(staging, 0o755)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

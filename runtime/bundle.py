@@ -23,6 +23,7 @@ import math
 import time
 import os
 import re
+import shutil
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -99,6 +100,20 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move a finished bundle from its staging directory to `output`: a bundle already there is
+    renamed aside first and removed after, so `output` is never a half-written bundle."""
+    staging, output = Path(staging), Path(output)
+    os.chmod(staging, 0o755)
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
 
 
 # -- typed sections --------------------------------------------------------------------
@@ -448,4 +463,4 @@ def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> 
 
 __all__ = ["Bundle", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
            "SCORE_IO", "STEP_IO", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
-           "write_manifest", "describe_file", "sha256_file", "safe_relative_path"]
+           "write_manifest", "publish", "describe_file", "sha256_file", "safe_relative_path"]

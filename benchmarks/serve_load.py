@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,41 +21,21 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _load import run_clients  # noqa: E402
 from _models import build  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
-from triton_load import TEXTS, _disable_batching  # noqa: E402
+from triton_load import _disable_batching  # noqa: E402
 from triton_load import run_load as run_triton_load  # noqa: E402
 from triton_server import TritonServer, server_binary  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 
 
-def summarize(latencies: list, errors: int, wall: float) -> dict:
-    ordered = sorted(latencies)
-    return {"rps": len(ordered) / wall, "p50_ms": 1e3 * statistics.median(ordered),
-            "p95_ms": 1e3 * ordered[int(0.95 * (len(ordered) - 1))], "errors": errors}
-
-
 def run_serve_load(url: str, concurrency: int, requests: int) -> dict:
     import httpx
-    latencies, errors = [], []
-
-    def worker(w: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for n in range(requests // concurrency):
-                t0 = time.perf_counter()
-                try:
-                    client.post("/v1/moderations", json={"input": TEXTS[(w * 13 + n) % len(TEXTS)]}).raise_for_status()
-                    latencies.append(time.perf_counter() - t0)
-                except Exception as e:   # counted in the table
-                    errors.append(e)
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(latencies, len(errors), time.perf_counter() - t0)
+    return run_clients(lambda: httpx.Client(base_url=url, timeout=60),
+                       lambda client, text: client.post("/v1/moderations", json={"input": text}).raise_for_status(),
+                       concurrency, requests)
 
 
 def main() -> None:
@@ -92,8 +69,8 @@ def main() -> None:
             shutil.rmtree(repo.parent, ignore_errors=True)
     print(f"\nbundle: {bundle}; ONNX Runtime CPU; {args.requests} single-text requests per row, "
           f"one HTTP client per thread\n")
-    print(f"| server | dynamic batching | concurrency | req/s | p50 ms | p95 ms | errors |")
-    print(f"|---|---|---:|---:|---:|---:|---:|")
+    print("| server | dynamic batching | concurrency | req/s | p50 ms | p95 ms | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, batching, c, r in rows:
         print(f"| {name} | {'on' if batching else 'off'} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
               f"{r['p95_ms']:.1f} | {r['errors']} |")

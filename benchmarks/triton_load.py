@@ -11,11 +11,8 @@ import argparse
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,10 +20,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _load import run_clients  # noqa: E402
 from _models import build  # noqa: E402
 from triton_server import TritonServer  # noqa: E402
 
-TEXTS = [f"request {i}: " + "tell me about " * (i % 12) + ("chemistry" if i % 3 else "cooking") for i in range(64)]
 
 
 def _disable_batching(repo: Path) -> None:
@@ -39,30 +36,12 @@ def _disable_batching(repo: Path) -> None:
 def run_load(server: TritonServer, concurrency: int, requests: int) -> dict:
     import numpy as np
     import tritonclient.http as httpclient
-    latencies, errors = [], []
 
-    def worker(w):
-        client = httpclient.InferenceServerClient(server.http_url)
-        for n in range(requests // concurrency):
-            text = TEXTS[(w * 13 + n) % len(TEXTS)].encode()
-            tensor = httpclient.InferInput("TEXT", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[text]], dtype=object))
-            t0 = time.perf_counter()
-            try:
-                client.infer("siren_guard", [tensor])
-                latencies.append(time.perf_counter() - t0)
-            except Exception as e:
-                errors.append(e)
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ordered = sorted(latencies)
-    return {"rps": len(latencies) / wall, "p50_ms": 1e3 * statistics.median(ordered),
-            "p95_ms": 1e3 * ordered[int(0.95 * (len(ordered) - 1))], "errors": len(errors), "n": len(latencies)}
+    def send(client, text: str) -> None:
+        tensor = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        client.infer("siren_guard", [tensor])
+    return run_clients(lambda: httpclient.InferenceServerClient(server.http_url), send, concurrency, requests)
 
 
 def main() -> None:

@@ -195,25 +195,24 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
             return route
         return wrap
 
-    @endpoint("moderations")
-    async def moderations(request: Request) -> Response:
-        body = await service.read_json(request)
-        texts = parse_inputs(body, config.max_inputs)
-        threshold = parse_threshold(body, service.threshold)
-        _check_encodable(texts, "input")
-        scores, _ = await service.scores(texts)
-        service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
-        return JSONResponse(moderation_response(body.get("model") or service.model, scores, threshold))
-
-    @endpoint("classify")
-    async def classify(request: Request) -> Response:
+    async def score_request(request: Request) -> tuple:
+        """The part /v1/moderations and /classify share: parse, score, count verdicts."""
         body = await service.read_json(request)
         texts = parse_inputs(body, config.max_inputs)
         threshold = parse_threshold(body, service.threshold)
         _check_encodable(texts, "input")
         scores, tokens = await service.scores(texts)
         service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
-        return JSONResponse(classify_response(body.get("model") or service.model, scores, threshold, tokens))
+        return body.get("model") or service.model, scores, threshold, tokens
+
+    @endpoint("moderations")
+    async def moderations(request: Request) -> Response:
+        model, scores, threshold, _ = await score_request(request)
+        return JSONResponse(moderation_response(model, scores, threshold))
+
+    @endpoint("classify")
+    async def classify(request: Request) -> Response:
+        return JSONResponse(classify_response(*await score_request(request)))
 
     @endpoint("streams")
     async def open_stream(request: Request) -> Response:

@@ -131,6 +131,12 @@ def score_records(guard, records: Iterable[Record], threshold: Optional[float], 
     return scored, flagged
 
 
+def _file_records(path: str, errors: str) -> Iterator[Record]:
+    """Records of a JSON Lines file, closed when read to the end (or when scoring stops)."""
+    with open(path, "rb") as source:
+        yield from read_records(source, jsonl=True, errors=errors)
+
+
 def run_score(args) -> int:
     from siren_runtime import SirenGuard
 
@@ -147,8 +153,7 @@ def run_score(args) -> int:
     elif args.texts:
         records = iter([Record({"text": t}, t) for t in args.texts])
     elif args.input is not None and args.input != "-":
-        source = open(args.input, "rb")
-        records = read_records(source, jsonl=True, errors=args.errors)
+        records = _file_records(args.input, args.errors)
     else:
         records = read_records(sys.stdin.buffer, jsonl=args.input == "-", errors=args.errors)
     guard = SirenGuard.from_pretrained(args.bundle, device=args.device, backend=args.backend,

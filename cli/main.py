@@ -101,7 +101,8 @@ def _cmd_verify(args) -> int:
         from siren_quantize.gate import format_report, read_texts, verify_quantized
         if args.reference_bundle is None:
             raise ValueError("a quantized bundle is verified against its fp32 source: pass --reference-bundle")
-        report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts))
+        report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts),
+                                  max_mean_diff=args.max_mean_diff)
     else:
         from siren_engines.verify import format_report, verify_bundle
         texts = None
@@ -121,7 +122,8 @@ def _cmd_quantize(args) -> int:
         out, _ = quantize_bundle(args.bundle, args.output, weights=args.weights, scheme=args.scheme,
                                  block_size=args.block_size, reference_bundle=args.reference_bundle,
                                  texts=read_texts(args.texts), overwrite=args.overwrite,
-                                 show_progress=not args.quiet, gate=not args.no_gate)
+                                 show_progress=not args.quiet, gate=not args.no_gate,
+                                 max_mean_diff=args.max_mean_diff)
     except QuantizationRejected as e:
         if args.quiet:
             print(format_report(e.report), file=sys.stderr)
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-bundle", help="fp32 bundle of the same artifact (default: BUNDLE when it is fp32)")
     p.add_argument("--texts", help="texts to compare on, one per line (default: the calibration set; for int8 "
                                    "bundles the gate's 56 texts)")
+    p.add_argument("--max-mean-diff", type=float, help="int8 bundles: the gate's bound on mean |Δscore| (default 0.01)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
 
@@ -276,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-bundle", help="fp32 bundle the gate compares with (default: BUNDLE when fp32)")
     p.add_argument("--texts", help="gate texts, one per line (default: calibration + 48 built-in texts)")
     p.add_argument("--no-gate", action="store_true", help="write the bundle without the decision gate")
+    p.add_argument("--max-mean-diff", type=float,
+                   help="the gate's bound on mean |Δscore| vs fp32 (default 0.01); decisions "
+                        "more than 0.02 from a threshold must agree regardless")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_quantize)
 

@@ -66,8 +66,12 @@ def decision_report(candidate: np.ndarray, reference: np.ndarray, thresholds: Se
             "thresholds": per_threshold, "margin": margin, "max_mean_diff": max_mean_diff, "passed": passed}
 
 
-def verify_quantized(bundle: str | Path, reference_bundle: str | Path, texts: Optional[list[str]] = None) -> dict:
+def verify_quantized(bundle: str | Path, reference_bundle: str | Path, texts: Optional[list[str]] = None,
+                     max_mean_diff: Optional[float] = None) -> dict:
     """Score `texts` with the quantized bundle and its fp32 reference (both on ONNX Runtime CPU)."""
+    max_mean_diff = MAX_MEAN_DIFF if max_mean_diff is None else max_mean_diff
+    if not (0.0 <= max_mean_diff <= 1.0):          # NaN fails this too
+        raise ValueError(f"max_mean_diff must be in [0, 1], got {max_mean_diff!r}")
     from siren_runtime import BundleError, SirenGuard
     from siren_runtime.bundle import read_bundle
     reference = read_bundle(reference_bundle)
@@ -79,7 +83,7 @@ def verify_quantized(bundle: str | Path, reference_bundle: str | Path, texts: Op
             SirenGuard.from_pretrained(reference_bundle, device="cpu", incremental_streaming=False) as fp32:
         got = np.array([r.score for r in candidate.score_batch(texts)])
         want = np.array([r.score for r in fp32.score_batch(texts)])
-    report = decision_report(got, want)
+    report = decision_report(got, want, max_mean_diff=max_mean_diff)
     report.update(reference=str(reference_bundle), backend="onnxruntime", device="cpu")
     return report
 

@@ -24,7 +24,7 @@ from siren_runtime.bundle import MANIFEST_NAME, describe_file, publish, read_bun
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
 
-from .gate import format_report, gate_texts, verify_quantized
+from .gate import MAX_MEAN_DIFF, format_report, gate_texts, verify_quantized
 from .rewrite import GraphRewriter, SourceWeights, WeightsFile
 from .schemes import SCHEMES
 
@@ -71,9 +71,13 @@ def _streaming_check(bundle: Path, texts: list[str]) -> dict:
 def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "int8", scheme: str = "dynamic",
                     block_size: int = 32, reference_bundle: Optional[str | Path] = None,
                     texts: Optional[list[str]] = None, overwrite: bool = False, show_progress: bool = True,
-                    gate: bool = True) -> tuple[Path, dict]:
+                    gate: bool = True, max_mean_diff: Optional[float] = None) -> tuple[Path, dict]:
     """Quantize `source` into `output`; returns (output, gate report). Raises
-    QuantizationRejected (nothing written) when the gate fails."""
+    QuantizationRejected (nothing written) when the gate fails (`max_mean_diff`: its bound on
+    the mean |Δscore|; decisions outside the margin must agree whatever it is)."""
+    max_mean_diff = MAX_MEAN_DIFF if max_mean_diff is None else max_mean_diff
+    if not (0.0 <= max_mean_diff <= 1.0):
+        raise ValueError(f"max_mean_diff must be in [0, 1], got {max_mean_diff!r}")
     if weights != "int8":
         raise ValueError(f"weights must be int8 (int4 is not built), got {weights!r}")
     if scheme not in SCHEMES:
@@ -117,10 +121,13 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         manifest["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest["model"]["dtype"] = "fp32"
         manifest["model"]["external_data"] = WEIGHTS_FILE
+        manifest["model"]["opset"] = reports["model"].opset
         files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path]
         if contract.streaming is not None:
             manifest["streaming"]["kv_dtype"] = "fp32"
             manifest["streaming"]["external_data"] = WEIGHTS_FILE
+            if "opset" in manifest["streaming"]:
+                manifest["streaming"]["opset"] = reports["streaming"].opset
             for entry in manifest["streaming"].get("inputs", []) + manifest["streaming"].get("outputs", []):
                 if entry.get("dtype") in ("bfloat16", "float16"):
                     entry["dtype"] = "float32"
@@ -128,7 +135,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         manifest["engines"] = []       # engines of the source do not run these graphs
         manifest["quantization"] = {
             "weights": weights, "scheme": scheme, "block_size": block_size if scheme == "blockwise" else None,
-            "activations": "int8 per token (dynamic)" if scheme == "dynamic" else
+            "activations": "int8 per token (dynamic; u8 x u8, exact without VNNI)" if scheme == "dynamic" else
                            f"int8 per block of {block_size} (MatMulNBits accuracy level 4)",
             "source": {"bundle": str(source), "dtype": contract.model.dtype,
                        "manifest": describe_file(source, MANIFEST_NAME)["sha256"]},
@@ -149,7 +156,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         report = {"passed": True, "checked": False}
         if gate:
             _say(show_progress, f"gate: {len(texts)} texts, int8 vs {reference} ...")
-            report = verify_quantized(staging, reference, texts)
+            report = verify_quantized(staging, reference, texts, max_mean_diff)
             report["checked"] = True
             _say(show_progress, format_report(report))
         streaming = _streaming_check(staging, texts[:8]) if contract.streaming is not None else None

@@ -1,10 +1,13 @@
 """How one weight matrix becomes int8, and the nodes that multiply by it.
 
 dynamic    per-output-channel symmetric int8 weights; activations quantized per token
-           (one scale per row, symmetric, stored as uint8 around 128) at run time, then
-           ONNX Runtime's MatMulIntegerToFloat (u8 x s8 -> fp32, the VNNI path) and the
-           row scale. Fastest; one scale per token means a few huge activation channels
-           (real LLMs have them) cost every other channel its precision.
+           (one scale per row, symmetric) at run time, then ONNX Runtime's
+           MatMulIntegerToFloat and the row scale. Both operands are stored as uint8
+           around 128 (u8 x u8): MLAS's u8 x s8 kernel for CPUs without AVX-512 VNNI sums
+           pairs of products in saturating int16 (vpmaddubsw), which was measured here to
+           be wrong by up to 10 % of a product's range; u8 x u8 is exact on every CPU.
+           Fastest; one scale per token means a few huge activation channels (real LLMs
+           have them) cost every other channel its precision.
 blockwise  ONNX Runtime's MatMulNBits, 8 bits, blocks of `block_size` along K, weights
            packed by ONNX Runtime's own quantize_matmul_8bits, accuracy level 4 (int8
            compute with a scale per activation block): robust to outlier channels, slower.
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEMES = ("dynamic", "blockwise")
+WEIGHT_ZERO_POINT = 128          # dynamic: int8 weights stored as uint8 (see above)
+ACTIVATION_ZERO_POINT = 128
 
 
 @dataclass
@@ -37,8 +42,8 @@ def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> Qu
     if scheme == "dynamic":
         scale = np.abs(weight).max(axis=0) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-        return QuantizedWeight({"q": q, "scale": scale}, scheme, k, n)
+        q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int16)
+        return QuantizedWeight({"q": (q + WEIGHT_ZERO_POINT).astype(np.uint8), "scale": scale}, scheme, k, n)
     if scheme == "blockwise":
         from onnxruntime.capi._pybind_state import quantize_matmul_8bits
         if block_size < 16 or block_size & (block_size - 1):

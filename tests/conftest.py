@@ -31,6 +31,7 @@ class Case:
     layer_dims: tuple = (32, 16)
     seed: int = 0
     outlier_channels: int = 0        # massive-activation channels (synthetic.make_backbone)
+    outlier_scale: float = 40.0
 
 
 CASES = {
@@ -84,7 +85,8 @@ def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True
     backbone = make_backbone(root / f"{case.name}-backbone", num_layers=case.num_layers,
                              hidden_size=case.hidden_size, intermediate_size=case.intermediate_size,
                              num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
-                             seed=case.seed, tokenizer_cache=tokenizer_json, outlier_channels=case.outlier_channels)
+                             seed=case.seed, tokenizer_cache=tokenizer_json, outlier_channels=case.outlier_channels,
+                             outlier_scale=case.outlier_scale)
     artifact = make_head(root / f"{case.name}-head", backbone, num_layers=case.num_layers, width=case.hidden_size,
                          selected_layers=case.selected_layers, neurons_per_layer=case.neurons_per_layer,
                          pooling_type=case.pooling_type, layer_dims=case.layer_dims, max_length=case.max_length,

@@ -84,19 +84,24 @@ print(json.dumps({"worst": worst, "feeds": feeds, "implicit": implicit,
     assert np.mean(np.abs(np.array(result["batch"]) - reference)) <= 1e-2     # close to llm-siren, not equal
 
 
-def test_gate_refuses_outlier_backbone_and_writes_nothing(built_cases, tmp_path):
-    """Per-token activation scales cannot carry a few huge channels: on the outlier backbone the
-    dynamic scheme changes decisions, the gate says so, and no bundle appears."""
+def test_gate_refusal_writes_nothing(built_cases, tmp_path):
+    """A bundle the gate refuses never appears, through the API and the CLI (exit 1). With exact
+    u8 x u8 products the tiny outlier backbone passes the default bound (mean |Δ| ~0.004; the
+    0.6B-dims outlier backbone does not: docs/benchmarks.md), so the bound is tightened here
+    below what int8 can reach."""
     from siren_quantize.pipeline import QuantizationRejected, quantize_bundle
     outliers = built_cases("outliers")
     out = tmp_path / "int8"
     with pytest.raises(QuantizationRejected) as info:
-        quantize_bundle(outliers.bundle, out, scheme="dynamic", show_progress=False)
+        quantize_bundle(outliers.bundle, out, scheme="dynamic", show_progress=False, max_mean_diff=1e-4)
     report = info.value.report
-    assert not report["passed"] and report["mean_abs_diff"] > 1e-2
+    assert not report["passed"] and report["max_mean_diff"] == 1e-4 and 1e-4 < report["mean_abs_diff"] <= 1e-2
     assert not out.exists() and list(tmp_path.iterdir()) == []              # no staging left behind
+    with pytest.raises(ValueError, match="max_mean_diff"):
+        quantize_bundle(outliers.bundle, out, max_mean_diff=float("nan"), show_progress=False)
     proc = subprocess.run([sys.executable, "-m", "siren_cli", "quantize", str(outliers.bundle), "-o", str(out),
-                           "--scheme", "dynamic", "-q"], capture_output=True, text=True, timeout=600)
+                           "--scheme", "dynamic", "--max-mean-diff", "0.0001", "-q"], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 1 and not out.exists()
     assert "FAIL" in proc.stderr and "refused" in proc.stderr.strip().splitlines()[-1]
 
@@ -127,3 +132,52 @@ def test_bf16_source_and_verify_cli(all_layers, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "siren_cli", "verify", str(out)], capture_output=True, text=True,
                              timeout=600)
     assert missing.returncode == 2 and "--reference-bundle" in missing.stderr
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "blockwise"])
+def test_int8_matmul_matches_integer_arithmetic(tmp_path, scheme):
+    """One rewritten MatMul on ONNX Runtime against the same quantization done in numpy with
+    exact integer products. Rows with a few huge channels put activation codes near 0 and 255
+    and weights near ±127: where a kernel sums pairs of u8 x s8 products in saturating int16
+    (MLAS without AVX-512 VNNI) the result is off by up to a tenth of its range; this
+    catches it on any CPU that has that kernel."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from siren_quantize.rewrite import GraphRewriter, SourceWeights, WeightsFile
+    rng = np.random.default_rng(3)
+    k, n = 256, 96
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    weight[:, :8] *= 6.0                                   # a few columns with a wide range
+    x = rng.standard_normal((2, 5, k)).astype(np.float32)
+    x[..., [3, 77]] *= 40.0                                # outlier channels
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(model, str(src / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model = onnx.load(str(src / "m.onnx"), load_external_data=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    writer, source = WeightsFile(out_dir / "m.onnx.data"), SourceWeights(src)
+    report = GraphRewriter(model, source, writer, scheme, 32, to_fp32=False).run()
+    writer.close(), source.close()
+    assert report.quantized == 1 and "MatMul" not in [nd.op_type for nd in model.graph.node]
+    (out_dir / "m.onnx").write_bytes(model.SerializeToString())
+    got = ort.InferenceSession(str(out_dir / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = x @ weight
+    if scheme == "dynamic":
+        w_scale = np.abs(weight).max(axis=0) / 127.0
+        w_codes = np.clip(np.rint(weight / w_scale), -127, 127).astype(np.int64)
+        rows = x.reshape(-1, k)
+        a_scale = (np.maximum(rows.max(axis=1), -rows.min(axis=1)) * np.float32(1 / 127)).astype(np.float32)
+        a_codes = np.clip(np.rint(rows / a_scale[:, None]), -127, 127).astype(np.int64)
+        emulated = ((a_codes @ w_codes) * w_scale * a_scale[:, None]).reshape(got.shape)
+        scale = np.abs(emulated).max()
+        assert np.abs(got - emulated).max() <= 1e-5 * scale        # integer-exact, up to fp32 scaling
+        assert np.abs(got - exact).max() <= 0.05 * scale           # and an int8 approximation of x @ w
+    else:                                                          # MatMulNBits: int8 blocks, no emulation
+        assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .schemes import ACTIVATION_ZERO_POINT, WEIGHT_ZERO_POINT, QuantizedWeight, quantize_weight
+from . import schemes
+from .schemes import QuantizedWeight, quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 _HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
@@ -213,9 +214,10 @@ class GraphRewriter:
             return self._act[activation]
         p = f"{activation}__q8"
         axes = self._constant("siren_q8_axes", np.array([-1], np.int64))
-        inv = self._constant("siren_q8_inv127", np.array(1.0 / 127.0, np.float32))
+        codes = schemes.DYNAMIC_CODES
+        inv = self._constant("siren_q8_inv_levels", np.array(1.0 / codes.activation_levels, np.float32))
         tiny = self._constant("siren_q8_tiny", np.array(1e-30, np.float32))
-        zero_point = self._constant("siren_q8_zp", np.array(ACTIVATION_ZERO_POINT, np.uint8))
+        zero_point = self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8))
         nodes += [
             helper.make_node("ReduceMax", [activation, axes], [p + "_max"], keepdims=1),
             helper.make_node("ReduceMin", [activation, axes], [p + "_min"], keepdims=1),
@@ -241,9 +243,11 @@ class GraphRewriter:
         if self.scheme == "dynamic":
             a_q, a_scale = self._row_quantized(a, k, nodes)
             one = self._constant("siren_q8_one", np.array(1.0, np.float32))
-            a_zero = self._constant("siren_q8_zp", np.array(ACTIVATION_ZERO_POINT, np.uint8))
-            w_zero = self._constant("siren_q8_wzp", np.array(WEIGHT_ZERO_POINT, np.uint8))
-            nodes += [helper.make_node("MatMulIntegerToFloat", [a_q, q, one, scale, a_zero, w_zero], [y + "__int"],
+            codes = schemes.DYNAMIC_CODES
+            inputs = [a_q, q, one, scale, self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8))]
+            if codes.weight_zero_point is not None:
+                inputs.append(self._constant("siren_q8_wzp", np.array(codes.weight_zero_point, np.uint8)))
+            nodes += [helper.make_node("MatMulIntegerToFloat", inputs, [y + "__int"],
                                        domain=MS_DOMAIN, name=(node.name or y) + "_q8"),
                       helper.make_node("Mul", [y + "__int", a_scale], [y])]
         else:

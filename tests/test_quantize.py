@@ -145,6 +145,7 @@ def test_int8_matmul_matches_integer_arithmetic(tmp_path, scheme):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from siren_quantize.rewrite import GraphRewriter, SourceWeights, WeightsFile
+    from siren_quantize.schemes import DYNAMIC_CODES
     rng = np.random.default_rng(3)
     k, n = 256, 96
     weight = rng.standard_normal((k, n)).astype(np.float32)
@@ -170,11 +171,12 @@ def test_int8_matmul_matches_integer_arithmetic(tmp_path, scheme):
     got = ort.InferenceSession(str(out_dir / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     exact = x @ weight
     if scheme == "dynamic":
-        w_scale = np.abs(weight).max(axis=0) / 127.0
-        w_codes = np.clip(np.rint(weight / w_scale), -127, 127).astype(np.int64)
+        codes = DYNAMIC_CODES
+        w_scale = np.abs(weight).max(axis=0) / float(codes.weight_levels)
+        w_codes = np.clip(np.rint(weight / w_scale), -codes.weight_levels, codes.weight_levels).astype(np.int64)
         rows = x.reshape(-1, k)
-        a_scale = (np.maximum(rows.max(axis=1), -rows.min(axis=1)) * np.float32(1 / 127)).astype(np.float32)
-        a_codes = np.clip(np.rint(rows / a_scale[:, None]), -127, 127).astype(np.int64)
+        a_scale = (np.maximum(rows.max(axis=1), -rows.min(axis=1)) * np.float32(1 / codes.activation_levels)).astype(np.float32)
+        a_codes = np.clip(np.rint(rows / a_scale[:, None]), -codes.activation_levels, codes.activation_levels).astype(np.int64)
         emulated = ((a_codes @ w_codes) * w_scale * a_scale[:, None]).reshape(got.shape)
         scale = np.abs(emulated).max()
         assert np.abs(got - emulated).max() <= 1e-5 * scale        # integer-exact, up to fp32 scaling

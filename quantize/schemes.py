@@ -4,8 +4,9 @@ dynamic    per-output-channel symmetric int8 weights; activations quantized per 
            (one scale per row, symmetric) at run time, then ONNX Runtime's
            MatMulIntegerToFloat and the row scale. Both operands are stored as uint8
            around 128 (u8 x u8): MLAS's u8 x s8 kernel for CPUs without AVX-512 VNNI sums
-           pairs of products in saturating int16 (vpmaddubsw), which was measured here to
-           be wrong by up to 10 % of a product's range; u8 x u8 is exact on every CPU.
+           pairs of products in saturating int16 (vpmaddubsw), which was measured on an
+           AVX2 machine to be off by up to 8 % of the output range; u8 x u8 is exact on
+           every CPU.
            Fastest; one scale per token means a few huge activation channels (real LLMs
            have them) cost every other channel its precision.
 blockwise  ONNX Runtime's MatMulNBits, 8 bits, blocks of `block_size` along K, weights

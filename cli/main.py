@@ -102,7 +102,7 @@ def _cmd_verify(args) -> int:
         if args.reference_bundle is None:
             raise ValueError("a quantized bundle is verified against its fp32 source: pass --reference-bundle")
         report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts),
-                                  max_mean_diff=args.max_mean_diff)
+                                  max_mean_diff=args.max_mean_diff, smooth=args.smooth)
     else:
         from siren_engines.verify import format_report, verify_bundle
         texts = None
@@ -123,7 +123,7 @@ def _cmd_quantize(args) -> int:
                                  block_size=args.block_size, reference_bundle=args.reference_bundle,
                                  texts=read_texts(args.texts), overwrite=args.overwrite,
                                  show_progress=not args.quiet, gate=not args.no_gate,
-                                 max_mean_diff=args.max_mean_diff)
+                                 max_mean_diff=args.max_mean_diff, smooth=args.smooth)
     except QuantizationRejected as e:
         if args.quiet:
             print(format_report(e.report), file=sys.stderr)
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32, help="blockwise: weights per scale along K (default 32)")
     p.add_argument("--reference-bundle", help="fp32 bundle the gate compares with (default: BUNDLE when fp32)")
     p.add_argument("--texts", help="gate texts, one per line (default: calibration + 48 built-in texts)")
+    p.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="SmoothQuant: divide outlier input channels down (into the weights) before quantizing, "
+                        "calibrated on the fp32 source; ALPHA in (0, 1), 0.5 is the usual choice")
     p.add_argument("--no-gate", action="store_true", help="write the bundle without the decision gate")
     p.add_argument("--max-mean-diff", type=float,
                    help="the gate's bound on mean |Δscore| vs fp32 (default 0.01); decisions "

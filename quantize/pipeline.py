@@ -21,12 +21,14 @@ from typing import Optional
 import onnx
 
 from siren_runtime.bundle import MANIFEST_NAME, describe_file, publish, read_bundle, write_manifest
+from siren_runtime.calibration import calibration_texts
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
 
 from .gate import MAX_MEAN_DIFF, format_report, gate_texts, verify_quantized
 from .rewrite import GraphRewriter, SourceWeights, WeightsFile
 from .schemes import SCHEMES
+from .smoothing import smoothing_factors
 
 WEIGHTS_FILE = "model.onnx.data"
 #: streamed vs whole-prefix scores of one int8 bundle. The two compute a token's row with fp32
@@ -68,13 +70,24 @@ def _streaming_check(bundle: Path, texts: list[str]) -> dict:
             "passed": worst <= STREAM_TOLERANCE}
 
 
+def _token_ids(contract, texts: list) -> list:
+    from siren_runtime.text import clean_text
+    from siren_runtime.tokenization import TextEncoder
+    tokenizer_json = bytes(contract.read_verified(contract.tokenizer_path)).decode("utf-8")
+    encoder = TextEncoder(None, tokenizer_json=tokenizer_json, max_length=contract.inference.max_length,
+                          pad_token_id=contract.inference.pad_token_id)
+    return encoder.token_ids([clean_text(t) for t in texts])
+
+
 def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "int8", scheme: str = "dynamic",
                     block_size: int = 32, reference_bundle: Optional[str | Path] = None,
                     texts: Optional[list[str]] = None, overwrite: bool = False, show_progress: bool = True,
-                    gate: bool = True, max_mean_diff: Optional[float] = None) -> tuple[Path, dict]:
+                    gate: bool = True, max_mean_diff: Optional[float] = None,
+                    smooth: Optional[float] = None) -> tuple[Path, dict]:
     """Quantize `source` into `output`; returns (output, gate report). Raises
     QuantizationRejected (nothing written) when the gate fails (`max_mean_diff`: its bound on
-    the mean |Δscore|; decisions outside the margin must agree whatever it is)."""
+    the mean |Δscore|; decisions outside the margin must agree whatever it is). `smooth`: the
+    SmoothQuant alpha (siren_quantize.smoothing), calibrated on the fp32 source; None: off."""
     max_mean_diff = MAX_MEAN_DIFF if max_mean_diff is None else max_mean_diff
     if not (0.0 <= max_mean_diff <= 1.0):
         raise ValueError(f"max_mean_diff must be in [0, 1], got {max_mean_diff!r}")
@@ -96,19 +109,33 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
     _say(show_progress, f"checking {source} against its manifest ...")
     contract.verify()
     to_fp32 = contract.model.dtype != "fp32"
+    if smooth is not None and not 0.0 < smooth < 1.0:    # NaN fails too
+        raise ValueError(f"smoothing alpha must be in (0, 1), got {smooth!r}")
+    if smooth is not None and to_fp32:
+        raise ValueError(f"smoothing calibrates on the fp32 source graph and {source} is {contract.model.dtype}: "
+                         "quantize the fp32 export, or leave --smooth out")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         writer = WeightsFile(staging / WEIGHTS_FILE)
         weights_source = SourceWeights(source)
         graphs = [("model", contract.model)] + ([("streaming", contract.streaming.graph)] if contract.streaming else [])
+        factors = None
+        if smooth is not None:
+            t0 = time.perf_counter()
+            calibration = calibration_texts()
+            _say(show_progress, f"smoothing (alpha {smooth:g}): activation ranges of {len(calibration)} calibration texts ...")
+            factors = smoothing_factors(source, contract.model.path, contract.model.external_data, weights_source,
+                                        _token_ids(contract, calibration), smooth)
+            _say(show_progress, f"      {len(factors)} weights smoothed, {time.perf_counter() - t0:.1f}s")
         reports = {}
         for section, spec in graphs:
             t0 = time.perf_counter()
             _say(show_progress, f"quantizing {spec.path} ({scheme}, int8 weights"
                                 f"{', fp32 compute from ' + contract.model.dtype if to_fp32 else ''}) ...")
             model = onnx.load(str(source / spec.path), load_external_data=False)
-            reports[section] = GraphRewriter(model, weights_source, writer, scheme, block_size, to_fp32).run()
+            reports[section] = GraphRewriter(model, weights_source, writer, scheme, block_size, to_fp32,
+                                            factors).run()
             (staging / spec.path).write_bytes(model.SerializeToString())
             del model
             _say(show_progress, f"      {reports[section].quantized} MatMuls quantized, {reports[section].kept} tensors "
@@ -140,6 +167,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
             "source": {"bundle": str(source), "dtype": contract.model.dtype,
                        "manifest": describe_file(source, MANIFEST_NAME)["sha256"]},
             "quantized_matmuls": {k: r.quantized for k, r in reports.items()},
+            "smoothing": None if smooth is None else {"method": "SmoothQuant per input channel", "alpha": smooth,
+                                                      "calibration_texts": len(calibration_texts())},
             "kept_fp32": "embedding gather, norms, RoPE, attention, selected-neuron gather, pooling, MLP head, softmax",
         }
         tools = manifest.setdefault("tools", {})

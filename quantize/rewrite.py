@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import schemes
 from .schemes import QuantizedWeight, quantize_weight
+from .smoothing import quantizable_matmuls
 
 MS_DOMAIN = "com.microsoft"
 _HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
@@ -147,12 +149,15 @@ def _float_node(node: onnx.NodeProto, to_fp32: bool) -> onnx.NodeProto:
 
 class GraphRewriter:
     def __init__(self, model: onnx.ModelProto, source: SourceWeights, out: WeightsFile, scheme: str,
-                 block_size: int, to_fp32: bool):
+                 block_size: int, to_fp32: bool, smoothing: Optional[dict] = None):
+        """`smoothing`: {source weight key: per-input-channel factor s} (siren_quantize.smoothing)."""
         self.model, self.source, self.out = model, source, out
+        self.smoothing = smoothing or {}
         self.scheme, self.block_size, self.to_fp32 = scheme, block_size, to_fp32
         self.report = GraphReport()
         self._added: dict = {}             # initializer name -> TensorProto
         self._act: dict = {}               # activation name -> (quantized, row scale)
+        self._smoothed: dict = {}          # activation name -> (its x / s, s)
         self.min_opset = 0                 # the default-domain opset the new nodes need
 
     # -- weights --------------------------------------------------------------------
@@ -182,6 +187,8 @@ class GraphRewriter:
             weight = _to_float32(np.asarray(raw), t.data_type)
             weight = weight.view(np.float32).reshape(tuple(t.dims)) if t.data_type == TensorProto.FLOAT \
                 else weight.reshape(tuple(t.dims))
+            if key in self.smoothing:
+                weight = weight * self.smoothing[key][:, None]
             qw: QuantizedWeight = quantize_weight(weight, self.scheme, self.block_size)
             record = {}
             for suffix, array in qw.arrays.items():
@@ -234,12 +241,28 @@ class GraphRewriter:
         self.min_opset = max(self.min_opset, BLOCKED_QUANTIZE_OPSET)
         return self._act[activation]
 
+    def _smooth(self, activation: str, factor: np.ndarray, nodes: list) -> str:
+        """x / s, once per activation (every MatMul reading it must have the same s)."""
+        if activation in self._smoothed:
+            name, seen = self._smoothed[activation]
+            if not np.array_equal(seen, factor):
+                raise ValueError(f"{activation}: the MatMuls reading it have different smoothing factors")
+            return name
+        name = f"{activation}__smoothed"
+        inverse = self._constant(f"{activation}__inv_smooth", (1.0 / factor).astype(np.float32))
+        nodes.append(helper.make_node("Mul", [activation, inverse], [name]))
+        self._smoothed[activation] = (name, factor)
+        return name
+
     def _matmul(self, node: onnx.NodeProto, weight: TensorProto, nodes: list) -> None:
         record = self._quantized(weight)
         k, n, block_size = record["meta"]
         q = self._add(weight.name + "__q8", record["q"])
         scale = self._add(weight.name + "__scale", record["scale"])
         a, y = node.input[0], node.output[0]
+        factor = self.smoothing.get(self.source.key(weight))
+        if factor is not None:
+            a = self._smooth(a, factor, nodes)
         if self.scheme == "dynamic":
             a_q, a_scale = self._row_quantized(a, k, nodes)
             one = self._constant("siren_q8_one", np.array(1.0, np.float32))
@@ -260,16 +283,7 @@ class GraphRewriter:
     def run(self) -> GraphReport:
         graph = self.model.graph
         initializers = {t.name: t for t in graph.initializer}
-        uses: dict = {}
-        for node in graph.node:
-            for name in node.input:
-                uses[name] = uses.get(name, 0) + 1
-        quantizable = {
-            node.input[1] for node in graph.node
-            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers
-            and _is_external(initializers[node.input[1]]) and len(initializers[node.input[1]].dims) == 2
-            and uses[node.input[1]] == 1
-            and initializers[node.input[1]].data_type in (TensorProto.FLOAT, *_HALF_TYPES)}
+        quantizable = set(quantizable_matmuls(graph, _HALF_TYPES))
         nodes: list = []
         for node in graph.node:
             if node.op_type == "MatMul" and node.input[1] in quantizable:

@@ -95,6 +95,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         raise ValueError(f"weights must be int8 (int4 is not built), got {weights!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if smooth is not None and not 0.0 < smooth < 1.0:    # NaN fails too
+        raise ValueError(f"smoothing alpha must be in (0, 1), got {smooth!r}")
     source, output = Path(source), Path(output).expanduser().resolve()
     contract = read_bundle(source)
     if contract.manifest.get("quantization"):
@@ -109,8 +111,6 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
     _say(show_progress, f"checking {source} against its manifest ...")
     contract.verify()
     to_fp32 = contract.model.dtype != "fp32"
-    if smooth is not None and not 0.0 < smooth < 1.0:    # NaN fails too
-        raise ValueError(f"smoothing alpha must be in (0, 1), got {smooth!r}")
     if smooth is not None and to_fp32:
         raise ValueError(f"smoothing calibrates on the fp32 source graph and {source} is {contract.model.dtype}: "
                          "quantize the fp32 export, or leave --smooth out")

@@ -102,7 +102,7 @@ def _cmd_verify(args) -> int:
         if args.reference_bundle is None:
             raise ValueError("a quantized bundle is verified against its fp32 source: pass --reference-bundle")
         report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts),
-                                  max_mean_diff=args.max_mean_diff, smooth=args.smooth)
+                                  max_mean_diff=args.max_mean_diff)
     else:
         from siren_engines.verify import format_report, verify_bundle
         texts = None

@@ -115,6 +115,15 @@ def all_layers(built_cases) -> Built:
 
 
 @pytest.fixture(scope="session")
+def reduced(all_layers, tmp_path_factory):
+    """fp16 and bf16 exports of all_layers (with step graphs), shared read-only by the engine
+    and the quantize tests: each costs a trace and an export."""
+    from siren_export.pipeline import export_bundle
+    root = tmp_path_factory.mktemp("reduced")
+    return {d: export_bundle(str(all_layers.artifact), root / d, dtype=d, show_progress=False) for d in ("fp16", "bf16")}
+
+
+@pytest.fixture(scope="session")
 def guard(all_layers):
     from siren_runtime import SirenGuard
     return SirenGuard.from_pretrained(all_layers.bundle, device="cpu")

@@ -110,13 +110,6 @@ def test_build_and_verify_without_tensorrt_fail_with_one_line(all_layers, tmp_pa
     assert json.loads((bundle / "siren_bundle.json").read_text()).get("engines") in (None, [])
 
 
-@pytest.fixture(scope="module")
-def reduced(all_layers, tmp_path_factory):
-    from siren_export.pipeline import export_bundle
-    root = tmp_path_factory.mktemp("reduced")
-    return {d: export_bundle(str(all_layers.artifact), root / d, dtype=d, show_progress=False) for d in ("fp16", "bf16")}
-
-
 @pytest.mark.parametrize("dtype,elem", [("fp16", 10), ("bf16", 16)])
 def test_reduced_graph_dtypes_and_fp32_islands(reduced, dtype, elem):
     import onnx

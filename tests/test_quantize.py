@@ -106,14 +106,12 @@ def test_gate_refusal_writes_nothing(built_cases, tmp_path):
     assert "FAIL" in proc.stderr and "refused" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_bf16_source_and_verify_cli(all_layers, tmp_path):
+def test_bf16_source_and_verify_cli(all_layers, reduced, tmp_path):
     """A bf16 export (no CPU kernels) becomes an int8 bundle that runs on the CPU in fp32, gated
     against the fp32 export of the same artifact; `siren verify` re-runs the gate."""
-    from siren_export.pipeline import export_bundle
     from siren_quantize.pipeline import quantize_bundle
     from siren_runtime import SirenGuard
-    bf16 = export_bundle(str(all_layers.artifact), tmp_path / "bf16", dtype="bf16", show_progress=False,
-                         streaming=True)
+    bf16 = reduced["bf16"]
     with pytest.raises(ValueError, match="fp32 bundle"):
         quantize_bundle(bf16, tmp_path / "x", show_progress=False)          # no fp32 reference given
     with pytest.raises(ValueError, match="smoothing calibrates on the fp32 source"):

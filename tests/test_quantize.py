@@ -103,7 +103,9 @@ def test_gate_refusal_writes_nothing(built_cases, tmp_path):
                            "--scheme", "dynamic", "--max-mean-diff", "0.0001", "-q"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1 and not out.exists()
-    assert "FAIL" in proc.stderr and "refused" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()
+    assert "FAIL" in proc.stderr and "refused" in last[-2]
+    assert "--scheme blockwise or --smooth 0.5" in last[-1]                  # what to try next
 
 
 def test_bf16_source_and_verify_cli(all_layers, reduced, tmp_path):

@@ -27,7 +27,7 @@ from siren_runtime.hub import CARD_NAME
 
 from .gate import MAX_MEAN_DIFF, format_report, gate_texts, verify_quantized
 from .rewrite import GraphRewriter, SourceWeights, WeightsFile
-from .schemes import SCHEMES
+from .schemes import ONNXRUNTIME_MIN, SCHEMES
 from .smoothing import smoothing_factors
 
 WEIGHTS_FILE = "model.onnx.data"
@@ -160,6 +160,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                     entry["dtype"] = "float32"
             files.append(contract.streaming.graph.path)
         manifest["engines"] = []       # engines of the source do not run these graphs
+        manifest["requires"] = {**(manifest.get("requires") or {}), "onnxruntime": ONNXRUNTIME_MIN[scheme]}
         manifest["quantization"] = {
             "weights": weights, "scheme": scheme, "block_size": block_size if scheme == "blockwise" else None,
             "activations": "int8 per token (dynamic; u8 x u8, exact without VNNI)" if scheme == "dynamic" else

@@ -21,6 +21,10 @@ from typing import Optional
 import numpy as np
 
 SCHEMES = ("dynamic", "blockwise")
+#: the oldest ONNX Runtime that runs each scheme's graphs (tried on 1.18-1.22 and 1.32):
+#: blocked QuantizeLinear (a scale per row) fails at run time on 1.18; 8-bit MatMulNBits
+#: refuses to load before 1.22 ("Only 4b quantization is supported")
+ONNXRUNTIME_MIN = {"dynamic": "1.19", "blockwise": "1.22"}
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,9 @@ class Bundle:
     files: dict
     engines: tuple
     manifest: dict = field(compare=False, repr=False)
+    #: the oldest release of a backend that runs the graphs ({"onnxruntime": (1, 19)}): the ops
+    #: an int8 bundle uses load, or fail only at the first run, on older ones
+    requires: dict = field(default_factory=dict, compare=False)
     #: hash the files runners load (False: trusted paths, see trusting())
     check_files: bool = field(default=True, compare=False)
     _loaded: "weakref.WeakValueDictionary" = field(default_factory=lambda: weakref.WeakValueDictionary(),
@@ -370,7 +373,30 @@ def read_bundle(bundle_dir) -> Bundle:
     engines = _read_engines(f, bundle_dir, manifest, files)
     return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
                   tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
-                  manifest=manifest)
+                  manifest=manifest, requires=_read_requires(f, manifest))
+
+
+_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
+
+
+def parse_version(text: str) -> Optional[tuple]:
+    """(major, minor, patch) of "1.19" / "1.22.1" / "1.23.0.dev2025"; None if it is not one."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def _read_requires(f, manifest: dict) -> dict:
+    raw = manifest.get("requires")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        f.fail("requires", "must be an object of backend -> minimum version")
+    out = {}
+    for name, version in raw.items():
+        if not isinstance(version, str) or not _VERSION.match(version):
+            f.fail(f"requires.{name}", f"must be a version like \"1.19\", got {_short(version)}")
+        out[name] = parse_version(version)
+    return out
 
 
 def _vocab_size(manifest: dict) -> int:

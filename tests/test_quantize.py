@@ -37,6 +37,7 @@ def test_int8_bundle_contract_and_gate(blockwise, all_layers):
     assert quant["weights"] == "int8" and quant["scheme"] == "blockwise" and quant["block_size"] == 32
     # 4 layers x (q, k, v, o, gate, up, down) in each graph; the head's Gemms stay fp32
     assert quant["quantized_matmuls"] == {"model": 28, "streaming": 28}
+    assert bundle.requires == {"onnxruntime": (1, 22, 0)}                 # 8-bit MatMulNBits
     assert bundle.manifest["parity"]["passed"] and report["passed"] and report["texts"] == 56
     assert report["mean_abs_diff"] <= 1e-2 and bundle.manifest["streaming"]["parity"]["passed"]
     assert bundle.engines == () and (out / "README.md").read_text().count("int8") >= 2
@@ -46,6 +47,29 @@ def test_int8_bundle_contract_and_gate(blockwise, all_layers):
     assert ops.count("MatMulNBits") == 28 and ops.count("Gemm") == 3 and "Gather" in ops
     embedding = next(t for t in graph.initializer if t.name == "embed_tokens.weight")
     assert embedding.data_type == onnx.TensorProto.FLOAT                 # the embedding gather stays fp32
+
+
+def test_older_onnxruntime_is_refused_with_the_version(blockwise, monkeypatch, tmp_path):
+    """An int8 bundle names the oldest ONNX Runtime that runs it; an older one is refused at
+    load, before a session that would load and then fail on its first run."""
+    import shutil
+    import onnxruntime
+    from siren_runtime import BackendUnavailableError, BundleError, SirenGuard
+    from siren_runtime.bundle import read_bundle
+    out, _ = blockwise
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
+    with pytest.raises(BackendUnavailableError, match=r"needs onnxruntime >= 1\.22\.0 \(installed: 1\.21\.1\)"):
+        SirenGuard.from_pretrained(out, device="cpu")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
+    with SirenGuard.from_pretrained(out, device="cpu", incremental_streaming=False) as guard:
+        assert 0.0 <= guard.score("hello").score <= 1.0
+    copy = tmp_path / "bad"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "siren_bundle.json").read_text())
+    manifest["requires"] = {"onnxruntime": "new"}
+    (copy / "siren_bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="requires.onnxruntime"):
+        read_bundle(copy)
 
 
 def test_int8_bundle_scores_and_streams_torch_free(blockwise, all_layers):

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec
+from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec, parse_version
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
@@ -297,8 +297,25 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
         self.buffers = ()
 
 
+def check_version(bundle: Bundle) -> None:
+    """The bundle's `requires.onnxruntime` against the installed release, before a session
+    exists: an int8 bundle's ops load on older releases and fail at the first run (blocked
+    QuantizeLinear before 1.19) or at load with ONNX Runtime's own words (8-bit MatMulNBits
+    before 1.22)."""
+    need = bundle.requires.get("onnxruntime")
+    if need is None:
+        return
+    ort = _import_ort()
+    have = parse_version(ort.__version__)
+    if have is not None and have < need:
+        raise BackendUnavailableError(
+            f"this bundle needs onnxruntime >= {'.'.join(map(str, need))} (installed: {ort.__version__}); "
+            "upgrade onnxruntime (pip install -U onnxruntime)")
+
+
 def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
                         spinning: bool = True, **_options) -> OnnxRuntimeRunner:
+    check_version(bundle)
     if bundle.model.dtype == "bf16" and device == "cpu":
         raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
     session, buffers = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning)
@@ -309,6 +326,7 @@ def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[
 
 def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
                        **_options) -> OnnxRuntimeStepRunner:
+    check_version(bundle)
     if bundle.streaming is None:
         raise BackendUnavailableError("the bundle has no streaming step graph")
     if bundle.streaming.kv_dtype not in _NUMPY_KV and device == "cpu":

@@ -120,7 +120,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         writer = WeightsFile(staging / WEIGHTS_FILE)
         weights_source = SourceWeights(source)
         graphs = [("model", contract.model)] + ([("streaming", contract.streaming.graph)] if contract.streaming else [])
-        factors = None
+        factors, calibration = None, []
         if smooth is not None:
             t0 = time.perf_counter()
             calibration = calibration_texts()
@@ -169,7 +169,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                        "manifest": describe_file(source, MANIFEST_NAME)["sha256"]},
             "quantized_matmuls": {k: r.quantized for k, r in reports.items()},
             "smoothing": None if smooth is None else {"method": "SmoothQuant per input channel", "alpha": smooth,
-                                                      "calibration_texts": len(calibration_texts())},
+                                                      "calibration_texts": len(calibration)},
             "kept_fp32": "embedding gather, norms, RoPE, attention, selected-neuron gather, pooling, MLP head, softmax",
         }
         tools = manifest.setdefault("tools", {})

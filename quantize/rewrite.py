@@ -267,9 +267,8 @@ class GraphRewriter:
             a_q, a_scale = self._row_quantized(a, k, nodes)
             one = self._constant("siren_q8_one", np.array(1.0, np.float32))
             codes = schemes.DYNAMIC_CODES
-            inputs = [a_q, q, one, scale, self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8))]
-            if codes.weight_zero_point is not None:
-                inputs.append(self._constant("siren_q8_wzp", np.array(codes.weight_zero_point, np.uint8)))
+            inputs = [a_q, q, one, scale, self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8)),
+                      self._constant("siren_q8_wzp", np.array(codes.weight_zero_point, np.uint8))]
             nodes += [helper.make_node("MatMulIntegerToFloat", inputs, [y + "__int"],
                                        domain=MS_DOMAIN, name=(node.name or y) + "_q8"),
                       helper.make_node("Mul", [y + "__int", a_scale], [y])]

@@ -16,7 +16,6 @@ blockwise  ONNX Runtime's MatMulNBits, 8 bits, blocks of `block_size` along K, w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -30,10 +29,10 @@ ONNXRUNTIME_MIN = {"dynamic": "1.19", "blockwise": "1.22"}
 @dataclass(frozen=True)
 class IntegerCodes:
     """The dynamic scheme's integer codes: symmetric levels each side, and the zero point each
-    operand is stored around (weights with no zero point are int8)."""
+    operand is stored around (both uint8)."""
     weight_levels: int
     activation_levels: int
-    weight_zero_point: Optional[int]
+    weight_zero_point: int
     activation_zero_point: int
 
 
@@ -65,8 +64,7 @@ def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> Qu
         scale = np.abs(weight).max(axis=0) / float(levels)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.clip(np.rint(weight / scale), -levels, levels).astype(np.int16)
-        q = (q + zero_point).astype(np.uint8) if zero_point is not None else q.astype(np.int8)
-        return QuantizedWeight({"q": q, "scale": scale}, scheme, k, n)
+        return QuantizedWeight({"q": (q + zero_point).astype(np.uint8), "scale": scale}, scheme, k, n)
     if scheme == "blockwise":
         from onnxruntime.capi._pybind_state import quantize_matmul_8bits
         if block_size < 16 or block_size & (block_size - 1):

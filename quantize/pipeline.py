@@ -73,10 +73,7 @@ def _streaming_check(bundle: Path, texts: list[str]) -> dict:
 def _token_ids(contract, texts: list) -> list:
     from siren_runtime.text import clean_text
     from siren_runtime.tokenization import TextEncoder
-    tokenizer_json = bytes(contract.read_verified(contract.tokenizer_path)).decode("utf-8")
-    encoder = TextEncoder(None, tokenizer_json=tokenizer_json, max_length=contract.inference.max_length,
-                          pad_token_id=contract.inference.pad_token_id)
-    return encoder.token_ids([clean_text(t) for t in texts])
+    return TextEncoder.for_bundle(contract).token_ids([clean_text(t) for t in texts])
 
 
 def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "int8", scheme: str = "dynamic",

@@ -45,18 +45,14 @@ def quantizable_matmuls(graph: onnx.GraphProto, half_types: tuple = ()) -> dict:
 def _activation_ranges(source_dir: Path, graph_path: str, weights_file: str, activations: list,
                        token_ids: list) -> dict:
     """Per-channel max |x| of each activation over every token of every text."""
-    import onnxruntime as ort
+    from siren_runtime.backends.onnxruntime_runner import open_session
     model = onnx.load(str(source_dir / graph_path), load_external_data=False)
     known = {o.name for o in model.graph.output}
     for name in activations:
         if name not in known:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     data = np.fromfile(source_dir / weights_file, dtype=np.uint8)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_external_initializers_from_files_in_memory([Path(weights_file).name], [data], [data.nbytes])
-    options.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(model.SerializeToString(), "cpu", external={Path(weights_file).name: data})
     ranges = {name: None for name in activations}
     for ids in token_ids:
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}

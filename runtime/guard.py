@@ -39,9 +39,7 @@ class SirenGuard:
         """A guard over runners already opened for `bundle` (``from_pretrained`` opens them;
         tests and embedders inject their own, e.g. a wrapped step runner)."""
         if encoder is None:
-            tokenizer_json = bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8")
-            encoder = TextEncoder(None, tokenizer_json=tokenizer_json, max_length=bundle.inference.max_length,
-                                  pad_token_id=bundle.inference.pad_token_id)
+            encoder = TextEncoder.for_bundle(bundle)
         self._bundle = bundle
         self._runners = runners
         self._encoder = encoder

@@ -134,6 +134,13 @@ class TextEncoder:
                            and len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS
                            and all(_ADDED_TOKEN.fullmatch(t["content"]) for t in spec.get("added_tokens", [])))
 
+    @classmethod
+    def for_bundle(cls, bundle) -> "TextEncoder":
+        """The bundle's tokenizer from the bytes it verified, with its inference settings."""
+        tokenizer_json = bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8")
+        return cls(None, tokenizer_json=tokenizer_json, max_length=bundle.inference.max_length,
+                   pad_token_id=bundle.inference.pad_token_id)
+
     def _fixed_prefix(self) -> Optional[tuple]:
         """The ids the post-processor puts before every text when that is all it adds (the
         same for every probe, nothing after), else None."""

@@ -14,7 +14,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .score import EXIT_ERROR, run_score
@@ -79,7 +81,8 @@ def _cmd_serve(args) -> int:
                          max_inputs=args.max_inputs, max_sessions=args.max_sessions,
                          session_ttl_s=args.session_ttl, model_name=args.model_name, device=args.device,
                          backend=args.backend, verify=not args.no_verify, revision=args.revision,
-                         cache_dir=args.cache_dir, local_files_only=args.offline)
+                         cache_dir=args.cache_dir, local_files_only=args.offline, drain_s=args.drain_s,
+                         graceful_timeout_s=args.graceful_timeout)
     return serve(config, log_level="warning" if args.quiet else "info")
 
 
@@ -213,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=256, help="most texts in one request (default 256)")
     p.add_argument("--max-sessions", type=int, default=1024, help="most open stream sessions (default 1024)")
     p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds before a session is closed")
+    p.add_argument("--drain-s", type=float, default=0.0,
+                   help="after SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="after the drain, seconds in-flight requests get to finish (default 30)")
     _add_source_options(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -326,9 +333,25 @@ def missing_extra_hint(error: ModuleNotFoundError, command: str = "") -> Optiona
     return f"this needs the `{root}` package: pip install \"siren-deploy[{extra}]\""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so cleanup (staging folders) runs as for ^C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     configure_output(args.quiet, args.verbose)
+    if sys.stdout is None and args.command != "serve":      # `siren score ... >&-`
+        print(f"siren {args.command}: error: standard output is closed, so no result could be written",
+              file=sys.stderr)
+        return EXIT_ERROR
+    previous = None
+    # `siren serve` leaves SIGTERM to uvicorn (which re-raises it after its graceful shutdown)
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = args.func(args)
         sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
@@ -342,6 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("siren: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("siren: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as e:  # one clear line; the traceback only on request
         if os.environ.get("SIREN_DEBUG"):
             raise
@@ -349,6 +375,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = hint or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         print(f"siren {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from siren_runtime.text import join_prompt_response
-from siren_runtime.validation import check_threshold
+from siren_runtime.validation import check_encodable, check_threshold
 
 #: exit statuses of `siren score` (README "Commands")
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
@@ -43,6 +43,23 @@ def _optional_text(obj: dict, key: str, number: int) -> Optional[str]:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
         raise InputError(f"line {number}: \"{key}\" must be a string, got {type(value).__name__}")
+    if value is not None:
+        try:
+            check_encodable(value, f"\"{key}\"")
+        except ValueError as e:
+            raise InputError(f"line {number}: {e}") from None
+    return value
+
+
+def _echoable_id(value, number: int):
+    """An id is echoed back verbatim, so it must be writable as strict JSON and UTF-8 (no
+    NaN/Infinity, no lone surrogates)."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError, RecursionError) as e:
+        reason = "a lone surrogate" if isinstance(e, UnicodeEncodeError) else (
+            "nested too deeply" if isinstance(e, RecursionError) else "NaN or an infinite number")
+        raise InputError(f"line {number}: \"id\" cannot be echoed back as JSON ({reason})") from None
     return value
 
 
@@ -52,6 +69,10 @@ def parse_json_record(line: str, number: int) -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"line {number}: nested too deeply to read") from None
+    except ValueError as e:        # an integer literal past Python's 4300-digit limit
+        raise InputError(f"line {number}: a number this tool does not read ({e})") from None
     if not isinstance(obj, dict):
         raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - {"id", "text", "prompt", "response", "threshold"}
@@ -69,7 +90,7 @@ def parse_json_record(line: str, number: int) -> Record:
             threshold = check_threshold(obj["threshold"], 0.5)
         except ValueError as e:
             raise InputError(f"line {number}: {e}") from None
-    echo = {"id": obj["id"]} if "id" in obj else {"line": number}
+    echo = {"id": _echoable_id(obj["id"], number)} if "id" in obj else {"line": number}
     if text is not None:
         return Record(echo, text, threshold)
     echo.update(prompt=prompt, response=response)

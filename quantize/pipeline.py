@@ -176,6 +176,10 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
             except metadata.PackageNotFoundError:
                 pass
         manifest["files"] = {name: describe_file(staging, name) for name in files}
+        # until the gate has passed, the staging manifest must not carry the source's verdict
+        manifest["parity"] = {"passed": False, "checked": False, "pending": "the quantize gate has not run"}
+        if contract.streaming is not None:
+            manifest["streaming"].pop("parity", None)
         write_manifest(staging, manifest)
         read_bundle(staging).verify()
 

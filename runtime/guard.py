@@ -1,6 +1,7 @@
 """SirenGuard: llm-siren's API over an exported bundle, without torch."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -11,9 +12,9 @@ from .batching import length_groups
 from .bundle import Bundle, read_bundle
 from .hub import download_bundle, is_repo_id
 from .result import ScoreResult
-from .streaming import IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
-from .text import clean_text, join_prompt_response
-from .tokenization import TextEncoder
+from .streaming import Fed, IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
+from .text import StreamText, clean_text, join_prompt_response
+from .tokenization import TextEncoder, Tokenized
 from .validation import check_text, check_texts, check_threshold
 
 DEFAULT_MAX_BATCH = 32
@@ -218,11 +219,12 @@ class SirenGuard:
         self._stream_cache.store(new_state)
         return self._result(score, thr)
 
-    def stream(self, threshold: Optional[float] = None) -> StreamSession:
+    def stream(self, threshold: Optional[float] = None, *, keep_text: bool = True) -> StreamSession:
         """An explicit stream session (``feed(delta)``, ``score``, ``reset()``, context manager)
-        with private state, for servers holding many concurrent streams."""
+        with private state, for servers holding many concurrent streams. keep_text=False: the
+        session keeps only what scoring needs (``text`` is not available, ``chars`` is)."""
         self._check_open()
-        return StreamSession(self, threshold)
+        return StreamSession(self, threshold, keep_text=keep_text)
 
     def feed_batch(self, sessions: Sequence[StreamSession], deltas: Sequence[str]) -> list[ScoreResult]:
         """Append ``deltas[i]`` to ``sessions[i]`` and score every session's whole text,
@@ -248,20 +250,32 @@ class SirenGuard:
         self._check_open()
         if not sessions:
             return []
-        texts = [session.text + delta for session, delta in zip(sessions, deltas)]
-        if self._incremental is None:
-            for session, text, score in zip(sessions, texts, self._scores(texts)):
-                session._commit(text, None, self._result(score, session.threshold))
-        else:
-            items = []
-            for session, text in zip(sessions, texts):   # tokenize all first: a bad text changes nothing
-                state = session.state
-                tokens = self._encoder.tokenize_resuming(clean_text(text), state.tokens if state else None)
-                items.append((state, tokens))
+        before = [session.fed for session in sessions]
+        texts = [StreamText(chars=fed.text.chars + len(delta)) if fed.final else fed.text.extended(delta)
+                 for fed, delta in zip(before, deltas)]
+        live, tokens = [], {}
+        for i, (fed, text) in enumerate(zip(before, texts)):   # tokenize all first: a bad text changes nothing
+            if not fed.final:
+                tokens[i] = self._encoder.tokenize_resuming(text.cleaned, fed.tokens)
+                live.append(i)
 
-            def commit(i: int, score: float, state: StreamState) -> None:
-                sessions[i]._commit(texts[i], state, self._result(score, sessions[i].threshold))
-            self._incremental.advance_many(items, commit)
+        def commit(i: int, score: float, state: Optional[StreamState]) -> None:
+            text, ids, result = texts[i], tokens[i], self._result(score, sessions[i].threshold)
+            if self._encoder.is_final(ids, len(text.head)):   # drop the text and the KV state
+                sessions[i]._commit(deltas[i], Fed(StreamText(chars=text.chars), Tokenized("", ids.ids), None,
+                                                   result, final=True))
+            else:
+                sessions[i]._commit(deltas[i], Fed(text, ids, state, result))
+        for i, (fed, text) in enumerate(zip(before, texts)):
+            if fed.final:       # past max_length for good: the same score, nothing kept
+                sessions[i]._commit(deltas[i], replace(fed, text=text))
+        if self._incremental is None:
+            scores = self.score_token_ids([list(tokens[i].ids) for i in live]) if live else []
+            for i, score in zip(live, scores):
+                commit(i, score, None)
+        elif live:
+            self._incremental.advance_many([(before[i].state, tokens[i]) for i in live],
+                                           lambda k, score, state: commit(live[k], score, state))
         return [session.score for session in sessions]
 
     @property

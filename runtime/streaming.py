@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends.base import StepRow
 from .batching import length_groups
+from .text import StreamText
 from .tokenization import Tokenized, common_prefix_length
 
 
@@ -126,23 +127,40 @@ class IncrementalScorer:
                                                      tokens=tokens))
 
 
+@dataclass(frozen=True)
+class Fed:
+    """What a stream session holds after a feed, replaced whole by the next one (so a reader
+    never sees half of a feed, and a refused feed leaves the old one in place)."""
+    text: StreamText = StreamText()        # the cleaned text so far, kept incrementally
+    tokens: Optional[Tokenized] = None     # its ids (at most max_length) and split points
+    state: Optional[StreamState] = None    # the step runner's state (None: none, or final)
+    result: Optional[object] = None        # the last ScoreResult
+    final: bool = False                    # no later text can change the score
+
+
 class StreamSession:
     """One stream with private state: ``feed(delta)`` appends text and scores the whole
     text so far, running only what is new. Independent sessions never share state; many
     sessions advance together with ``SirenGuard.feed_batch``. Not meant to be fed from two
-    threads at once."""
+    threads at once.
 
-    def __init__(self, guard, threshold: Optional[float]):
+    What a session keeps: the cleaned text up to where max_length tokens end (once a feed
+    takes the stream past them the score is final, and the text, ids and KV state are
+    dropped), a count of the characters fed, and, with ``keep_text`` (the default), the raw
+    text itself as a list of the deltas (``text`` joins it on demand). A feed costs what its
+    delta costs, whatever was fed before."""
+
+    def __init__(self, guard, threshold: Optional[float], keep_text: bool = True):
         from .validation import check_threshold
         self._guard = guard
         self._threshold = check_threshold(threshold, guard.default_threshold)
+        self._keep_text = bool(keep_text)
         self.reset()
 
     def reset(self) -> None:
         """Forget the text and free the stream's state."""
-        self._text = ""
-        self._state: Optional[StreamState] = None
-        self._last = None
+        self._fed = Fed()
+        self._deltas: list = []
 
     @property
     def guard(self):
@@ -153,20 +171,47 @@ class StreamSession:
         return self._threshold
 
     @property
+    def keep_text(self) -> bool:
+        return self._keep_text
+
+    @property
     def text(self) -> str:
-        return self._text
+        """Everything fed so far (sessions opened with ``keep_text=False`` do not keep it)."""
+        if not self._keep_text:
+            raise AttributeError("this stream session was opened with keep_text=False and keeps only what "
+                                 "scoring needs; `chars` counts what was fed")
+        if len(self._deltas) > 1:
+            self._deltas[:] = ["".join(self._deltas)]
+        return self._deltas[0] if self._deltas else ""
+
+    @property
+    def chars(self) -> int:
+        """How many characters were fed so far."""
+        return self._fed.text.chars
 
     @property
     def score(self):
         """The last ScoreResult (None before the first feed)."""
-        return self._last
+        return self._fed.result
+
+    @property
+    def final(self) -> bool:
+        """Whether the score is final: the text is past max_length tokens and no later
+        delta can change them (later feeds cost nothing and answer the same score)."""
+        return self._fed.final
 
     @property
     def state(self) -> Optional[StreamState]:
-        return self._state
+        return self._fed.state
 
-    def _commit(self, text: str, state: Optional[StreamState], result) -> None:
-        self._text, self._state, self._last = text, state, result
+    @property
+    def fed(self) -> Fed:
+        return self._fed
+
+    def _commit(self, delta: str, fed: Fed) -> None:
+        if self._keep_text and delta:
+            self._deltas.append(delta)
+        self._fed = fed
 
     def feed(self, delta: str):
         return self._guard.feed_batch([self], [delta])[0]

@@ -41,3 +41,72 @@ def clean_text(text: str) -> str:
 def join_prompt_response(prompt: Optional[str], response: Optional[str]) -> str:
     """The response-level form the head was trained on: non-empty parts joined by a newline."""
     return "\n".join(p for p in (prompt, response) if p is not None and p != "")
+
+
+# The longest chat artifact: a cut with this many known characters after it is final.
+_LONGEST_ARTIFACT = max(len(a) for a in CHAT_ARTIFACTS)
+
+
+def _clean_unstripped(text: str) -> str:
+    """clean_text without the final strip (and without the empty-text rule)."""
+    return _NEWLINE_RUN_RE.sub("\n\n", _HORIZONTAL_SPACE_RE.sub(" ", _ARTIFACT_RE.sub(" ", text)))
+
+
+def _last_cut(raw: str) -> int:
+    """The last final cut of a raw text: a position p with raw[p-1] and raw[p] not
+    whitespace and inside no chat artifact, with enough text after it that no later text
+    can change that (0 when there is none).
+
+    Cleaning is local across such a cut: no artifact match spans it, no whitespace run
+    crosses it, and strip() cannot reach it from either end, so
+    clean(a + b) == lstrip-cleaned(a) + rstrip-cleaned(b) for a = raw[:p], b = raw[p:]."""
+    end = len(raw) - _LONGEST_ARTIFACT
+    if end < 1:
+        return 0
+    spans = [m.span() for m in _ARTIFACT_RE.finditer(raw)]   # left to right, as re.sub finds them
+    # walk back from `end` to the first position that qualifies
+    k = len(spans) - 1
+    for p in range(end, 0, -1):
+        while k >= 0 and spans[k][0] > p:
+            k -= 1
+        # spans[k] is the last match starting at or before p: it and its predecessor are the
+        # only ones that can cover p - 1 or p
+        hit = False
+        for j in (k, k - 1):
+            if j >= 0 and spans[j][0] <= p and spans[j][1] > p - 1:
+                hit = True
+        if hit or raw[p - 1].isspace() or raw[p].isspace():
+            continue
+        return p
+    return 0
+
+
+class StreamText:
+    """The cleaned text of a growing raw text, at a cost that tracks what is new.
+
+    ``clean_text(raw)`` is the head (cleaned text that no later text can change) plus the
+    cleaning of the raw tail after the last final cut (see ``_last_cut``); ``extended``
+    cleans only tail + delta. Immutable: a feed that is refused keeps the old value."""
+
+    __slots__ = ("head", "tail", "chars")
+
+    def __init__(self, head: str = "", tail: str = "", chars: int = 0):
+        self.head, self.tail, self.chars = head, tail, chars
+
+    def extended(self, delta: str) -> "StreamText":
+        raw = self.tail + delta
+        cut = _last_cut(raw)
+        head = self.head
+        if cut:
+            piece = _clean_unstripped(raw[:cut])
+            head = head + piece if head else piece.lstrip()
+            raw = raw[cut:]
+        return StreamText(head, raw, self.chars + len(delta))
+
+    @property
+    def cleaned(self) -> str:
+        """clean_text of everything fed so far."""
+        tail = _clean_unstripped(self.tail)
+        if not self.head:
+            return tail.strip() or EMPTY_TEXT
+        return self.head + tail.rstrip()

@@ -217,6 +217,12 @@ class TextEncoder:
         ids += self._pieces.encode(tail, add_special_tokens=False).ids
         return Tokenized(text, tuple(ids[:self.max_length]), splits)
 
+    def is_final(self, tokens: Tokenized, stable_chars: int) -> bool:
+        """Whether no text appended to `tokens.text` can change `tokens.ids`: a split point
+        at or past max_length tokens lies before the first `stable_chars` characters (those
+        no later text changes), so every later tokenization starts with the same ids."""
+        return self.can_resume and any(t >= self.max_length and c < stable_chars for c, t in tokens.splits)
+
     def pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad to the longest list: (input_ids, attention_mask), both int64 [n, L]."""
         width = max(len(ids) for ids in id_lists)

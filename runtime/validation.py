@@ -14,16 +14,36 @@ def check_threshold(threshold: Optional[float], default: float) -> float:
     try:
         value = float(threshold)
     except OverflowError:       # an int beyond float's range, e.g. 10**400
-        raise ValueError(f"threshold must be in [0, 1], got an integer of {len(str(threshold))} digits") from None
+        value = math.inf
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {_shown(threshold)}")
     return value
+
+
+def _shown(value) -> str:
+    """A number as an error message can show it (a huge int by its size: str() of one past
+    4300 digits raises)."""
+    if isinstance(value, int) and abs(value) >= 10 ** 30:
+        return f"an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
+    return repr(value)
 
 
 def check_text(value, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    check_encodable(value, name)
     return value
+
+
+def check_encodable(value: str, name: str) -> None:
+    """A str the tokenizer can take: no lone surrogates (tokenizers raises a bare TypeError)."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode: code point {value[e.start]!r} at index {e.start} "
+                         "is a lone surrogate") from None
 
 
 def check_texts(texts) -> list:
@@ -34,6 +54,5 @@ def check_texts(texts) -> list:
         raise TypeError(f"score_batch expects a list of strings, got {type(texts).__name__}")
     items = list(texts)
     for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        check_text(t, f"texts[{i}]")
     return items

@@ -3,10 +3,11 @@ stream-session calls. Parsing refuses anything malformed with an ApiError that c
 HTTP status and names the field; shaping builds the response bodies."""
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from typing import Any, Optional
+
+from siren_runtime.validation import check_threshold
 
 #: the single category a SIREN guard scores
 CATEGORY = "harmful"
@@ -34,10 +35,21 @@ def parse_threshold(body: dict, default: float) -> float:
     value = body.get("threshold")
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)) \
-            or not 0.0 <= float(value) <= 1.0:
-        raise ApiError(400, f"threshold must be a number in [0, 1], got {value!r}", param="threshold")
-    return float(value)
+    try:
+        return check_threshold(value, default)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="threshold") from None
+
+
+def parse_model(body: dict, default: str) -> str:
+    """The `model` a request names (echoed back): a string, or the server's own name."""
+    value = body.get("model")
+    if value is None:
+        return default
+    if not isinstance(value, str) or len(value) > 256:
+        raise ApiError(400, f"model must be a string of at most 256 characters, got {type(value).__name__}",
+                       param="model")
+    return value or default
 
 
 def parse_inputs(body: dict, max_inputs: int, field: str = "input") -> list[str]:

@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_threshold,
-                  require_object, stream_response)
+from siren_runtime.validation import check_threshold
+
+from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_model,
+                  parse_threshold, require_object, stream_response)
 from .batcher import DynamicBatcher
 from .metrics import ServerMetrics
 from .sessions import SessionLimitError, SessionRegistry, UnknownSessionError
@@ -58,15 +61,39 @@ class ServeConfig:
     cache_dir: Optional[str] = None
     local_files_only: bool = False
     graceful_timeout_s: float = 30.0
+    drain_s: float = 0.0                       # after SIGTERM: /health answers 503, requests still served
+
+    #: numeric options and the ranges they must lie in (finite: `inf` would hang every request)
+    _LIMITS = {"max_wait_ms": (0.0, 60_000.0), "session_ttl_s": (0.001, 7 * 86400.0),
+               "graceful_timeout_s": (0.0, 3600.0), "drain_s": (0.0, 3600.0)}
 
     def check(self) -> None:
         for name in ("max_batch", "max_body_bytes", "max_inputs", "max_sessions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or not self.session_ttl_s > 0:
-            raise ValueError("max-wait-ms must be >= 0 and session-ttl > 0")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_option(name)} must be an integer of at least 1, got {value!r}")
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name, (low, high) in self._LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{_option(name)} must be a number in [{low:g}, {high:g}], got {value!r}")
         if self.threshold is not None:
-            parse_threshold({"threshold": self.threshold}, 0.5)
+            check_threshold(self.threshold, 0.5)
+
+
+def _option(name: str) -> str:
+    """A config field as its command-line option is spelled."""
+    return "--" + {"session_ttl_s": "session-ttl", "graceful_timeout_s": "graceful-timeout",
+                   "drain_s": "drain-s"}.get(name, name.replace("_", "-"))
+
+
+#: the most of an oversized request body read (and dropped) to answer its 413 cleanly
+DRAIN_LIMIT = 64 << 20
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nobody to answer."""
 
 
 class _Service:
@@ -86,7 +113,8 @@ class _Service:
         self.feeder = DynamicBatcher(self._feed, conflict_key=lambda item: item[0].id, isolate=False,
                                      observe=self.metrics.batch_size.labels("stream").observe,
                                      name="siren-stream", **batching)
-        self.closing = False
+        self.closing = False            # the lifespan is ending: every request is refused
+        self.draining = False           # SIGTERM seen: /health says 503, requests are still served
         self._sweeper: Optional[asyncio.Task] = None
 
     # -- blocking work, on the batchers' threads ----------------------------------------
@@ -97,7 +125,7 @@ class _Service:
 
     def _feed(self, items: list) -> list:
         results = self.guard.feed_batch([held.session for held, _ in items], [delta for _, delta in items])
-        return [(result, len(held.session.text)) for (held, _), result in zip(items, results)]
+        return [(result, held.session.chars) for (held, _), result in zip(items, results)]
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,21 +152,38 @@ class _Service:
             self.metrics.sessions.set(len(self.sessions))
 
     # -- helpers for the routes ---------------------------------------------------------
-    async def read_json(self, request: Request) -> dict:
+    async def read_json(self, request: Request, allow_empty: bool = False) -> dict:
+        """The body as a JSON object. An oversized one is read to its end (up to DRAIN_LIMIT)
+        before the 413, so clients that send the whole body before reading the answer see
+        the 413 rather than a reset connection. allow_empty: no body at all means {}."""
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        declared = int(declared) if declared is not None and declared.isdigit() else None
+        if declared is not None and declared > max(limit, DRAIN_LIMIT):
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
                            code="body_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        body, seen = bytearray(), 0
+        try:
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen <= limit:
+                    body += chunk
+                elif seen > DRAIN_LIMIT:
+                    break
+        except ClientDisconnect:
+            raise ClientGone() from None
+        if seen > limit:
+            raise ApiError(413, f"request body of {seen if seen <= DRAIN_LIMIT else 'over ' + str(seen)} bytes "
+                                f"exceeds the limit of {limit}", code="body_too_large")
+        if allow_empty and not body.strip():
+            return {}
         try:
             return require_object(json.loads(bytes(body)))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="malformed_json") from None
+        except ValueError as e:      # an integer literal past Python's int-string limit (4300 digits)
+            raise ApiError(400, f"the request body holds a number this server does not read: {e}",
+                           code="malformed_json") from None
         except RecursionError:
             raise ApiError(400, "the request body is nested too deeply", code="malformed_json") from None
 
@@ -184,6 +229,9 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
                 except ApiError as e:
                     service.metrics.errors.labels("client" if e.status < 500 else "unavailable").inc()
                     response = JSONResponse(e.body(), status_code=e.status)
+                except ClientGone:     # not a server error: counted as nginx's 499, no traceback
+                    service.metrics.errors.labels("client_disconnected").inc()
+                    response = Response(status_code=499)
                 except Exception as e:   # a bug or an engine failure: logged, the server keeps serving
                     log.exception("siren serve: %s failed", label)
                     service.metrics.errors.labels("server").inc()
@@ -200,10 +248,11 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         body = await service.read_json(request)
         texts = parse_inputs(body, config.max_inputs)
         threshold = parse_threshold(body, service.threshold)
+        model = parse_model(body, service.model)
         _check_encodable(texts, "input")
         scores, tokens = await service.scores(texts)
         service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
-        return body.get("model") or service.model, scores, threshold, tokens
+        return model, scores, threshold, tokens
 
     @endpoint("moderations")
     async def moderations(request: Request) -> Response:
@@ -216,7 +265,7 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
 
     @endpoint("streams")
     async def open_stream(request: Request) -> Response:
-        body = await service.read_json(request) if await _has_body(request) else {}
+        body = await service.read_json(request, allow_empty=True)
         threshold = parse_threshold(body, service.threshold)
         try:
             held = service.sessions.create(threshold)
@@ -234,35 +283,51 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
             raise ApiError(404, f"no stream session {session_id!r} (closed, expired or never opened)",
                            param="id", code="unknown_session") from None
 
+    def gone(held) -> ApiError:
+        return ApiError(404, f"no stream session {held.id!r} (closed while this request waited)",
+                        param="id", code="unknown_session")
+
     @endpoint("stream_feed")
     async def feed_stream(request: Request) -> Response:
         held = held_session(request)
         delta = parse_delta(await service.read_json(request))
         _check_encodable([delta], "delta")
-        [(result, chars)] = service.unwrap(await service.feeder.submit([(held, delta)]))
+        async with held.lock:           # ordered with deletes, expiry and this session's other feeds
+            if held.closed:
+                raise gone(held)
+            try:
+                [(result, chars)] = service.unwrap(await service.feeder.submit([(held, delta)]))
+            finally:
+                service.sessions.touch(held)
         service.metrics.observe_verdicts([result.score], [result.is_harmful])
         return JSONResponse(stream_response(held.id, result, chars))
 
     @endpoint("stream_get")
     async def get_stream(request: Request) -> Response:
         held = held_session(request)
-        return JSONResponse(stream_response(held.id, held.session.score, len(held.session.text)))
+        async with held.lock:
+            if held.closed:
+                raise gone(held)
+            return JSONResponse(stream_response(held.id, held.session.score, held.session.chars))
 
     @endpoint("stream_delete")
     async def delete_stream(request: Request) -> Response:
         held = held_session(request)
-        with contextlib.suppress(UnknownSessionError):
-            service.sessions.delete(held.id)
+        async with held.lock:           # a feed in flight answers first
+            if held.closed:
+                raise gone(held)
+            with contextlib.suppress(UnknownSessionError):
+                service.sessions.delete(held.id)
         service.metrics.sessions.set(len(service.sessions))
         return JSONResponse({"id": held.id, "deleted": True})
 
     async def health(request: Request) -> Response:
-        status = 503 if service.closing else 200
-        return JSONResponse({"status": "shutting_down" if service.closing else "ok", "model": service.model,
+        stopping = service.closing or service.draining
+        return JSONResponse({"status": "shutting_down" if stopping else "ok", "model": service.model,
                              "backend": guard.backend, "device": guard.device,
                              "incremental_streaming": guard.incremental_streaming,
                              "dynamic_batching": config.dynamic_batching, "sessions": len(service.sessions)},
-                            status_code=status)
+                            status_code=503 if stopping else 200)
 
     async def metrics(request: Request) -> Response:
         payload, content_type = service.metrics.render()
@@ -296,15 +361,9 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
     return app
 
 
-async def _has_body(request: Request) -> bool:
-    length = request.headers.get("content-length")
-    return bool(length and length != "0") or "chunked" in request.headers.get("transfer-encoding", "")
-
-
 def serve(config: ServeConfig, log_level: str = "info") -> int:
     """Load the bundle (errors surface before the port opens), then serve until SIGINT/SIGTERM;
     in-flight requests finish, queued batches are answered, then the guard is closed."""
-    import uvicorn
     from siren_runtime import SirenGuard
 
     config.check()
@@ -318,6 +377,31 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
         raise
     log.info("siren serve: %s on %s/%s at http://%s:%d", config.bundle, guard.backend, guard.device,
              config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=config.graceful_timeout_s)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                            access_log=False, timeout_graceful_shutdown=config.graceful_timeout_s),
+                            app.state.service, config.drain_s)
+    server.run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain period: on the first SIGTERM/SIGINT /health turns 503 at
+    once (so a load balancer stops routing here) while requests are still served for
+    `drain_s` seconds; then uvicorn's own graceful shutdown runs (a second signal skips the
+    rest of the drain)."""
+
+    def __init__(self, config, service: _Service, drain_s: float):
+        super().__init__(config)
+        self._service, self._drain_s, self._exit_at, self._signal = service, drain_s, None, None
+
+    def handle_exit(self, sig, frame) -> None:
+        self._service.draining = True
+        if self._exit_at is None and self._drain_s > 0:
+            self._exit_at, self._signal = time.monotonic() + self._drain_s, sig
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and not self.should_exit and time.monotonic() >= self._exit_at:
+            super().handle_exit(self._signal, None)
+        return await super().on_tick(counter)

@@ -3,9 +3,16 @@
 Each session is a runtime ``StreamSession`` (its KV cache lives with the guard's step
 runner). The registry is bounded in count and closes sessions idle longer than the TTL, so
 abandoned streams cannot hold memory forever.
+
+Ordering: a feed holds its session's lock from before it is queued until its answer is in
+hand, and a session is closed (by DELETE, the TTL or shutdown) only under that lock, or by
+the sweep only while nobody holds it. So a feed either runs on the session it was sent to
+and answers that session's whole text, or finds the session closed (404): never a score
+of a session reset under it. A session being fed is never idle.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import time
@@ -27,6 +34,8 @@ class HeldSession:
     session: object                      # siren_runtime.streaming.StreamSession
     created: float
     last_used: float = field(default=0.0)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # held by a feed, a delete, a read
+    closed: bool = False
 
 
 class SessionRegistry:
@@ -53,7 +62,7 @@ class SessionRegistry:
                 raise SessionLimitError(f"{len(self._held)} stream sessions are open (the limit); "
                                         "close finished ones with DELETE /v1/streams/{id}")
             now = self._clock()
-            held = HeldSession(id="strm-" + secrets.token_hex(12), session=self._guard.stream(threshold=threshold),
+            held = HeldSession(id="strm-" + secrets.token_hex(12), session=self._guard.stream(threshold=threshold, keep_text=False),
                                created=now, last_used=now)
             self._held[held.id] = held
             return held
@@ -61,7 +70,7 @@ class SessionRegistry:
     def get(self, session_id: str) -> HeldSession:
         with self._lock:
             held = self._held.get(session_id)
-            if held is None or self._clock() - held.last_used > self.ttl_s:
+            if held is None or self._stale(held, self._clock()):
                 if held is not None:
                     self._drop_locked(session_id)
                     self.expired += 1
@@ -69,7 +78,15 @@ class SessionRegistry:
             held.last_used = self._clock()
             return held
 
+    def touch(self, held: HeldSession) -> None:
+        """A feed on `held` finished: its idle time starts now."""
+        held.last_used = self._clock()
+
+    def _stale(self, held: HeldSession, now: float) -> bool:
+        return now - held.last_used > self.ttl_s and not held.lock.locked()
+
     def delete(self, session_id: str) -> None:
+        """Close a session; call it holding the session's lock (no feed is running on it)."""
         with self._lock:
             if session_id not in self._held:
                 raise UnknownSessionError(session_id)
@@ -87,7 +104,7 @@ class SessionRegistry:
 
     def _sweep_locked(self) -> int:
         now = self._clock()
-        stale = [k for k, h in self._held.items() if now - h.last_used > self.ttl_s]
+        stale = [k for k, h in self._held.items() if self._stale(h, now)]
         for session_id in stale:
             self._drop_locked(session_id)
         self.expired += len(stale)
@@ -95,4 +112,5 @@ class SessionRegistry:
 
     def _drop_locked(self, session_id: str) -> None:
         held = self._held.pop(session_id)
+        held.closed = True
         held.session.reset()      # frees its KV state now, not at garbage collection

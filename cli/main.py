@@ -314,6 +314,13 @@ def configure_output(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     for name in ("siren_runtime", "siren_export", "siren_engines", "siren_serving"):
         logging.getLogger(name).setLevel(level)
+    # huggingface_hub prints through a handler of its own, at HF_HUB_VERBOSITY, set up when it is
+    # imported: once is enough (not again through the root's), and -q silences its retry warnings
+    # (the final error still says what failed)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not record.name.startswith("huggingface_hub"))
+    if quiet or verbose:
+        os.environ["HF_HUB_VERBOSITY"] = "error" if quiet else "debug"
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if verbose:

@@ -81,6 +81,8 @@ def safe_relative_path(bundle_dir: Path, rel: str) -> Path:
     pure = PurePosixPath(rel)
     if pure.is_absolute() or ".." in pure.parts or "\\" in rel or os.path.isabs(rel) or "\x00" in rel:
         raise BundleError(f"{bundle_dir}: manifest path {rel!r} escapes the bundle directory")
+    if str(pure) != rel:     # "./x", "a//b", "x/": one file, one spelling (paths are compared as written)
+        raise BundleError(f"{bundle_dir}: manifest path {rel!r} is not in its plain form {str(pure)!r}")
     return Path(bundle_dir) / pure
 
 

@@ -137,9 +137,17 @@ class TextEncoder:
     @classmethod
     def for_bundle(cls, bundle) -> "TextEncoder":
         """The bundle's tokenizer from the bytes it verified, with its inference settings."""
-        tokenizer_json = bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8")
-        return cls(None, tokenizer_json=tokenizer_json, max_length=bundle.inference.max_length,
-                   pad_token_id=bundle.inference.pad_token_id)
+        from .errors import BundleError
+        try:
+            tokenizer_json = bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8")
+            return cls(None, tokenizer_json=tokenizer_json, max_length=bundle.inference.max_length,
+                       pad_token_id=bundle.inference.pad_token_id)
+        except Exception as e:    # tokenizers raises a bare Exception; bytes that are not UTF-8
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{bundle.directory}: {bundle.tokenizer_path} is not a tokenizer this runtime can load "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the bundle "
+                              "was written wrong or replaced with its checksums: re-export it") from None
 
     def _fixed_prefix(self) -> Optional[tuple]:
         """The ids the post-processor puts before every text when that is all it adds (the

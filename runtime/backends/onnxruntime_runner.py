@@ -116,8 +116,23 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
             raise BundleError(f"{bundle.directory}: {spec.path} reads external weights that the manifest's "
                               f"external_data ({spec.external_data!r}) does not provide; the manifest does not "
                               "match the graph (re-export the bundle)") from None
+        if _is_bad_file(e.__cause__):     # the checksums matched, but the bytes are no graph
+            raise BundleError(f"{bundle.directory}: {spec.path}"
+                              f"{' + ' + spec.external_data if spec.external_data else ''} is not a loadable "
+                              f"ONNX graph ({str(e.__cause__).splitlines()[0][:200]}); the bundle was written "
+                              "wrong or replaced with its checksums: re-export it") from None
         raise
     return session, (graph, *external.values())
+
+
+def _is_bad_file(error: Optional[BaseException]) -> bool:
+    """Whether ONNX Runtime refused a graph for its contents (not for the device): a protobuf
+    that does not parse, a graph that does not check, external weights of the wrong size."""
+    if error is None:
+        return False
+    text = str(error)
+    return (type(error).__name__ in ("InvalidProtobuf", "InvalidGraph") or "INVALID_PROTOBUF" in text
+            or "INVALID_GRAPH" in text or "External initializer" in text)
 
 
 def _signature_error(session, io, what: str) -> Optional[str]:

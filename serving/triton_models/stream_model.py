@@ -73,7 +73,7 @@ class TritonPythonModel:
                         responses[n] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                             f"siren_stream: {len(self.sessions)} sequences are open (max_sessions)"))
                         continue
-                    self.sessions[corrid] = [self.guard.stream(), now]
+                    self.sessions[corrid] = [self.guard.stream(keep_text=False), now]
                 elif corrid not in self.sessions:
                     responses[n] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                         f"siren_stream: sequence {corrid} has no open session (not started, ended or idle too long)"))

@@ -12,7 +12,8 @@ from .batching import length_groups
 from .bundle import Bundle, read_bundle
 from .hub import download_bundle, is_repo_id
 from .result import ScoreResult
-from .streaming import Fed, IncrementalScorer, StreamCache, StreamSession, StreamState, common_prefix
+from .streaming import (Fed, IncrementalScorer, PreparedFeed, StreamCache, StreamSession, StreamState,
+                        common_prefix)
 from .text import StreamText, clean_text, join_prompt_response
 from .tokenization import TextEncoder, Tokenized
 from .validation import check_text, check_texts, check_threshold
@@ -248,35 +249,55 @@ class SirenGuard:
             seen.add(id(session))
             check_text(delta, f"deltas[{i}]")
         self._check_open()
-        if not sessions:
-            return []
-        before = [session.fed for session in sessions]
-        texts = [StreamText(chars=fed.text.chars + len(delta)) if fed.final else fed.text.extended(delta)
-                 for fed, delta in zip(before, deltas)]
-        live, tokens = [], {}
-        for i, (fed, text) in enumerate(zip(before, texts)):   # tokenize all first: a bad text changes nothing
-            if not fed.final:
-                tokens[i] = self._encoder.tokenize_resuming(text.cleaned, fed.tokens)
-                live.append(i)
+        return self.feed_prepared([self._prepare(session, delta) for session, delta in zip(sessions, deltas)])
+
+    def prepare_feed(self, session: StreamSession, delta: str) -> PreparedFeed:
+        """The host-side half of feeding `delta` to `session` (cleaning, tokenizing), without
+        touching the session or the engine: a server runs it on its request's thread, so one
+        large delta does not hold up the engine calls of other streams. Valid while the
+        session is unchanged (``feed_prepared`` redoes it otherwise)."""
+        if not isinstance(session, StreamSession) or session.guard is not self:
+            raise ValueError("session is not a stream session of this guard")
+        check_text(delta, "delta")
+        self._check_open()
+        return self._prepare(session, delta)
+
+    def _prepare(self, session: StreamSession, delta: str) -> PreparedFeed:
+        fed = session.fed
+        if fed.final:          # past max_length for good: only the count moves
+            return PreparedFeed(session, fed, delta, StreamText(chars=fed.text.chars + len(delta)), None)
+        text = fed.text.extended(delta)
+        return PreparedFeed(session, fed, delta, text, self._encoder.tokenize_resuming(text.cleaned, fed.tokens))
+
+    def feed_prepared(self, feeds: Sequence[PreparedFeed]) -> list[ScoreResult]:
+        """``feed_batch`` over prepared feeds (``prepare_feed``), one per session."""
+        feeds = list(feeds)
+        if len({id(f.session) for f in feeds}) != len(feeds):
+            raise ValueError("a session appears twice in one feed")
+        self._check_open()
+        # a feed prepared on a state its session has since left is prepared again
+        feeds = [f if f.base is f.session.fed else self._prepare(f.session, f.delta) for f in feeds]
+        live = [i for i, f in enumerate(feeds) if not f.base.final]
 
         def commit(i: int, score: float, state: Optional[StreamState]) -> None:
-            text, ids, result = texts[i], tokens[i], self._result(score, sessions[i].threshold)
+            feed = feeds[i]
+            text, ids, result = feed.text, feed.tokens, self._result(score, feed.session.threshold)
             if self._encoder.is_final(ids, len(text.head)):   # drop the text and the KV state
-                sessions[i]._commit(deltas[i], Fed(StreamText(chars=text.chars), Tokenized("", ids.ids), None,
-                                                   result, final=True))
+                feed.session._commit(feed.delta, Fed(StreamText(chars=text.chars), Tokenized("", ids.ids), None,
+                                                     result, final=True))
             else:
-                sessions[i]._commit(deltas[i], Fed(text, ids, state, result))
-        for i, (fed, text) in enumerate(zip(before, texts)):
-            if fed.final:       # past max_length for good: the same score, nothing kept
-                sessions[i]._commit(deltas[i], replace(fed, text=text))
+                feed.session._commit(feed.delta, Fed(text, ids, state, result))
+        for feed in feeds:
+            if feed.base.final:       # the same score, nothing kept
+                feed.session._commit(feed.delta, replace(feed.base, text=feed.text))
         if self._incremental is None:
-            scores = self.score_token_ids([list(tokens[i].ids) for i in live]) if live else []
+            scores = self.score_token_ids([list(feeds[i].tokens.ids) for i in live]) if live else []
             for i, score in zip(live, scores):
                 commit(i, score, None)
         elif live:
-            self._incremental.advance_many([(before[i].state, tokens[i]) for i in live],
+            self._incremental.advance_many([(feeds[i].base.state, feeds[i].tokens) for i in live],
                                            lambda k, score, state: commit(live[k], score, state))
-        return [session.score for session in sessions]
+        return [feed.session.score for feed in feeds]
 
     @property
     def stream_cache(self) -> StreamCache:

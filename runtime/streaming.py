@@ -138,6 +138,23 @@ class Fed:
     final: bool = False                    # no later text can change the score
 
 
+@dataclass(frozen=True)
+class PreparedFeed:
+    """A delta cleaned and tokenized against the session state `base` (SirenGuard.prepare_feed)."""
+    session: "StreamSession"
+    base: Fed
+    delta: str
+    text: StreamText
+    tokens: Optional[Tokenized]
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens the engine will run for this feed (0 once the session is final)."""
+        if self.tokens is None:
+            return 0
+        return len(self.tokens.ids) - common_prefix(self.base.tokens.ids if self.base.tokens else (), self.tokens.ids)
+
+
 class StreamSession:
     """One stream with private state: ``feed(delta)`` appends text and scores the whole
     text so far, running only what is new. Independent sessions never share state; many

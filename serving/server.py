@@ -14,6 +14,7 @@ prometheus_client (the `serve` extra) over `siren_runtime`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -88,6 +89,9 @@ def _option(name: str) -> str:
                    "drain_s": "drain-s"}.get(name, name.replace("_", "-"))
 
 
+#: a feed running more new tokens than this takes the bulk lane (its own engine calls)
+BULK_FEED_TOKENS = 64
+
 #: the most of an oversized request body read (and dropped) to answer its 413 cleanly
 DRAIN_LIMIT = 64 << 20
 
@@ -110,9 +114,13 @@ class _Service:
                         enabled=config.dynamic_batching)
         self.scorer = DynamicBatcher(self._score_texts, observe=self.metrics.batch_size.labels("score").observe,
                                      name="siren-score", **batching)
-        self.feeder = DynamicBatcher(self._feed, conflict_key=lambda item: item[0].id, isolate=False,
-                                     observe=self.metrics.batch_size.labels("stream").observe,
-                                     name="siren-stream", **batching)
+        # two lanes: feeds that run many new tokens (a first long delta) get their own engine
+        # calls, so a few-token feed on another stream never waits for one in the queue
+        self.feeder, self.bulk_feeder = (
+            DynamicBatcher(self._feed, conflict_key=lambda item: item[0].id, isolate=False,
+                           observe=self.metrics.batch_size.labels("stream").observe, name=name, **batching)
+            for name in ("siren-stream", "siren-stream-bulk"))
+        self._preparers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="siren-prepare")
         self.closing = False            # the lifespan is ending: every request is refused
         self.draining = False           # SIGTERM seen: /health says 503, requests are still served
         self._sweeper: Optional[asyncio.Task] = None
@@ -124,13 +132,24 @@ class _Service:
         return [(float(s), len(i)) for s, i in zip(scores, ids)]
 
     def _feed(self, items: list) -> list:
-        results = self.guard.feed_batch([held.session for held, _ in items], [delta for _, delta in items])
+        """Engine calls only: each feed was cleaned and tokenized on its request's thread."""
+        results = self.guard.feed_prepared([prepared for _, prepared in items])
         return [(result, held.session.chars) for (held, _), result in zip(items, results)]
+
+    async def prepare_feed(self, held, delta: str):
+        """Clean and tokenize a delta off the feeder (a 1 MB delta must not hold up the
+        engine calls of other streams); the caller holds the session's lock."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._preparers, self.guard.prepare_feed, held.session, delta)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"input refused: {e}", param="delta", code="invalid_input") from None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         await self.scorer.start()
         await self.feeder.start()
+        await self.bulk_feeder.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:
@@ -139,6 +158,8 @@ class _Service:
             self._sweeper.cancel()
         await self.scorer.stop()
         await self.feeder.stop()
+        await self.bulk_feeder.stop()
+        self._preparers.shutdown(wait=True)
         self.sessions.clear()
         self.guard.close()
 
@@ -296,7 +317,9 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
             if held.closed:
                 raise gone(held)
             try:
-                [(result, chars)] = service.unwrap(await service.feeder.submit([(held, delta)]))
+                prepared = await service.prepare_feed(held, delta)
+                lane = service.bulk_feeder if prepared.new_tokens > BULK_FEED_TOKENS else service.feeder
+                [(result, chars)] = service.unwrap(await lane.submit([(held, prepared)]))
             finally:
                 service.sessions.touch(held)
         service.metrics.observe_verdicts([result.score], [result.is_harmful])

@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="default: the bundle's")
     p.add_argument("--json", action="store_true", help="one JSON object per line (ids passed through)")
     p.add_argument("--fail-on-harmful", action="store_true", help="exit 1 when any text is flagged")
+    p.add_argument("--onset", action="store_true",
+                   help="also print where harm starts: the character offset of the first token whose prefix "
+                        "score reaches the threshold (JSON: \"onset\", null when never)")
+    p.add_argument("--sustain", type=int, default=1,
+                   help="--onset: the prefix score must stay at the threshold this many tokens (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="records read and scored per group (default 64)")
     p.add_argument("--errors", choices=["fail", "skip"], default="fail",
                    help="a bad input line (not UTF-8, bad JSON record): fail naming it (default) or skip it")

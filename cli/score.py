@@ -124,29 +124,39 @@ def groups(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield group
 
 
-def format_row(record: Record, score, as_json: bool) -> str:
+_NO_ONSET = object()
+
+
+def format_row(record: Record, score, as_json: bool, onset=_NO_ONSET) -> str:
+    """One output line; `onset` (with --onset): the character offset where harm starts, or None."""
     if as_json:
-        return json.dumps({**record.echo, **score.to_dict()}, ensure_ascii=False)
+        extra = {} if onset is _NO_ONSET else {"onset": onset}
+        return json.dumps({**record.echo, **score.to_dict(), **extra}, ensure_ascii=False)
     shown = record.text.replace("\n", "\\n")
     shown = shown if len(shown) <= 70 else shown[:67] + "..."
     label = f"{record.echo['id']}\t" if "id" in record.echo else ""
-    return f"{score.score:.6f}\t{'HARMFUL' if score.is_harmful else 'ok'}\t{label}{shown}"
+    where = "" if onset is _NO_ONSET else f"onset={'-' if onset is None else onset}\t"
+    return f"{score.score:.6f}\t{'HARMFUL' if score.is_harmful else 'ok'}\t{where}{label}{shown}"
 
 
 def score_records(guard, records: Iterable[Record], threshold: Optional[float], batch_size: int,
-                  as_json: bool, out=None) -> tuple[int, int]:
-    """Score and print group by group; returns (records scored, records flagged)."""
+                  as_json: bool, out=None, onset: bool = False, sustain: int = 1) -> tuple[int, int]:
+    """Score and print group by group; returns (records scored, records flagged). onset:
+    also say where harm starts (every prefix scored in the same pass)."""
     from siren_runtime.result import ScoreResult
     out = out or sys.stdout
     scored = flagged = 0
     for group in groups(records, batch_size):
-        results = guard.score_batch([r.text for r in group])
-        for record, result in zip(group, results):
+        texts = [r.text for r in group]
+        prefixes = guard.score_prefixes_batch(texts) if onset else None
+        results = prefixes if onset else guard.score_batch(texts)
+        for n, (record, result) in enumerate(zip(group, results)):
             thr = record.threshold if record.threshold is not None else (
                 threshold if threshold is not None else guard.default_threshold)
             verdict = ScoreResult(score=result.score, is_harmful=bool(result.score >= thr), threshold=thr)
             flagged += verdict.is_harmful
-            print(format_row(record, verdict, as_json), file=out)
+            where = prefixes[n].onset(thr, sustain) if onset else _NO_ONSET
+            print(format_row(record, verdict, as_json, where), file=out)
         out.flush()
         scored += len(group)
     return scored, flagged
@@ -167,6 +177,8 @@ def run_score(args) -> int:
         raise ValueError("give --input or TEXT / --prompt/--response, not both")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.sustain < 1:
+        raise ValueError(f"--sustain must be at least 1 (tokens), got {args.sustain}")
     threshold = check_threshold(args.threshold, 0.5) if args.threshold is not None else None
     if args.prompt is not None or args.response is not None:
         records = iter([Record({"prompt": args.prompt, "response": args.response},
@@ -181,5 +193,9 @@ def run_score(args) -> int:
                                        verify=not args.no_verify, revision=args.revision, cache_dir=args.cache_dir,
                                        local_files_only=args.offline)
     with guard:
-        _, flagged = score_records(guard, records, threshold, args.batch_size, args.json)
+        if args.onset and not guard.prefix_scores_available:
+            raise ValueError("--onset needs a bundle with a streaming step graph and a prefix head "
+                             "(re-export it with `siren export`)")
+        _, flagged = score_records(guard, records, threshold, args.batch_size, args.json, onset=args.onset,
+                                   sustain=args.sustain)
     return EXIT_FLAGGED if (args.fail_on_harmful and flagged) else EXIT_OK

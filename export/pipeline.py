@@ -29,12 +29,14 @@ from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
                      check_step_against_module, check_tokenizer, cpu_unrunnable_reason,
                      module_expectations)
+from .prefix_head import write_prefix_head
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
 
 MODEL_FILE = "model.onnx"
 STEP_FILE = "step.onnx"
+PREFIX_HEAD_FILE = "prefix_head.npz"
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -126,6 +128,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
         progress.done(f"largest |activation| on calibration texts: {peak:.4g}")
 
+        prefix_head = write_prefix_head(scorer.head, staging / PREFIX_HEAD_FILE, art.feature_dim)
         progress.start("tracing and writing the ONNX graph")
         graph = export_scorer(scorer, staging / MODEL_FILE, progress)
         gc.collect()
@@ -182,7 +185,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             progress.done(detail)
 
         progress.start("writing the manifest")
-        files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE]
+        files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE, PREFIX_HEAD_FILE]
         if streaming_meta is not None:
             files += [f for f in (STEP_FILE, streaming_meta["external_data"]) if f]
         for name in files:
@@ -215,6 +218,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             "model": {"path": MODEL_FILE, "dtype": dtype, "activation_peak": peak, **graph},
             "tokenizer": {"path": TOKENIZER_FILE},
             **({"streaming": streaming_meta} if streaming_meta is not None else {}),
+            "prefix_head": {"path": PREFIX_HEAD_FILE, **prefix_head},
             "files": {name: describe_file(staging, name) for name in files},
             "tools": _versions(),
             "parity": parity,

@@ -149,6 +149,16 @@ class StreamingSpec:
 
 
 @dataclass(frozen=True)
+class PrefixHeadSpec:
+    """The MLP head's weights on their own (an .npz of w0, b0, w1, b1, ...: Linear, ReLU
+    between), so the score of every token prefix can be read off the step graph's running
+    sums in one pass (see siren_runtime.prefixes)."""
+    path: str
+    layers: int
+    feature_dim: int
+
+
+@dataclass(frozen=True)
 class InferenceSpec:
     max_length: int
     default_threshold: float
@@ -175,6 +185,8 @@ class Bundle:
     files: dict
     engines: tuple
     manifest: dict = field(compare=False, repr=False)
+    #: the head alone, for prefix scores (bundles exported before it have none)
+    prefix_head: Optional[PrefixHeadSpec] = None
     #: the oldest release of a backend that runs the graphs ({"onnxruntime": (1, 19)}): the ops
     #: an int8 bundle uses load, or fail only at the first run, on older ones
     requires: dict = field(default_factory=dict, compare=False)
@@ -373,9 +385,29 @@ def read_bundle(bundle_dir) -> Bundle:
     if manifest.get("streaming") is not None:
         streaming = _read_streaming(f, bundle_dir, manifest, version, files, model)
     engines = _read_engines(f, bundle_dir, manifest, files)
+    prefix_head = _read_prefix_head(f, bundle_dir, manifest, files, model, streaming, tokenizer)
     return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
                   tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
-                  manifest=manifest, requires=_read_requires(f, manifest))
+                  manifest=manifest, requires=_read_requires(f, manifest), prefix_head=prefix_head)
+
+
+def _read_prefix_head(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec,
+                      streaming: Optional[StreamingSpec], tokenizer: str) -> Optional[PrefixHeadSpec]:
+    section = manifest.get("prefix_head")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        f.fail("prefix_head", "is not an object")
+    path = f.text(section, "path", "prefix_head.")
+    _listed(f, bundle_dir, path, "prefix_head.path", files)
+    taken = set(model.files()) | {tokenizer} | (set(streaming.graph.files()) if streaming else set())
+    if path in taken:
+        f.fail("prefix_head.path", f"points at another bundle file {path!r}")
+    head = PrefixHeadSpec(path=path, layers=f.integer(section, "layers", "prefix_head.", 1, 64),
+                          feature_dim=f.integer(section, "feature_dim", "prefix_head.", 1, 1 << 24))
+    if streaming is not None and head.feature_dim != streaming.feature_dim:
+        f.fail("prefix_head.feature_dim", f"is {head.feature_dim}, streaming.feature_dim is {streaming.feature_dim}")
+    return head
 
 
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")

@@ -11,10 +11,11 @@ from .backends import Runners, open_runners, warn_once
 from .batching import length_groups
 from .bundle import Bundle, read_bundle
 from .hub import download_bundle, is_repo_id
+from .prefixes import PrefixHead, PrefixScores, check_sustain, first_sustained, token_spans
 from .result import ScoreResult
 from .streaming import (Fed, IncrementalScorer, PreparedFeed, StreamCache, StreamSession, StreamState,
                         common_prefix)
-from .text import StreamText, clean_text, join_prompt_response
+from .text import StreamText, clean_text, clean_text_with_offsets, join_prompt_response
 from .tokenization import TextEncoder, Tokenized
 from .validation import check_text, check_texts, check_threshold
 
@@ -59,6 +60,7 @@ class SirenGuard:
             self._incremental = IncrementalScorer(runners.step, bundle.streaming.feature_dim,
                                                   int(max_batch_size), int(token_budget))
         self._stream_cache = stream_cache if stream_cache is not None else StreamCache()
+        self._prefix_head = PrefixHead.load(bundle) if bundle.prefix_head is not None else None
         self._closed = False
 
     @classmethod
@@ -282,11 +284,14 @@ class SirenGuard:
         def commit(i: int, score: float, state: Optional[StreamState]) -> None:
             feed = feeds[i]
             text, ids, result = feed.text, feed.tokens, self._result(score, feed.session.threshold)
+            onset = feed.base.onset
+            if onset is None and state is not None:
+                onset = self._stream_onset(feed, state)
             if self._encoder.is_final(ids, len(text.head)):   # drop the text and the KV state
                 feed.session._commit(feed.delta, Fed(StreamText(chars=text.chars), Tokenized("", ids.ids), None,
-                                                     result, final=True))
+                                                     result, final=True, onset=onset))
             else:
-                feed.session._commit(feed.delta, Fed(text, ids, state, result))
+                feed.session._commit(feed.delta, Fed(text, ids, state, result, onset=onset))
         for feed in feeds:
             if feed.base.final:       # the same score, nothing kept
                 feed.session._commit(feed.delta, replace(feed.base, text=feed.text))
@@ -298,6 +303,78 @@ class SirenGuard:
             self._incremental.advance_many([(feeds[i].base.state, feeds[i].tokens) for i in live],
                                            lambda k, score, state: commit(live[k], score, state))
         return [feed.session.score for feed in feeds]
+
+    def _stream_onset(self, feed: PreparedFeed, state: StreamState) -> Optional[int]:
+        """Where in the stream (a character offset of everything fed) the running score first
+        reached the session's threshold among this feed's new tokens, from the sums the step
+        already returned (no engine call); None when it did not, or without a prefix head."""
+        if self._prefix_head is None:
+            return None
+        first = state.start + 1                       # sums[first] is after the first new token
+        scores = self._prefix_head.scores(state.sums[first:], first_count=first)
+        hit = first_sustained(scores, feed.session.threshold)
+        if hit is None:
+            return None
+        token = state.start + hit
+        text = feed.text
+        _, offsets = self._encoder.ids_and_offsets(text.cleaned)   # once per stream: the first crossing
+        tail_start = text.chars - len(text.tail)      # raw offset where the text still cleaned again begins
+        at = offsets[token][0] - len(text.head) if token < len(offsets) else -1
+        if at < 0:                                    # the token began in the settled part
+            return tail_start
+        _, starts, _ = clean_text_with_offsets(text.tail)
+        return tail_start + (starts[at] if at < len(starts) else len(text.tail))
+
+    # -- where harm starts ---------------------------------------------------------------
+    def score_prefixes(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
+                       response: Optional[str] = None, threshold: Optional[float] = None) -> PrefixScores:
+        """The score after every token of the (cleaned, truncated) text, from one step-graph
+        pass, with each token's character span in the caller's text; ``.onset()`` says where
+        harm starts. prompt/response are joined as for ``score`` (spans are in the joined text)."""
+        if text is not None and (prompt is not None or response is not None):
+            raise ValueError("Pass either `text` or `prompt`/`response`, not both.")
+        if text is None:
+            if prompt is None and response is None:
+                raise ValueError("Provide `text`, or at least one of `prompt`/`response`.")
+            for value, name in ((prompt, "prompt"), (response, "response")):
+                if value is not None:
+                    check_text(value, name)
+            text = join_prompt_response(prompt, response)
+        return self.score_prefixes_batch([text], threshold)[0]
+
+    def score_prefixes_batch(self, texts: Sequence[str], threshold: Optional[float] = None) -> list[PrefixScores]:
+        """``score_prefixes`` for many texts, stepped together (groups as in ``feed_batch``)."""
+        items = check_texts(texts)
+        thr = check_threshold(threshold, self._default_threshold)
+        self._check_open()
+        if self._incremental is None or self._prefix_head is None:
+            missing = ("a prefix head (prefix_head.npz: bundles exported before it have none)"
+                       if self._prefix_head is None else
+                       "a streaming step graph on this guard (exported with --no-streaming, loaded with "
+                       "incremental_streaming=False, or no backend here runs it)")
+            raise RuntimeError(f"prefix scores need {missing}; re-export the bundle with `siren export`")
+        prepared = []
+        for text in items:
+            cleaned, starts, ends = clean_text_with_offsets(text)
+            ids, offsets = self._encoder.ids_and_offsets(cleaned)
+            prepared.append((text, cleaned, starts, ends, ids, offsets))
+        sums: dict = {}
+        if prepared:
+            self._incremental.advance_many([(None, Tokenized(p[1], tuple(p[4]))) for p in prepared],
+                                           lambda i, score, state: sums.__setitem__(i, state.sums[1:]))
+        prefix = len(self._encoder.prefix or ())
+        return [PrefixScores(text=text, token_ids=tuple(ids), scores=self._prefix_head.scores(sums[i]),
+                             spans=token_spans(offsets, starts, ends, prefix), threshold=thr)
+                for i, (text, _, starts, ends, ids, offsets) in enumerate(prepared)]
+
+    def onset(self, text: str, threshold: Optional[float] = None, sustain: int = 1) -> Optional[int]:
+        """The character offset of `text` where harm starts (see PrefixScores.onset), or None."""
+        check_sustain(sustain)
+        return self.score_prefixes(text, threshold=threshold).onset(sustain=sustain)
+
+    @property
+    def prefix_scores_available(self) -> bool:
+        return self._incremental is not None and self._prefix_head is not None
 
     @property
     def stream_cache(self) -> StreamCache:

@@ -136,6 +136,7 @@ class Fed:
     state: Optional[StreamState] = None    # the step runner's state (None: none, or final)
     result: Optional[object] = None        # the last ScoreResult
     final: bool = False                    # no later text can change the score
+    onset: Optional[int] = None            # where (a character offset of all fed) the score first reached the threshold
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,12 @@ class StreamSession:
     @property
     def state(self) -> Optional[StreamState]:
         return self._fed.state
+
+    @property
+    def onset(self) -> Optional[int]:
+        """The character offset (of everything fed) where the running score first reached
+        the threshold, found from the step's own sums (None: not yet, or no prefix head)."""
+        return self._fed.onset
 
     @property
     def fed(self) -> Fed:

@@ -110,3 +110,38 @@ class StreamText:
         if not self.head:
             return tail.strip() or EMPTY_TEXT
         return self.head + tail.rstrip()
+
+
+_MAPPED_SPACE_RE = re.compile(r"[ \t]{2,}|\t")      # the [ \t]+ runs clean_text changes
+
+
+def clean_text_with_offsets(text: str) -> tuple[str, list, list]:
+    """clean_text(text), and for each cleaned character the range [starts[i], ends[i]) of
+    the characters of `text` it came from (a chat artifact or a whitespace run collapsed to
+    one character maps to all of it), so spans found in the cleaned text can be shown in
+    the caller's own text."""
+    starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
+    out = text
+    for pattern, replacement in ((_ARTIFACT_RE, " "), (_MAPPED_SPACE_RE, " "), (_NEWLINE_RUN_RE, "\n\n")):
+        pieces, new_starts, new_ends, last = [], [], [], 0
+        for m in pattern.finditer(out):
+            a, b = m.span()
+            pieces.append(out[last:a])
+            new_starts.extend(starts[last:a])
+            new_ends.extend(ends[last:a])
+            pieces.append(replacement)
+            for k in range(len(replacement)):       # each replacement character covers the match
+                new_starts.append(starts[a] if k == 0 else starts[min(a + k, b - 1)])
+                new_ends.append(ends[b - 1] if k == len(replacement) - 1 else ends[min(a + k, b - 1)])
+            last = b
+        if last:
+            pieces.append(out[last:])
+            new_starts.extend(starts[last:])
+            new_ends.extend(ends[last:])
+            out, starts, ends = "".join(pieces), new_starts, new_ends
+    stripped = out.strip()
+    if not stripped:
+        return EMPTY_TEXT, [0], [len(text)]
+    lead = len(out) - len(out.lstrip())
+    keep = slice(lead, lead + len(stripped))
+    return stripped, starts[keep], ends[keep]

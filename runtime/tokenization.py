@@ -199,6 +199,13 @@ class TextEncoder:
             return [self._tokenizer.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
 
+    def ids_and_offsets(self, text: str) -> tuple[list, list]:
+        """A cleaned text's ids (exactly ``token_ids``'s) and each token's character span
+        [start, end) in it (added prefix tokens get (0, 0))."""
+        self._check_encodable([text])
+        encoding = self._tokenizer.encode(self.usable_prefix(text), add_special_tokens=True)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+
     def tokenize_resuming(self, text: str, previous: Optional[Tokenized] = None) -> Tokenized:
         """Ids of a cleaned `text` (same as ``token_ids``), re-tokenizing only from the last
         safe split point that `previous` (an earlier text of the same stream) shares with it."""

@@ -108,7 +108,9 @@ def classify_response(model: str, scores: list, threshold: float, token_counts: 
                       "prompt_tokens_details": None}}
 
 
-def stream_response(session_id: str, result, text_chars: int) -> dict:
+def stream_response(session_id: str, result, text_chars: int, onset: Optional[int] = None) -> dict:
+    """A stream's state; `onset`: the character offset (of everything fed) where the running
+    score first reached the threshold, null while it has not."""
     return {"id": session_id, "score": result.score if result else None,
             "flagged": bool(result.is_harmful) if result else False,
-            "threshold": result.threshold if result else None, "chars": text_chars}
+            "threshold": result.threshold if result else None, "chars": text_chars, "onset": onset}

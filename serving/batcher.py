@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 
+class BatcherClosed(RuntimeError):
+    """The batcher is stopping and takes no new work (the server answers 503)."""
+
+
 @dataclass
 class _Pending:
     items: list
@@ -70,7 +74,7 @@ class DynamicBatcher:
 
     async def submit(self, items: list) -> list:
         if self._closing:
-            raise RuntimeError("the server is shutting down")
+            raise BatcherClosed("the server is shutting down")
         loop = asyncio.get_running_loop()
         if not self.enabled:
             self._observe(len(items))

@@ -30,11 +30,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from siren_runtime.text import join_prompt_response
 from siren_runtime.validation import check_threshold
 
 from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_model,
                   parse_threshold, require_object, stream_response)
-from .batcher import DynamicBatcher
+from .batcher import BatcherClosed, DynamicBatcher
+from .detectors import (content_detections, detector_error_body, generation_detections, parse_contents,
+                        parse_generation, parse_params)
 from .metrics import ServerMetrics
 from .sessions import SessionLimitError, SessionRegistry, UnknownSessionError
 
@@ -96,6 +99,14 @@ BULK_FEED_TOKENS = 64
 DRAIN_LIMIT = 64 << 20
 
 
+class _Answered(Exception):
+    """An ApiError already shaped as its API's error body (the detector API's)."""
+
+    def __init__(self, response, error):
+        super().__init__(error.message)
+        self.response, self.error = response, error
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived: nobody to answer."""
 
@@ -134,7 +145,7 @@ class _Service:
     def _feed(self, items: list) -> list:
         """Engine calls only: each feed was cleaned and tokenized on its request's thread."""
         results = self.guard.feed_prepared([prepared for _, prepared in items])
-        return [(result, held.session.chars) for (held, _), result in zip(items, results)]
+        return [(result, held.session.chars, held.session.onset) for (held, _), result in zip(items, results)]
 
     async def prepare_feed(self, held, delta: str):
         """Clean and tokenize a delta off the feeder (a 1 MB delta must not hold up the
@@ -250,6 +261,12 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
                 except ApiError as e:
                     service.metrics.errors.labels("client" if e.status < 500 else "unavailable").inc()
                     response = JSONResponse(e.body(), status_code=e.status)
+                except _Answered as answered:    # an error already in its API's own shape
+                    service.metrics.errors.labels("client" if answered.error.status < 500 else "unavailable").inc()
+                    response = answered.response
+                except BatcherClosed as e:    # queued behind shutdown: unavailable, not a bug
+                    service.metrics.errors.labels("unavailable").inc()
+                    response = JSONResponse(ApiError(503, str(e), kind="server_error").body(), status_code=503)
                 except ClientGone:     # not a server error: counted as nginx's 499, no traceback
                     service.metrics.errors.labels("client_disconnected").inc()
                     response = Response(status_code=499)
@@ -319,11 +336,11 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
             try:
                 prepared = await service.prepare_feed(held, delta)
                 lane = service.bulk_feeder if prepared.new_tokens > BULK_FEED_TOKENS else service.feeder
-                [(result, chars)] = service.unwrap(await lane.submit([(held, prepared)]))
+                [(result, chars, onset)] = service.unwrap(await lane.submit([(held, prepared)]))
             finally:
                 service.sessions.touch(held)
         service.metrics.observe_verdicts([result.score], [result.is_harmful])
-        return JSONResponse(stream_response(held.id, result, chars))
+        return JSONResponse(stream_response(held.id, result, chars, onset))
 
     @endpoint("stream_get")
     async def get_stream(request: Request) -> Response:
@@ -331,7 +348,8 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         async with held.lock:
             if held.closed:
                 raise gone(held)
-            return JSONResponse(stream_response(held.id, held.session.score, held.session.chars))
+            return JSONResponse(stream_response(held.id, held.session.score, held.session.chars,
+                                                held.session.onset))
 
     @endpoint("stream_delete")
     async def delete_stream(request: Request) -> Response:
@@ -343,6 +361,48 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
                 service.sessions.delete(held.id)
         service.metrics.sessions.set(len(service.sessions))
         return JSONResponse({"id": held.id, "deleted": True})
+
+    def detector_endpoint(label: str):
+        """endpoint(), with errors in the detector API's {"code", "message"} shape."""
+        def wrap(handler):
+            async def shaped(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ApiError as e:
+                    body, status = detector_error_body(e)
+                    raise _Answered(JSONResponse(body, status_code=status), e) from None
+            return endpoint(label)(shaped)
+        return wrap
+
+    async def prefix_scores(texts: list) -> list:
+        if not guard.prefix_scores_available:
+            raise ApiError(501, "this bundle has no prefix head or streaming step graph (re-export it with "
+                                "`siren export`): the detector API needs them", kind="server_error")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(service._preparers, guard.score_prefixes_batch, texts)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"input refused: {e}", code="invalid_input") from None
+
+    @detector_endpoint("detector_contents")
+    async def detect_contents(request: Request) -> Response:
+        body = await service.read_json(request)
+        contents = parse_contents(body, config.max_inputs)
+        threshold, sustain = parse_params(body, service.threshold)
+        _check_encodable(contents, "contents")
+        results = await prefix_scores(contents)
+        service.metrics.observe_verdicts([r.score for r in results], [r.score >= threshold for r in results])
+        return JSONResponse([content_detections(r, text, threshold, sustain) for r, text in zip(results, contents)])
+
+    @detector_endpoint("detector_generation")
+    async def detect_generation(request: Request) -> Response:
+        body = await service.read_json(request)
+        prompt, generated = parse_generation(body)
+        threshold, _ = parse_params(body, service.threshold)
+        _check_encodable([prompt, generated], "text")
+        [result] = await prefix_scores([join_prompt_response(prompt, generated)])
+        service.metrics.observe_verdicts([result.score], [result.score >= threshold])
+        return JSONResponse(generation_detections(result, threshold))
 
     async def health(request: Request) -> Response:
         stopping = service.closing or service.draining
@@ -376,6 +436,8 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         Route("/v1/streams/{session_id}", feed_stream, methods=["POST"]),
         Route("/v1/streams/{session_id}", get_stream, methods=["GET"]),
         Route("/v1/streams/{session_id}", delete_stream, methods=["DELETE"]),
+        Route("/api/v1/text/contents", detect_contents, methods=["POST"]),
+        Route("/api/v1/text/generation", detect_generation, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

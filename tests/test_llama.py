@@ -155,3 +155,13 @@ def test_llama_engines_and_streaming_on_the_tensorrt_standin(llama, tmp_path, tr
         results = guard.feed_batch(sessions, [piece] * 4)
         assert abs(results[0].score - reference.score(sessions[0].text).score) <= TOL
     guard.close()
+
+
+def test_prefix_scores_spans_and_onset_on_llama(llama, guard):
+    """Where harm starts, on Llama 3 (its BOS spans nothing and is a prefix of its own)."""
+    from test_onset import MIXED, check_prefixes
+    bundle, reference, _ = llama
+    counts = check_prefixes(guard, reference, MIXED + CORPUS[:6], guard.max_length)
+    assert counts["prefixes"] > 100 and counts["reference_checked"] > 20, counts
+    result = guard.score_prefixes("Hello there")
+    assert result.spans[0] == (0, 0) and result.token_ids[0] == guard.token_ids("x")[0]

@@ -140,6 +140,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         writer.close()
         weights_source.close()
         shutil.copy2(source / contract.tokenizer_path, staging / contract.tokenizer_path)
+        if contract.prefix_head is not None:     # the head stays fp32: the same file
+            shutil.copy2(source / contract.prefix_head.path, staging / contract.prefix_head.path)
 
         manifest = contract.raw()
         manifest["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -147,6 +149,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         manifest["model"]["external_data"] = WEIGHTS_FILE
         manifest["model"]["opset"] = reports["model"].opset
         files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path]
+        if contract.prefix_head is not None:
+            files.append(contract.prefix_head.path)
         if contract.streaming is not None:
             manifest["streaming"]["kv_dtype"] = "fp32"
             manifest["streaming"]["external_data"] = WEIGHTS_FILE

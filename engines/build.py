@@ -81,11 +81,13 @@ def _use_timing_cache(config, timing_cache: Optional[Path]) -> None:
     """Start from the saved timing cache when it fits this GPU and TensorRT; else from an
     empty one (a cache from another machine is refused by TensorRT, never fatal here)."""
     data = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+    cache = config.create_timing_cache(data)      # None (a nullptr) for bytes TensorRT cannot read at all
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return
-    warnings.warn(f"timing cache {timing_cache} was made by another GPU or TensorRT version; starting a fresh one",
-                  RuntimeWarning, stacklevel=3)
-    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+    warnings.warn(f"timing cache {timing_cache} was made by another GPU or TensorRT version, or is not a timing "
+                  "cache; starting a fresh one", RuntimeWarning, stacklevel=3)
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
         warnings.warn("TensorRT refused an empty timing cache; building without one", RuntimeWarning, stacklevel=3)
 
 

@@ -296,6 +296,11 @@ def test_foreign_timing_cache_is_replaced(all_layers, tmp_path, trt_standin):
     with pytest.warns(RuntimeWarning, match="another GPU or TensorRT"):
         build_engines(bundle, max_batch=2, streaming=False, verify=False, timing_cache=cache, show_progress=False)
     assert b"NVIDIA Stand-in" in cache.read_bytes()
+    # bytes TensorRT cannot read at all: create_timing_cache gives None, passing it on was a TypeError
+    cache.write_bytes(b"\x00garbage, not a timing cache")
+    with pytest.warns(RuntimeWarning, match="not a timing cache"):
+        build_engines(bundle, max_batch=2, streaming=False, verify=False, timing_cache=cache, show_progress=False)
+    assert b"NVIDIA Stand-in" in cache.read_bytes()
 
 
 def test_build_without_onnxruntime_keeps_the_engine(all_layers, tmp_path, trt_standin, monkeypatch):

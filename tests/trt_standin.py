@@ -332,9 +332,14 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
             return len(self.profiles) - 1
 
         def create_timing_cache(self, data):
-            return ITimingCache(bytes(data))
+            data = bytes(data)
+            if data and not data.startswith(CACHE_MAGIC):
+                return None                # bytes TensorRT cannot read: the binding returns a nullptr
+            return ITimingCache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if not isinstance(cache, ITimingCache):
+                raise TypeError("set_timing_cache(): incompatible function arguments")   # what pybind11 says
             mine = CACHE_MAGIC + f"{version}/{gpu.name}".encode()
             if cache.data and cache.data != mine and not ignore_mismatch:
                 return False               # another GPU / TensorRT: refused, nothing set

@@ -148,8 +148,8 @@ def score_records(guard, records: Iterable[Record], threshold: Optional[float], 
     scored = flagged = 0
     for group in groups(records, batch_size):
         texts = [r.text for r in group]
+        results = guard.score_batch(texts)           # the verdict: exactly what plain `siren score` says
         prefixes = guard.score_prefixes_batch(texts) if onset else None
-        results = prefixes if onset else guard.score_batch(texts)
         for n, (record, result) in enumerate(zip(group, results)):
             thr = record.threshold if record.threshold is not None else (
                 threshold if threshold is not None else guard.default_threshold)

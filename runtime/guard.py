@@ -286,7 +286,7 @@ class SirenGuard:
             text, ids, result = feed.text, feed.tokens, self._result(score, feed.session.threshold)
             onset = feed.base.onset
             if onset is None and state is not None:
-                onset = self._stream_onset(feed, state)
+                onset = self._stream_onset(feed, state, score)
             if self._encoder.is_final(ids, len(text.head)):   # drop the text and the KV state
                 feed.session._commit(feed.delta, Fed(StreamText(chars=text.chars), Tokenized("", ids.ids), None,
                                                      result, final=True, onset=onset))
@@ -304,7 +304,7 @@ class SirenGuard:
                                            lambda k, score, state: commit(live[k], score, state))
         return [feed.session.score for feed in feeds]
 
-    def _stream_onset(self, feed: PreparedFeed, state: StreamState) -> Optional[int]:
+    def _stream_onset(self, feed: PreparedFeed, state: StreamState, score: float) -> Optional[int]:
         """Where in the stream (a character offset of everything fed) the running score first
         reached the session's threshold among this feed's new tokens, from the sums the step
         already returned (no engine call); None when it did not, or without a prefix head."""
@@ -313,17 +313,21 @@ class SirenGuard:
         first = state.start + 1                       # sums[first] is after the first new token
         scores = self._prefix_head.scores(state.sums[first:], first_count=first)
         hit = first_sustained(scores, feed.session.threshold)
+        if hit is None and score >= feed.session.threshold:
+            hit = len(scores) - 1                     # flagged by the step's own score: its last token
         if hit is None:
             return None
         token = state.start + hit
-        text = feed.text
-        _, offsets = self._encoder.ids_and_offsets(text.cleaned)   # once per stream: the first crossing
-        tail_start = text.chars - len(text.tail)      # raw offset where the text still cleaned again begins
-        at = offsets[token][0] - len(text.head) if token < len(offsets) else -1
-        if at < 0:                                    # the token began in the settled part
-            return tail_start
-        _, starts, _ = clean_text_with_offsets(text.tail)
-        return tail_start + (starts[at] if at < len(starts) else len(text.tail))
+        _, offsets = self._encoder.ids_and_offsets(feed.text.cleaned)   # once per stream: the first crossing
+        # the text this feed could change: the raw tail before it plus the delta, whose cleaning
+        # is the cleaned text after the settled head it started from (see StreamText)
+        base = feed.base.text
+        opened = base.chars - len(base.tail)          # where that raw text begins
+        at = offsets[token][0] - len(base.head) if token < len(offsets) else -1
+        if at < 0:                                    # a token rolled back into text settled before
+            return opened
+        _, starts, _ = clean_text_with_offsets(base.tail + feed.delta)
+        return opened + (starts[at] if at < len(starts) else len(base.tail) + len(feed.delta))
 
     # -- where harm starts ---------------------------------------------------------------
     def score_prefixes(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
@@ -340,6 +344,8 @@ class SirenGuard:
                 if value is not None:
                     check_text(value, name)
             text = join_prompt_response(prompt, response)
+        else:
+            check_text(text, "text")
         return self.score_prefixes_batch([text], threshold)[0]
 
     def score_prefixes_batch(self, texts: Sequence[str], threshold: Optional[float] = None) -> list[PrefixScores]:

@@ -108,9 +108,11 @@ def classify_response(model: str, scores: list, threshold: float, token_counts: 
                       "prompt_tokens_details": None}}
 
 
-def stream_response(session_id: str, result, text_chars: int, onset: Optional[int] = None) -> dict:
+def stream_response(session_id: str, result, text_chars: int, onset: Optional[int] = None,
+                    threshold: Optional[float] = None) -> dict:
     """A stream's state; `onset`: the character offset (of everything fed) where the running
-    score first reached the threshold, null while it has not."""
+    score first reached the threshold, null while it has not; `threshold`: the session's (for
+    a session not fed yet)."""
     return {"id": session_id, "score": result.score if result else None,
             "flagged": bool(result.is_harmful) if result else False,
-            "threshold": result.threshold if result else None, "chars": text_chars, "onset": onset}
+            "threshold": result.threshold if result else threshold, "chars": text_chars, "onset": onset}

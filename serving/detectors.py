@@ -70,17 +70,27 @@ def parse_generation(body: dict) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def content_detections(prefixes, text: str, threshold: float, sustain: int) -> list:
-    """One content's detections: [] or one span from the onset to the end."""
-    if prefixes.score < threshold:
+def content_detections(score: float, prefixes, text: str, threshold: float, sustain: int) -> list:
+    """One content's detections: [] when its score (the scoring graph's, as /v1/moderations
+    gives it) is below the threshold, else one span from the onset to the end."""
+    if score < threshold:
         return []
     onset: Optional[int] = prefixes.onset(threshold, sustain)
     start = 0 if onset is None else onset
     return [{"start": start, "end": len(text), "text": text[start:], "detection": DETECTION,
-             "detection_type": DETECTION_TYPE, "score": prefixes.score}]
+             "detection_type": DETECTION_TYPE, "score": score}]
 
 
-def generation_detections(prefixes, threshold: float) -> list:
-    if prefixes.score < threshold:
+def generation_detections(score: float, threshold: float) -> list:
+    if score < threshold:
         return []
-    return [{"detection": DETECTION, "detection_type": DETECTION_TYPE, "score": prefixes.score}]
+    return [{"detection": DETECTION, "detection_type": DETECTION_TYPE, "score": score}]
+
+
+def require_detector_id(headers) -> str:
+    """The API's required `detector-id` header (any value names this guard)."""
+    value = headers.get("detector-id")
+    if not value:
+        raise ApiError(400, "the detector-id header is required (any name: this server runs one SIREN guard)",
+                       param="detector-id")
+    return value

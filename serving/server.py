@@ -37,7 +37,7 @@ from .api import (ApiError, classify_response, moderation_response, parse_delta,
                   parse_threshold, require_object, stream_response)
 from .batcher import BatcherClosed, DynamicBatcher
 from .detectors import (content_detections, detector_error_body, generation_detections, parse_contents,
-                        parse_generation, parse_params)
+                        parse_generation, parse_params, require_detector_id)
 from .metrics import ServerMetrics
 from .sessions import SessionLimitError, SessionRegistry, UnknownSessionError
 
@@ -235,12 +235,14 @@ class _Service:
 
 
 def _check_encodable(texts: list, param: str) -> None:
+    """`param[i]` for a list field, `param` for one value (delta, prompt)."""
     for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, f"{param}[{i}] is not valid Unicode (a lone surrogate such as \\ud800)",
-                           param=f"{param}[{i}]") from None
+            name = param if param in ("delta", "prompt", "generated_text") else f"{param}[{i}]"
+            raise ApiError(400, f"{name} is not valid Unicode (a lone surrogate such as \\ud800)",
+                           param=name) from None
 
 
 def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional[str] = None) -> Starlette:
@@ -349,7 +351,7 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
             if held.closed:
                 raise gone(held)
             return JSONResponse(stream_response(held.id, held.session.score, held.session.chars,
-                                                held.session.onset))
+                                                held.session.onset, held.session.threshold))
 
     @endpoint("stream_delete")
     async def delete_stream(request: Request) -> Response:
@@ -375,9 +377,6 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         return wrap
 
     async def prefix_scores(texts: list) -> list:
-        if not guard.prefix_scores_available:
-            raise ApiError(501, "this bundle has no prefix head or streaming step graph (re-export it with "
-                                "`siren export`): the detector API needs them", kind="server_error")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(service._preparers, guard.score_prefixes_batch, texts)
@@ -386,23 +385,33 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
 
     @detector_endpoint("detector_contents")
     async def detect_contents(request: Request) -> Response:
+        require_detector_id(request.headers)
         body = await service.read_json(request)
         contents = parse_contents(body, config.max_inputs)
         threshold, sustain = parse_params(body, service.threshold)
         _check_encodable(contents, "contents")
-        results = await prefix_scores(contents)
-        service.metrics.observe_verdicts([r.score for r in results], [r.score >= threshold for r in results])
-        return JSONResponse([content_detections(r, text, threshold, sustain) for r, text in zip(results, contents)])
+        if not guard.prefix_scores_available:
+            raise ApiError(501, "this bundle has no prefix head or streaming step graph (re-export it with "
+                                "`siren export`): detection spans need them", kind="server_error")
+        # the verdict from the scoring graph (exactly /v1/moderations'), the span from the prefixes
+        scores, _ = await service.scores(contents)
+        flagged = [i for i, score in enumerate(scores) if score >= threshold]
+        prefixes = dict(zip(flagged, await prefix_scores([contents[i] for i in flagged]))) if flagged else {}
+        service.metrics.observe_verdicts(scores, [s >= threshold for s in scores])
+        return JSONResponse([content_detections(score, prefixes.get(i), text, threshold, sustain)
+                             for i, (score, text) in enumerate(zip(scores, contents))])
 
     @detector_endpoint("detector_generation")
     async def detect_generation(request: Request) -> Response:
+        require_detector_id(request.headers)
         body = await service.read_json(request)
         prompt, generated = parse_generation(body)
         threshold, _ = parse_params(body, service.threshold)
-        _check_encodable([prompt, generated], "text")
-        [result] = await prefix_scores([join_prompt_response(prompt, generated)])
-        service.metrics.observe_verdicts([result.score], [result.score >= threshold])
-        return JSONResponse(generation_detections(result, threshold))
+        _check_encodable([prompt], "prompt")
+        _check_encodable([generated], "generated_text")
+        [score], _ = await service.scores([join_prompt_response(prompt, generated)])
+        service.metrics.observe_verdicts([score], [score >= threshold])
+        return JSONResponse(generation_detections(score, threshold))
 
     async def health(request: Request) -> Response:
         stopping = service.closing or service.draining
@@ -418,6 +427,8 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         service.metrics.errors.labels("client").inc()
+        if request.url.path.startswith("/api/v1/text/"):      # the detector API's own error shape
+            return JSONResponse({"code": exc.status_code, "message": str(exc.detail)}, status_code=exc.status_code)
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     @contextlib.asynccontextmanager

@@ -367,3 +367,20 @@ def test_without_gpu_backend_tensorrt_says_why_and_none_falls_back_once(engines,
         SirenGuard.from_pretrained(engines[0])
     said = [w for w in caught if "falling back to onnxruntime" in str(w.message)]
     assert len(said) == 1
+
+
+def test_prefix_scores_on_the_tensorrt_step_engine(engines, trt_standin, guard):
+    """score_prefixes needs only the step runner's per-token sums: on the TensorRT step engine
+    (device KV) it equals the ONNX Runtime CPU guard's, and a stream's onset comes with it."""
+    from test_onset import MIXED
+    trt_guard = _trt_guard(engines[0])
+    assert trt_guard.backend == "tensorrt" and trt_guard.prefix_scores_available
+    texts = MIXED[:3] + CORPUS[:3]
+    ours, cpu = trt_guard.score_prefixes_batch(texts), guard.score_prefixes_batch(texts)
+    for a, b in zip(ours, cpu):
+        assert a.token_ids == b.token_ids and a.spans == b.spans
+        assert np.max(np.abs(a.scores - b.scores)) <= TOL
+    session = trt_guard.stream(threshold=0.0)
+    session.feed("Hello there")
+    assert session.onset == 0
+    trt_guard.close()

@@ -174,20 +174,23 @@ class SirenGuard:
     def score(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
               response: Optional[str] = None, threshold: Optional[float] = None) -> ScoreResult:
         """Score one text, or a prompt/response pair joined as SIREN was trained."""
-        if text is not None and (prompt is not None or response is not None):
-            raise ValueError("Pass either `text` or `prompt`/`response`, not both.")
-        if text is None:
-            if prompt is None and response is None:
-                raise ValueError("Provide `text`, or at least one of `prompt`/`response`.")
-            if prompt is not None:
-                check_text(prompt, "prompt")
-            if response is not None:
-                check_text(response, "response")
-            text = join_prompt_response(prompt, response)
-        else:
-            check_text(text, "text")
+        text = self._text_of(text, prompt, response)
         thr = check_threshold(threshold, self._default_threshold)
         return self._score_texts([text], thr)[0]
+
+    @staticmethod
+    def _text_of(text: Optional[str], prompt: Optional[str], response: Optional[str]) -> str:
+        """The one text a `text` or `prompt`/`response` call scores (llm-siren's rules)."""
+        if text is not None and (prompt is not None or response is not None):
+            raise ValueError("Pass either `text` or `prompt`/`response`, not both.")
+        if text is not None:
+            return check_text(text, "text")
+        if prompt is None and response is None:
+            raise ValueError("Provide `text`, or at least one of `prompt`/`response`.")
+        for value, name in ((prompt, "prompt"), (response, "response")):
+            if value is not None:
+                check_text(value, name)
+        return join_prompt_response(prompt, response)
 
     def score_batch(self, texts: Sequence[str], threshold: Optional[float] = None) -> list[ScoreResult]:
         """Score many texts; results come back in the caller's order."""
@@ -335,18 +338,7 @@ class SirenGuard:
         """The score after every token of the (cleaned, truncated) text, from one step-graph
         pass, with each token's character span in the caller's text; ``.onset()`` says where
         harm starts. prompt/response are joined as for ``score`` (spans are in the joined text)."""
-        if text is not None and (prompt is not None or response is not None):
-            raise ValueError("Pass either `text` or `prompt`/`response`, not both.")
-        if text is None:
-            if prompt is None and response is None:
-                raise ValueError("Provide `text`, or at least one of `prompt`/`response`.")
-            for value, name in ((prompt, "prompt"), (response, "response")):
-                if value is not None:
-                    check_text(value, name)
-            text = join_prompt_response(prompt, response)
-        else:
-            check_text(text, "text")
-        return self.score_prefixes_batch([text], threshold)[0]
+        return self.score_prefixes_batch([self._text_of(text, prompt, response)], threshold)[0]
 
     def score_prefixes_batch(self, texts: Sequence[str], threshold: Optional[float] = None) -> list[PrefixScores]:
         """``score_prefixes`` for many texts, stepped together (groups as in ``feed_batch``)."""

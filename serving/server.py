@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from siren_runtime.text import join_prompt_response
-from siren_runtime.validation import check_threshold
+from siren_runtime.validation import check_encodable, check_threshold
 
 from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_model,
                   parse_threshold, require_object, stream_response)
@@ -235,14 +235,17 @@ class _Service:
 
 
 def _check_encodable(texts: list, param: str) -> None:
-    """`param[i]` for a list field, `param` for one value (delta, prompt)."""
+    """Every item of a list field is text the tokenizer takes (named `param[i]`)."""
     for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            name = param if param in ("delta", "prompt", "generated_text") else f"{param}[{i}]"
-            raise ApiError(400, f"{name} is not valid Unicode (a lone surrogate such as \\ud800)",
-                           param=name) from None
+        _check_field(text, f"{param}[{i}]")
+
+
+def _check_field(text: str, name: str) -> None:
+    """One field is text the tokenizer takes: no lone surrogate (a 400 naming it)."""
+    try:
+        check_encodable(text, name)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=name) from None
 
 
 def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional[str] = None) -> Starlette:
@@ -331,7 +334,7 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
     async def feed_stream(request: Request) -> Response:
         held = held_session(request)
         delta = parse_delta(await service.read_json(request))
-        _check_encodable([delta], "delta")
+        _check_field(delta, "delta")
         async with held.lock:           # ordered with deletes, expiry and this session's other feeds
             if held.closed:
                 raise gone(held)
@@ -407,8 +410,8 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         body = await service.read_json(request)
         prompt, generated = parse_generation(body)
         threshold, _ = parse_params(body, service.threshold)
-        _check_encodable([prompt], "prompt")
-        _check_encodable([generated], "generated_text")
+        _check_field(prompt, "prompt")
+        _check_field(generated, "generated_text")
         [score], _ = await service.scores([join_prompt_response(prompt, generated)])
         service.metrics.observe_verdicts([score], [score >= threshold])
         return JSONResponse(generation_detections(score, threshold))

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from .errors import BundleError
+from . import private_copy
 
 MANIFEST_NAME = "siren_bundle.json"
 FORMAT_NAME = "siren-bundle"
@@ -233,8 +234,8 @@ class Bundle:
         """A listed file's contents as a read-only uint8 array, read once and hashed while
         read: what is checked is exactly what is used, and a file changed or truncated later
         cannot reach a loaded guard. Arrays are shared while alive (the weights file read by
-        both graphs is read once)."""
-        import numpy as np
+        both graphs is read once). Files of MAP_MIN_BYTES or more are mapped from a private
+        copy (:mod:`siren_runtime.private_copy`): only the pages a session reads are resident."""
         cached = self._loaded.get(rel)
         if cached is not None:
             return cached
@@ -244,15 +245,41 @@ class Bundle:
         path = self.path(rel)
         if not path.is_file():
             raise FileNotFoundError(f"{self.directory}: bundle file {rel} is missing")
-        data = np.empty(record.bytes, dtype=np.uint8)
         digest = hashlib.sha256() if self.check_files else None
         started = time.perf_counter()
         if record.bytes >= PROGRESS_MIN_BYTES:
             log.info("reading%s %s (%.2f GB) ...", " and hashing" if digest else "", rel, record.bytes / 1e9)
+        data = None
+        if record.bytes >= private_copy.MAP_MIN_BYTES:
+            copy_digest = hashlib.sha256() if digest is not None else None
+            try:
+                data = private_copy.hashed_copy(path, record.bytes, copy_digest)
+                if data is not None:
+                    digest = copy_digest
+            except ValueError:
+                raise BundleError(f"{path}: size differs from the manifest's {record.bytes} bytes (truncated or "
+                                  "altered file)") from None
+        if data is None:
+            data = self._read_into_memory(path, record.bytes, digest)
+        if digest is not None and digest.hexdigest() != record.sha256:
+            raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
+        if data.flags.writeable:
+            data.flags.writeable = False
+        if record.bytes >= PROGRESS_MIN_BYTES:
+            seconds = time.perf_counter() - started
+            log.info("%s: %.1f s (%.2f GB/s)%s", rel, seconds, record.bytes / 1e9 / max(seconds, 1e-9),
+                     ", sha256 matches the manifest" if digest else "")
+        self._loaded[rel] = data
+        return data
+
+    @staticmethod
+    def _read_into_memory(path: Path, size: int, digest):
+        import numpy as np
+        data = np.empty(size, dtype=np.uint8)
         view = memoryview(data)
         with open(path, "rb", buffering=0) as f:
             filled = 0
-            while filled < record.bytes:
+            while filled < size:
                 n = f.readinto(view[filled:filled + _HASH_CHUNK])
                 if not n:
                     break
@@ -260,17 +287,9 @@ class Bundle:
                     digest.update(view[filled:filled + n])
                 filled += n
             longer = bool(f.read(1))
-        if filled != record.bytes or longer:
-            raise BundleError(f"{path}: size differs from the manifest's {record.bytes} bytes (truncated or "
+        if filled != size or longer:
+            raise BundleError(f"{path}: size differs from the manifest's {size} bytes (truncated or "
                               "altered file)")
-        if digest is not None and digest.hexdigest() != record.sha256:
-            raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
-        data.flags.writeable = False
-        if record.bytes >= PROGRESS_MIN_BYTES:
-            seconds = time.perf_counter() - started
-            log.info("%s: %.1f s (%.2f GB/s)%s", rel, seconds, record.bytes / 1e9 / max(seconds, 1e-9),
-                     ", sha256 matches the manifest" if digest else "")
-        self._loaded[rel] = data
         return data
 
     def raw(self) -> dict:

@@ -30,6 +30,9 @@ class RunnerLimits:
     max_padding: float = 0.25
     #: step runners: the dtype of the KV cache they keep ("fp32", "fp16", "bf16")
     state_dtype: Optional[str] = None
+    #: padded tokens per call it prefers at most (None: the guard's token_budget); a CPU's
+    #: activations grow with it while its throughput does not
+    max_tokens: Optional[int] = None
 
 
 class ScoreRunner(Protocol):

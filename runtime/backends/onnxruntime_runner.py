@@ -18,10 +18,14 @@ from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
+from ..private_copy import release_pages
 
 _GPU_PROVIDER = "CUDAExecutionProvider"
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 _PADDING = {"cpu": 0.25, "cuda": 0.6}
+#: padded tokens per CPU call: activations (and ONNX Runtime's arena) scale with it, throughput
+#: does not (a 512-token GEMM already runs at full speed); a GPU needs big batches
+_CPU_TOKENS = 512
 _ORT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 
 
@@ -61,10 +65,16 @@ def gpu_available() -> bool:
 
 
 def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spinning: bool = True,
-                 external: Optional[dict] = None):
+                 external: Optional[dict] = None, prepack_weights: bool = False):
     """An InferenceSession on exactly `device`, from a graph path or the graph's bytes (then
     `external` maps each external-data file name, as the graph refers to it, to its
-    contents, which ONNX Runtime uses in place: keep them alive with the session)."""
+    contents, which ONNX Runtime uses in place: keep them alive with the session).
+
+    prepack_weights (CPU): let ONNX Runtime re-lay every MatMul weight for its GEMM. Each
+    session then holds its own re-laid copy (the Python API cannot share one between the
+    scoring and step sessions), ~0.75x the weights file per session; without it the sessions
+    read the one mapped copy in place. Measured at Qwen3-0.6B dims (docs/benchmarks.md):
+    scoring throughput level, a feed of a few tokens ~1.7x slower, a one-token step level."""
     ort = _import_ort()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -81,6 +91,8 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device == "cpu" and not prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if external:
         names = list(external)
         options.add_external_initializers_from_files_in_memory(
@@ -99,7 +111,7 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
 
 
 def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_threads: Optional[int] = None,
-                        spinning: bool = True):
+                        spinning: bool = True, prepack_weights: bool = False):
     """(session, buffers it uses) for one of the bundle's graphs, loaded from the verified
     bytes of its files, never from their paths: ONNX Runtime would otherwise keep reading
     the weights file after the check (a later overwrite changes scores, a truncation is a
@@ -110,7 +122,8 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
         name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
         external[name] = bundle.read_verified(spec.external_data)
     try:
-        session = open_session(graph, device, intra_op_threads, spinning, external=external)
+        session = open_session(graph, device, intra_op_threads, spinning, external=external,
+                               prepack_weights=prepack_weights)
     except BackendUnavailableError as e:
         if "external data" in str(e).lower():      # the graph reads a weights file the manifest does not name
             raise BundleError(f"{bundle.directory}: {spec.path} reads external weights that the manifest's "
@@ -122,6 +135,11 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
                               f"ONNX graph ({str(e.__cause__).splitlines()[0][:200]}); the bundle was written "
                               "wrong or replaced with its checksums: re-export it") from None
         raise
+    if device == "cuda" or prepack_weights:
+        # the weights now live on the GPU or re-laid in the session: the mapped copy's pages
+        # need not stay resident (one read again comes back from the private copy)
+        for buffer in external.values():
+            release_pages(buffer)
     return session, (graph, *external.values())
 
 
@@ -140,6 +158,16 @@ def _signature_error(session, io, what: str) -> Optional[str]:
     if names != io.inputs:
         return f"{what} has inputs {list(names)}, the bundle contract says {list(io.inputs)}"
     return None
+
+
+def run_options(device: str):
+    """Per-run options: on the CPU, ONNX Runtime's arena gives back what a run used when it
+    ends, so two sessions' arenas do not both stay at their largest batch's size."""
+    ort = _import_ort()
+    options = ort.RunOptions()
+    if device == "cpu":
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 class _Closable:
@@ -166,7 +194,8 @@ class OnnxRuntimeRunner(_Closable):
         self._session = session
         self.device = device
         self.providers = session.get_providers()
-        self.limits = RunnerLimits(max_padding=_PADDING[device])
+        self._run_options = run_options(device)
+        self.limits = RunnerLimits(max_padding=_PADDING[device], max_tokens=_CPU_TOKENS if device == "cpu" else None)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         session = self._live_session()
@@ -174,7 +203,7 @@ class OnnxRuntimeRunner(_Closable):
         (score,) = session.run([SCORE_IO.outputs[0]], {
             names[0]: np.ascontiguousarray(input_ids, dtype=np.int64),
             names[1]: np.ascontiguousarray(attention_mask, dtype=np.int64),
-        })
+        }, self._run_options)
         return np.asarray(score, dtype=np.float32).reshape(-1)
 
 
@@ -220,8 +249,9 @@ class OnnxRuntimeStepRunner(_Closable):
         self._spec = spec
         self._dtype = _NUMPY_KV[spec.kv_dtype]
         self._max_length = int(max_length)
+        self._run_options = run_options(device)
         self.limits = RunnerLimits(max_sequence=self._max_length, max_padding=_PADDING[device],
-                                   state_dtype=spec.kv_dtype)
+                                   state_dtype=spec.kv_dtype, max_tokens=_CPU_TOKENS if device == "cpu" else None)
 
     def _empty(self, capacity: int) -> np.ndarray:
         s = self._spec
@@ -255,7 +285,7 @@ class OnnxRuntimeStepRunner(_Closable):
         new_lengths = np.asarray([len(r.new_ids) for r in rows], dtype=np.int64)
         past_lengths = np.asarray([r.resume for r in rows], dtype=np.int64)
         score, new_kv, new_sums = session.run(list(STEP_IO.outputs), dict(zip(STEP_IO.inputs, (
-            ids, new_lengths, past_lengths, past_kv, sums))))
+            ids, new_lengths, past_lengths, past_kv, sums))), self._run_options)
         # commit only now: buffers first (the one step that can fail), then the writes
         grown = []
         for row in rows:
@@ -329,25 +359,26 @@ def check_version(bundle: Bundle) -> None:
 
 
 def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
-                        spinning: bool = True, **_options) -> OnnxRuntimeRunner:
+                        spinning: bool = True, prepack_weights: bool = False, **_options) -> OnnxRuntimeRunner:
     check_version(bundle)
     if bundle.model.dtype == "bf16" and device == "cpu":
         raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
-    session, buffers = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning)
+    session, buffers = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning, prepack_weights)
     runner = OnnxRuntimeRunner(session, device)
     runner.buffers = buffers
     return runner
 
 
 def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
-                       **_options) -> OnnxRuntimeStepRunner:
+                       prepack_weights: bool = False, **_options) -> OnnxRuntimeStepRunner:
     check_version(bundle)
     if bundle.streaming is None:
         raise BackendUnavailableError("the bundle has no streaming step graph")
     if bundle.streaming.kv_dtype not in _NUMPY_KV and device == "cpu":
         raise BackendUnavailableError(f"a {bundle.streaming.kv_dtype} KV cache cannot stream on the CPU")
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
-    session, buffers = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads, spinning=False)
+    session, buffers = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads, spinning=False,
+                                           prepack_weights=prepack_weights)
     if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in _NUMPY_KV:
         try:
             runner = OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())

@@ -26,20 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _models import build  # noqa: E402
+from siren_export.bench import cpu_isa  # noqa: E402
 
 WORDS = "The quick brown fox jumps over the lazy dog; then it asks how to sharpen a knife. "
-
-
-def cpu_isa() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    has = [name for name, flag in (("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
-                                   ("AVX2", "avx2")) if f" {flag}" in flags]
-    return "/".join(has) or "unknown"
 
 
 def timed(fn) -> float:

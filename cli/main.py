@@ -59,7 +59,7 @@ def _cmd_bench(args) -> int:
     from siren_export.bench import format_table, run_bench
     rows, texts, tokens = run_bench(args.bundle, reference=args.reference, texts_file=args.texts, batch=args.batch,
                                     repeat=args.repeat, breakdown=args.breakdown, backend=args.backend,
-                                    also=args.also)
+                                    also=args.also, prepack=args.prepack)
     print(format_table(rows, texts, tokens))
     return 0
 
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="runtime backend (default: best available)")
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same artifact (int8, bf16 ...) to measure in the same run")
+    p.add_argument("--prepack", action="store_true",
+                   help="also measure each bundle with prepack_weights=True (faster small feeds, more memory)")
     p.set_defaults(func=_cmd_bench)
 
     p = add("triton", help="write a Triton Inference Server model repository from a bundle")

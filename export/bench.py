@@ -9,6 +9,7 @@ batching, and the engine.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -30,6 +31,19 @@ def default_texts(count: int = 12, min_words: int = 4, max_words: int = 160, see
     sizes = [round(min_words + (max_words - min_words) * i / max(count - 1, 1)) for i in range(count)]
     rng.shuffle(sizes)
     return [" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "." for n in sizes]
+
+
+def cpu_isa() -> str:
+    """The vector ISA that decides CPU figures here (AVX2 / AVX-512 / VNNI), from /proc/cpuinfo."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    has = [name for name, flag in (("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+                                   ("AVX2", "avx2")) if f" {flag}" in flags]
+    return "/".join(has) or "unknown"
 
 
 # The worker measures one implementation in a fresh process and prints JSON.
@@ -65,13 +79,21 @@ def measure(score_batch, score_one):
 out = {"import_s": import_s, "variants": {}}
 t0 = time.perf_counter()
 if spec["side"] == "runtime":
-    guard = siren_runtime.SirenGuard.from_pretrained(spec["bundle"], device="cpu", backend=spec.get("backend"))
+    options = {"prepack_weights": True} if spec.get("prepack") else {}
+    guard = siren_runtime.SirenGuard.from_pretrained(spec["bundle"], device="cpu", backend=spec.get("backend"),
+                                                     **options)
     out["load_s"] = time.perf_counter() - t0
     ids = guard._encoder.token_ids([siren_runtime.text.clean_text(t) for t in texts])
     out["tokens"] = sum(len(i) for i in ids)
     batch = lambda ts: [r.score for r in guard.score_batch(ts)]
     one = lambda t: guard.score(t).score
-    out["variants"]["siren_runtime " + spec.get("label", "") + " (" + guard.backend + ")"] = measure(batch, one)
+    out["variants"]["siren_runtime " + spec.get("label", "") + (" prepacked" if spec.get("prepack") else "")
+                    + " (" + guard.backend + ")"] = measure(batch, one)
+    if guard.incremental_streaming:     # a few feeds of a stream: the step graph is part of the footprint
+        session, feeds = guard.stream(), []
+        for i in range(0, min(len(texts[1]), 12 * 8), 12):
+            t = time.perf_counter(); session.feed(texts[1][i:i + 12]); feeds.append(time.perf_counter() - t)
+        out["feed_ms"] = 1e3 * sorted(feeds)[len(feeds) // 2]
 else:
     torch.set_grad_enabled(False)
     ref = siren_guard.SirenGuard.from_pretrained(spec["artifact"], device="cpu", dtype=torch.float32)
@@ -117,6 +139,7 @@ def peak_rss_mb():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out["peak_rss_mb"] = peak_rss_mb()
+out["steady_rss_mb"] = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
 print(json.dumps(out))
 '''
 
@@ -141,6 +164,14 @@ def _label(bundle: str) -> str:
     return f"int8-{quant['scheme']}" if quant else manifest["model"].get("dtype", "fp32")
 
 
+def _weights_mb(bundle: str) -> float:
+    """The scoring graph's weights file (what both graphs read), MiB."""
+    from siren_runtime.bundle import read_bundle
+    b = read_bundle(bundle)
+    rel = b.model.external_data or b.model.path
+    return b.files[rel].bytes / 2 ** 20
+
+
 def _bundle_mb(bundle: str) -> float:
     from siren_runtime.bundle import read_bundle
     return sum(r.bytes for r in read_bundle(bundle).files.values()) / 1e6
@@ -148,8 +179,9 @@ def _bundle_mb(bundle: str) -> float:
 
 def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional[str] = None,
               batch: Optional[int] = None, repeat: int = 3, breakdown: bool = False,
-              backend: Optional[str] = None, also: Optional[list] = None) -> list[dict]:
-    """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run."""
+              backend: Optional[str] = None, also: Optional[list] = None, prepack: bool = False) -> list[dict]:
+    """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run;
+    `prepack`: each runtime bundle also with ``prepack_weights=True``."""
     texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
              if texts_file else default_texts())
     if batch:
@@ -157,7 +189,8 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
     spec = {"bundle": str(bundle), "artifact": reference, "texts": texts, "repeat": repeat,
             "breakdown": breakdown, "backend": backend}
     bundles = [str(bundle)] + [str(b) for b in (also or [])]
-    sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime"})) for b in bundles]
+    sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime", "prepack": p}))
+             for b in bundles for p in ((False, True) if prepack else (False,))]
     if reference:
         sides.insert(0, (None, _run_worker({**spec, "side": "reference"})))
     tokens = sides[-1][1]["tokens"]
@@ -175,6 +208,8 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
                 "implementation": name, "texts_per_s": len(texts) / best, "tokens_per_s": tokens / best,
                 "batch_s": best, "p50_ms": 1e3 * statistics.median(single), "p95_ms": 1e3 * _pct(single, 0.95),
                 "peak_rss_mb": side["peak_rss_mb"], "import_s": side["import_s"], "load_s": side["load_s"],
+                "steady_rss_mb": side["steady_rss_mb"], "feed_ms": side.get("feed_ms"),
+                "weights_mb": _weights_mb(source) if source else None,
                 "max_dscore": max(diffs),
             })
     return rows, texts, tokens
@@ -187,19 +222,28 @@ def size_mb(row: dict) -> str:
 def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
     base = rows[0]
     words = [len(t.split()) for t in texts]
-    lines = [f"{len(texts)} texts, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; CPU fp32",
-             "", f"{'implementation':<34} {'texts/s':>8} {'tokens/s':>9} {'x thrpt':>7} {'p50 ms':>8} "
-                 f"{'p95 ms':>8} {'x p50':>6} {'peak RSS MB':>11} {'import s':>8} {'max|Δ|':>8} {'mean|Δ|':>8} "
+    lines = [f"{len(texts)} texts, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; "
+             f"CPU ({cpu_isa()}, {os.cpu_count()} cores)",
+             "", f"{'implementation':<44} {'texts/s':>8} {'tokens/s':>9} {'x thrpt':>7} {'p50 ms':>8} "
+                 f"{'p95 ms':>8} {'x p50':>6} {'feed ms':>7} {'load s':>6} {'steady MiB':>10} {'peak MiB':>8} "
+                 f"{'x weights':>9} {'x ref peak':>10} {'import s':>8} {'max|Δ|':>8} {'mean|Δ|':>8} "
                  f"{'agree .1/.5/.9':>15} {'bundle MB':>9}"]
     lines.append("-" * len(lines[-1]))
+    reference = next((r for r in rows if r["implementation"].startswith("llm-siren")), None)
     for r in rows:
-        lines.append(f"{r['implementation']:<34} {r['texts_per_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
+        weights = f"{r['peak_rss_mb'] / r['weights_mb']:.2f}x" if r.get("weights_mb") else "-"
+        vs_ref = f"{r['peak_rss_mb'] / reference['peak_rss_mb']:.2f}x" if reference else "-"
+        feed = f"{r['feed_ms']:.0f}" if r.get("feed_ms") else "-"
+        lines.append(f"{r['implementation']:<44} {r['texts_per_s']:>8.2f} {r['tokens_per_s']:>9.0f} "
                      f"{r['texts_per_s'] / base['texts_per_s']:>6.2f}x {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                     f"{base['p50_ms'] / r['p50_ms']:>5.2f}x {r['peak_rss_mb']:>11.0f} {r['import_s']:>8.2f} "
+                     f"{base['p50_ms'] / r['p50_ms']:>5.2f}x {feed:>7} {r['load_s']:>6.1f} {r['steady_rss_mb']:>10.0f} "
+                     f"{r['peak_rss_mb']:>8.0f} {weights:>9} {vs_ref:>10} {r['import_s']:>8.2f} "
                      f"{r['max_dscore']:>8.1e} {r['mean_dscore']:>8.1e} "
                      f"{'/'.join(f'{a * 100:.0f}' for a in r['agreement'].values()):>15} "
                      f"{size_mb(r):>9}")
     lines.append("")
-    lines.append(f"x thrpt / x p50: relative to {base['implementation']}; peak RSS and import time are per process "
-                 "(torch variants share the llm-siren process).")
+    lines.append(f"x thrpt / x p50: relative to {base['implementation']}; RSS, load and import time are per process "
+                 "(torch variants share the llm-siren process); runtime rows load both graphs (from_pretrained's "
+                 "default), score, then feed a stream 12 characters at a time (feed ms: median); steady: RSS at the "
+                 "end; x weights: peak over the weights file; x ref peak: peak over llm-siren's.")
     return "\n".join(lines)

@@ -76,3 +76,40 @@ def test_large_file_reads_report_progress(all_layers, caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if r.name == "siren_runtime.bundle"]
     assert any(l.startswith("reading and hashing model.onnx.data") for l in lines)
     assert any("model.onnx.data:" in l and "sha256 matches" in l for l in lines)
+
+
+def test_fp32_export_of_a_bf16_checkpoint_widens_tensor_by_tensor(tmp_path, qwen_tokenizer_json, monkeypatch):
+    """Issue 22: a bf16 checkpoint is loaded at bf16 and widened one tensor at a time, and the
+    result is exactly what a direct fp32 load (llm-siren's) gives: every parameter and buffer."""
+    import torch
+    from transformers import AutoModel
+    from siren_export.backbone import checkpoint_dtype, load_backbone, load_backbone_config
+    from siren_export.synthetic import make_backbone
+
+    fp32 = make_backbone(tmp_path / "fp32", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                         num_kv_heads=1, head_dim=16, tokenizer_cache=qwen_tokenizer_json)
+    narrow = tmp_path / "bf16"
+    model = AutoModel.from_pretrained(str(fp32), dtype=torch.bfloat16)
+    model.save_pretrained(str(narrow), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (fp32 / name).exists():
+            (narrow / name).write_bytes((fp32 / name).read_bytes())
+    assert checkpoint_dtype(load_backbone_config(str(narrow), None)) == "bf16"
+
+    real, asked = AutoModel.from_pretrained, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(AutoModel, "from_pretrained", recording)
+    loaded = load_backbone(str(narrow), None, 2, dtype="fp32").model
+    monkeypatch.undo()
+    assert asked == [torch.bfloat16], asked          # read at the checkpoint's width, widened after
+    direct = AutoModel.from_pretrained(str(narrow), dtype=torch.float32, attn_implementation="sdpa")
+    ours, theirs = loaded.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    for (name, a), (_, b) in zip(loaded.named_buffers(), direct.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

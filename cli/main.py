@@ -82,7 +82,7 @@ def _cmd_serve(args) -> int:
                          session_ttl_s=args.session_ttl, model_name=args.model_name, device=args.device,
                          backend=args.backend, verify=not args.no_verify, revision=args.revision,
                          cache_dir=args.cache_dir, local_files_only=args.offline, drain_s=args.drain_s,
-                         graceful_timeout_s=args.graceful_timeout)
+                         graceful_timeout_s=args.graceful_timeout, prepack_weights=args.prepack_weights)
     return serve(config, log_level="warning" if args.quiet else "info")
 
 
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="after the drain, seconds in-flight requests get to finish (default 30)")
+    p.add_argument("--prepack-weights", action="store_true",
+                   help="ONNX Runtime on a CPU: re-lay the weights per graph (feeds of a few tokens ~1.7x faster, "
+                        "~0.75x the weights file more memory per graph)")
     _add_source_options(p)
     p.set_defaults(func=_cmd_serve)
 

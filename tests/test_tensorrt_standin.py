@@ -384,3 +384,15 @@ def test_prefix_scores_on_the_tensorrt_step_engine(engines, trt_standin, guard):
     session.feed("Hello there")
     assert session.onset == 0
     trt_guard.close()
+
+
+def test_no_host_copy_of_a_plan_outlives_its_engine(engines, trt_standin):
+    """Issue 22: a TensorRT guard's host memory holds no plan once its engines exist (the
+    verified bytes are read, hashed, deserialized and let go)."""
+    import gc
+    guard = _trt_guard(engines[0])
+    gc.collect()
+    plans = {e.path for e in guard.bundle.engines}
+    assert plans and not plans & set(guard.bundle._loaded.keys())
+    assert guard.score("hello").score >= 0.0
+    guard.close()

@@ -87,9 +87,10 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"]) -> O
                     directory, e)
         return None
     try:
-        if filesystem_type(directory) in _MEMORY_FILESYSTEMS:
+        kind = filesystem_type(directory)
+        if kind in _MEMORY_FILESYSTEMS:
             log.info("%s is in memory (%s): the private copy of %s cannot be evicted; set SIREN_WEIGHTS_DIR to "
-                     "a disk", directory, filesystem_type(directory), source.name)
+                     "a disk", directory, kind, source.name)
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
         filled = 0
@@ -115,8 +116,7 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"]) -> O
         os.close(fd)            # the mapping keeps the file; no descriptor stays open
     if mapping is None:
         return np.empty(0, dtype=np.uint8)
-    array = np.frombuffer(mapping, dtype=np.uint8)
-    return array
+    return np.frombuffer(mapping, dtype=np.uint8)
 
 
 def release_pages(array: np.ndarray) -> None:

@@ -129,17 +129,18 @@ else:
                                                                    lambda t: run_groups([t], False)[0])
         out["variants"]["torch, truncated + length groups"] = measure(lambda ts: run_groups(ts, True),
                                                                        lambda t: run_groups([t], True)[0])
-def peak_rss_mb():
-    # VmHWM is this process's own high-water mark; ru_maxrss inherits the parent's across fork
+def status_mb(field):
+    # /proc/self/status: VmHWM is this process's own high-water mark (ru_maxrss inherits the
+    # parent's across fork), VmRSS what it holds now
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-out["peak_rss_mb"] = peak_rss_mb()
-out["steady_rss_mb"] = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+out["peak_rss_mb"] = status_mb("VmHWM")
+out["steady_rss_mb"] = status_mb("VmRSS")
 print(json.dumps(out))
 '''
 

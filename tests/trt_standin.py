@@ -13,6 +13,12 @@ raises ``StandInError`` on any other attribute, so new API use cannot pass unnot
   that every input shape lies in the active profile and every tensor has an address
   inside device memory, runs the graph with ONNX Runtime on the CPU, and writes the
   outputs to their addresses (bounds-checked).
+- Every cuda-python call is counted (``gpu.calls``), so a test can assert how many host
+  calls a step costs. The newer calls (``cudaMemcpyBatchAsync``, stream-ordered
+  allocation, pinned host memory) follow cuda-bindings 12.9 (``(err, failIdx)`` from a
+  batched copy) or 13.x (``(err,)``), per ``binding_line``; ``batch_copy=False`` or
+  ``async_alloc=False`` remove them as an older binding lacks them (AttributeError), and
+  ``cuda_version``/``driver_version`` say what the runtime and driver report.
 - Knobs make the failures real TensorRT/CUDA show: no device, an old driver (error 35),
   a context that cannot be created, a failed execution, a failed build, a timing cache
   from another GPU.
@@ -22,6 +28,7 @@ TensorRT's numerics or speed: only a GPU run shows those (benchmarks/gpu_check.s
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import itertools
@@ -46,12 +53,12 @@ class _Strict:
         raise StandInError(f"the TensorRT/CUDA stand-in does not implement {type(self).__name__}.{name}")
 
 
-def _strict_module(name: str, members: dict) -> types.ModuleType:
+def _strict_module(name: str, members: dict, absent: tuple = ()) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(members)
 
     def missing(attr):
-        if attr.startswith("__"):
+        if attr.startswith("__") or attr in absent:      # `absent`: what an older binding has not
             raise AttributeError(attr)
         raise StandInError(f"the stand-in module {name} does not implement {attr}")
     module.__getattr__ = missing
@@ -73,6 +80,28 @@ class cudaMemcpyKind(enum.IntEnum):
     cudaMemcpyHostToDevice = 1
     cudaMemcpyDeviceToHost = 2
     cudaMemcpyDeviceToDevice = 3
+
+
+class cudaMemcpySrcAccessOrder(enum.IntEnum):
+    cudaMemcpySrcAccessOrderInvalid = 0
+    cudaMemcpySrcAccessOrderStream = 1
+    cudaMemcpySrcAccessOrderDuringApiCall = 2
+    cudaMemcpySrcAccessOrderAny = 3
+
+
+class cudaMemcpyAttributes:
+    """The struct's four fields and nothing else (an unknown field is an error, as in the binding)."""
+    __slots__ = ("srcAccessOrder", "srcLocHint", "dstLocHint", "flags")
+
+    def __init__(self):
+        self.srcAccessOrder = cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderInvalid
+        self.srcLocHint = self.dstLocHint = None
+        self.flags = 0
+
+
+#: the batched-copy and stream-ordered-allocation calls, absent from an older binding
+BATCH_COPY_CALLS = ("cudaMemcpyBatchAsync", "cudaMemcpyAttributes", "cudaMemcpySrcAccessOrder")
+ASYNC_ALLOC_CALLS = ("cudaMallocAsync", "cudaFreeAsync")
 
 
 class cudaStream_t(_Strict):
@@ -109,6 +138,14 @@ class FakeGPU:
     streams: set = field(default_factory=set)
     executions: list = field(default_factory=list)  # (engine onnx name, profile, {input: shape})
     mallocs: int = 0
+    calls: "collections.Counter" = field(default_factory=lambda: collections.Counter())  # cuda-python calls by name
+    cuda_version: int = 12090             # what cudaRuntimeGetVersion reports
+    driver_version: int = 12090           # what cudaDriverGetVersion reports
+    binding_line: int = 12                # 12: batched copy returns (err, failIdx); 13: (err,)
+    batch_copy: bool = True               # the binding has cudaMemcpyBatchAsync
+    async_alloc: bool = True              # the binding has cudaMallocAsync / cudaFreeAsync
+    pinned: dict = field(default_factory=dict)       # cudaMallocHost pointer -> uint8 array (host memory)
+    async_pointers: set = field(default_factory=set)  # what cudaMallocAsync gave (and not yet freed)
 
     @property
     def usable(self) -> bool:
@@ -162,10 +199,45 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         return ok, array.ctypes.data
 
     def cudaFree(ptr):
+        if ptr in gpu.async_pointers:
+            raise StandInError(f"cudaFree({ptr:#x}) of stream-ordered memory: use cudaFreeAsync")
         if ptr not in gpu.allocations:
             raise StandInError(f"cudaFree({ptr:#x}): not an allocation (double free?)")
         del gpu.allocations[ptr]
         return (ok,)
+
+    def cudaMallocAsync(size, hStream):
+        _stream(hStream)
+        err, ptr = cudaMalloc(size)
+        if err == ok:
+            gpu.async_pointers.add(ptr)
+        return err, ptr
+
+    def cudaFreeAsync(devPtr, hStream):
+        _stream(hStream)
+        if devPtr not in gpu.async_pointers:
+            raise StandInError(f"cudaFreeAsync({devPtr:#x}): not from cudaMallocAsync")
+        gpu.async_pointers.discard(devPtr)
+        return cudaFree(devPtr)
+
+    def cudaMallocHost(size):
+        if not isinstance(size, int) or size <= 0:
+            raise StandInError(f"cudaMallocHost({size!r})")
+        array = np.full(size, 0xEE, dtype=np.uint8)
+        gpu.pinned[array.ctypes.data] = array
+        return ok, array.ctypes.data
+
+    def cudaFreeHost(ptr):
+        if ptr not in gpu.pinned:
+            raise StandInError(f"cudaFreeHost({ptr:#x}): not pinned host memory (double free?)")
+        del gpu.pinned[ptr]
+        return (ok,)
+
+    def cudaRuntimeGetVersion():
+        return ok, gpu.cuda_version
+
+    def cudaDriverGetVersion():
+        return ok, gpu.driver_version
 
     def _stream(stream):
         if int(stream) not in gpu.streams:
@@ -201,6 +273,29 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         gpu.copies.append(Copy(label if height else "d2d", int(dst), int(src), width * height))
         return (ok,)
 
+    def cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream):
+        if min(gpu.cuda_version, gpu.driver_version) < 12080:
+            raise StandInError("cudaMemcpyBatchAsync needs CUDA 12.8+ in both the runtime and the driver")
+        if stream is None or int(stream) == 0:
+            raise StandInError("cudaMemcpyBatchAsync: the legacy NULL stream is not allowed")
+        _stream(stream)
+        lists = (dsts, srcs, sizes, attrsIdxs)
+        if not all(isinstance(v, (list, tuple)) for v in lists + (attrs,)):
+            raise StandInError("cudaMemcpyBatchAsync takes lists")
+        if not (len(dsts) == len(srcs) == len(sizes) == count) or not all(isinstance(v, int) for v in sizes):
+            raise StandInError(f"cudaMemcpyBatchAsync: {len(dsts)}/{len(srcs)}/{len(sizes)} entries for count {count}")
+        if (len(attrs) != numAttrs or len(attrsIdxs) != numAttrs or not numAttrs or attrsIdxs[0] != 0
+                or sorted(attrsIdxs) != list(attrsIdxs) or any(i >= count for i in attrsIdxs)):
+            raise StandInError(f"cudaMemcpyBatchAsync: attributes {attrsIdxs} x {numAttrs} do not cover the batch")
+        for a in attrs:
+            if not isinstance(a, cudaMemcpyAttributes) or a.srcAccessOrder == 0:
+                raise StandInError("cudaMemcpyBatchAsync: each attribute needs a valid srcAccessOrder")
+        for dst, src, size in zip(dsts, srcs, sizes):
+            _directions(cudaMemcpyKind.cudaMemcpyDeviceToDevice, int(dst), int(src), size, "cudaMemcpyBatchAsync")
+            ctypes.memmove(int(dst), int(src), size)
+        gpu.copies.append(Copy("d2d", int(dsts[0]) if count else 0, int(srcs[0]) if count else 0, sum(sizes)))
+        return (ok, 0) if gpu.binding_line == 12 else (ok,)
+
     def cudaMemsetAsync(devPtr, value, count, stream):
         _stream(stream)
         gpu.device_view(int(devPtr), int(count), "cudaMemsetAsync")[:] = int(value) & 0xFF
@@ -222,12 +317,28 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         gpu.streams.discard(int(stream))
         return (ok,)
 
-    return _strict_module("cuda.bindings.runtime", dict(
-        cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind, cudaGetErrorName=cudaGetErrorName,
-        cudaGetDeviceCount=cudaGetDeviceCount, cudaGetDeviceProperties=cudaGetDeviceProperties,
-        cudaMalloc=cudaMalloc, cudaFree=cudaFree, cudaMemcpyAsync=cudaMemcpyAsync,
-        cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate,
-        cudaStreamSynchronize=cudaStreamSynchronize, cudaStreamDestroy=cudaStreamDestroy))
+    calls = dict(
+        cudaGetErrorName=cudaGetErrorName, cudaGetDeviceCount=cudaGetDeviceCount,
+        cudaGetDeviceProperties=cudaGetDeviceProperties, cudaMalloc=cudaMalloc, cudaFree=cudaFree,
+        cudaMallocAsync=cudaMallocAsync, cudaFreeAsync=cudaFreeAsync, cudaMallocHost=cudaMallocHost,
+        cudaFreeHost=cudaFreeHost, cudaRuntimeGetVersion=cudaRuntimeGetVersion,
+        cudaDriverGetVersion=cudaDriverGetVersion, cudaMemcpyAsync=cudaMemcpyAsync,
+        cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaMemcpyBatchAsync=cudaMemcpyBatchAsync,
+        cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate,
+        cudaStreamSynchronize=cudaStreamSynchronize, cudaStreamDestroy=cudaStreamDestroy)
+
+    def counted(name, call):
+        def run(*args):
+            gpu.calls[name] += 1
+            return call(*args)
+        return run
+    absent = (BATCH_COPY_CALLS if not gpu.batch_copy else ()) + (ASYNC_ALLOC_CALLS if not gpu.async_alloc else ())
+    members = {name: counted(name, call) for name, call in calls.items() if name not in absent}
+    members.update({k: v for k, v in dict(cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind,
+                                          cudaMemcpyAttributes=cudaMemcpyAttributes,
+                                          cudaMemcpySrcAccessOrder=cudaMemcpySrcAccessOrder).items()
+                    if k not in absent})
+    return _strict_module("cuda.bindings.runtime", members, absent)
 
 
 # ---------------------------------------------------------------------------------------

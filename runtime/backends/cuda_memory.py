@@ -4,9 +4,16 @@ between host and device (and within the device) that the runners need.
 Every copy goes through :class:`CudaStream` so a runner's traffic is in one place: the
 tests' CUDA stand-in checks each copy's bounds and direction, and that no stream's KV
 cache is ever read back to the host.
+
+Host calls are what a many-stream step costs on the host: :meth:`CudaStream.copy_rows_many`
+queues any number of pitched device copies with one ``cudaMemcpyBatchAsync`` where the
+runtime and driver have it (CUDA 12.8+), one ``cudaMemcpy2DAsync`` each elsewhere; stream
+KV caches are allocated and freed stream-ordered (``cudaMallocAsync``/``cudaFreeAsync``,
+no device-wide synchronization) where available; host staging is pinned.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import numpy as np
@@ -15,17 +22,41 @@ from .cuda_env import check
 
 #: TensorRT wants tensor addresses aligned and non-null even for empty tensors
 _MIN_BYTES = 256
+#: CUDA versions (as cudaRuntimeGetVersion / cudaDriverGetVersion report them) of the features
+BATCHED_COPY_VERSION = 12080        # cudaMemcpyBatchAsync
+ASYNC_ALLOC_VERSION = 11020         # cudaMallocAsync / cudaFreeAsync
+
+
+def _version(rt, call: str) -> int:
+    try:
+        return int(check(getattr(rt, call)(), call) or 0)
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def cuda_features(rt) -> dict:
+    """Which of the newer calls this runtime, binding and driver all support."""
+    have = min(_version(rt, "cudaRuntimeGetVersion"), _version(rt, "cudaDriverGetVersion"))
+    return {"batched_copy": have >= BATCHED_COPY_VERSION and hasattr(rt, "cudaMemcpyBatchAsync"),
+            "async_alloc": have >= ASYNC_ALLOC_VERSION and hasattr(rt, "cudaMallocAsync")}
 
 
 class CudaStream:
     """A CUDA stream and the copies queued on it; ``close()`` destroys it."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, features: Optional[dict] = None):
         self.rt = rt
         self.handle = check(rt.cudaStreamCreate(), "cudaStreamCreate")
         kinds = rt.cudaMemcpyKind
         self._h2d, self._d2h, self._d2d = (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost,
                                            kinds.cudaMemcpyDeviceToDevice)
+        self.features = cuda_features(rt) if features is None else features
+        self._batch_attrs = None
+        if self.features["batched_copy"]:
+            attrs = rt.cudaMemcpyAttributes()
+            # the copies are ordered with the stream's other work (the engine reads/writes them)
+            attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+            self._batch_attrs = [attrs]
 
     def __int__(self) -> int:
         return int(self.handle)
@@ -49,6 +80,42 @@ class CudaStream:
         if width and height:
             check(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, self._d2d, self.handle),
                   "cudaMemcpy2DAsync (device to device)")
+
+    def copy_rows_many(self, dst: np.ndarray, dst_pitch: np.ndarray, src: np.ndarray, src_pitch: np.ndarray,
+                       width: np.ndarray, height: int) -> None:
+        """Queue many pitched device-to-device copies (copy i: `height` rows of width[i] bytes,
+        equal-length int64 arrays): one host call where batched copies exist, whatever the
+        count, else one ``cudaMemcpy2DAsync`` per copy."""
+        keep = width > 0
+        dst, dst_pitch, src, src_pitch, width = (a[keep] for a in (dst, dst_pitch, src, src_pitch, width))
+        if not len(width) or not height:
+            return
+        if self._batch_attrs is None:
+            for args in zip(dst.tolist(), dst_pitch.tolist(), src.tolist(), src_pitch.tolist(), width.tolist()):
+                self.copy_rows(*args[:4], args[4], height)
+            return
+        rows = np.arange(height, dtype=np.int64)
+        dsts = (dst[:, None] + rows * dst_pitch[:, None]).ravel()
+        srcs = (src[:, None] + rows * src_pitch[:, None]).ravel()
+        sizes = np.repeat(width, height)
+        check(self.rt.cudaMemcpyBatchAsync(dsts.tolist(), srcs.tolist(), sizes.tolist(), len(sizes),
+                                           self._batch_attrs, [0], 1, self.handle),
+              f"cudaMemcpyBatchAsync ({len(sizes)} device-to-device copies)")
+
+    def allocate(self, nbytes: int, what: str) -> int:
+        """Device memory ordered on this stream (no device-wide synchronization) where the
+        runtime has stream-ordered allocation, else ``cudaMalloc``."""
+        nbytes = max(int(nbytes), _MIN_BYTES)
+        if self.features["async_alloc"]:
+            return int(check(self.rt.cudaMallocAsync(nbytes, self.handle), f"cudaMallocAsync ({nbytes} bytes for {what})"))
+        return allocate(self.rt, nbytes, what)
+
+    def free(self, ptr: int) -> None:
+        """Free what :meth:`allocate` gave, after the work queued before it."""
+        if self.features["async_alloc"]:
+            check(self.rt.cudaFreeAsync(ptr, self.handle), "cudaFreeAsync")
+        else:
+            free(self.rt, ptr)
 
     def zero(self, device_ptr: int, nbytes: int) -> None:
         """Queue a memset of `nbytes` device bytes to 0."""
@@ -86,6 +153,36 @@ class DeviceBuffer:
         if self.ptr is not None:
             ptr, self.ptr, self.nbytes = self.ptr, None, 0
             check(self.rt.cudaFree(ptr), "cudaFree")
+
+
+class PinnedBuffer:
+    """Page-locked host memory, grown on demand, seen as bytes: host staging that an async
+    copy really overlaps (a pageable source is staged by the driver, synchronously)."""
+
+    def __init__(self, rt, name: str):
+        self.rt, self.name = rt, name
+        self.ptr: Optional[int] = None
+        self.nbytes = 0
+
+    def view(self, nbytes: int) -> np.ndarray:
+        nbytes = max(int(nbytes), 1)
+        if self.ptr is None or nbytes > self.nbytes:
+            size = max(nbytes, 2 * self.nbytes, _MIN_BYTES)
+            new = int(check(self.rt.cudaMallocHost(size), f"cudaMallocHost ({size} bytes for {self.name})"))
+            self.free()
+            self.ptr, self.nbytes = new, size
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(self.ptr))
+
+    def stage(self, array: np.ndarray) -> np.ndarray:
+        """`array`'s bytes in this buffer, as an array of its dtype and shape."""
+        staged = self.view(array.nbytes)[:array.nbytes].view(array.dtype).reshape(array.shape)
+        staged[...] = array
+        return staged
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            ptr, self.ptr, self.nbytes = self.ptr, None, 0
+            check(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
 
 
 def allocate(rt, nbytes: int, what: str) -> int:

@@ -8,6 +8,10 @@ is the step graph's ``past_kv [layers, 2, B, kv_heads, past, head_dim]``: row ``
 for one (layer, k/v) is ``kv_heads`` rows of ``past * head_dim`` elements, one pitched
 device-to-device copy. :class:`DeviceStepRunner` does that bookkeeping; a backend
 subclass only binds shapes/addresses and runs its engine (:meth:`_execute`).
+
+Host calls per step do not grow with streams or layers: the gather is one batched copy
+(``CudaStream.copy_rows_many``), the scatter and any growth's prefix copies another, the
+inputs are staged in pinned memory, and a grown cache is allocated and freed stream-ordered.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 
 from ..bundle import STEP_IO, StreamingSpec
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
-from .cuda_memory import CudaStream, DeviceBuffer, allocate, free
+from .cuda_memory import CudaStream, DeviceBuffer, PinnedBuffer
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _MIN_CAPACITY = 16
@@ -64,6 +68,7 @@ class DeviceStepRunner:
         self._graveyard: list[int] = []
         self._states: "weakref.WeakSet[DeviceKVState]" = weakref.WeakSet()
         self._buffers = {name: DeviceBuffer(rt, name) for name in STEP_IO.inputs + STEP_IO.outputs}
+        self._pinned = {name: PinnedBuffer(rt, name) for name in STEP_IO.inputs + STEP_IO.outputs}
         self.stream: Optional[CudaStream] = CudaStream(rt)
 
     # -- what a backend provides ------------------------------------------------------
@@ -81,7 +86,7 @@ class DeviceStepRunner:
         if self.stream is None:
             raise RuntimeError(f"this {self.name} step runner is closed")
         while self._graveyard:
-            free(self.rt, self._graveyard.pop())
+            self.stream.free(self._graveyard.pop())
         return self.stream
 
     def new_state(self) -> DeviceKVState:
@@ -91,13 +96,28 @@ class DeviceStepRunner:
             self._states.add(state)
             return state
 
+    def _slab_copies(self, dst: np.ndarray, dst_capacity: np.ndarray, dst_offset: np.ndarray,
+                     src: np.ndarray, src_capacity: np.ndarray, src_offset: np.ndarray, length: np.ndarray,
+                     dst_stride_lk: Optional[np.ndarray] = None, src_stride_lk: Optional[np.ndarray] = None) -> tuple:
+        """The pitched copies of `length[i]` positions of every (layer, k/v) slab, for many
+        copies i at once, as the arrays copy_rows_many takes. A slab of a layout with
+        `capacity` positions is kv_heads rows of capacity * row_bytes; positions start at
+        `offset`; the slab for lk starts lk * stride_lk bytes in (default: one slab)."""
+        rb, heads = self._row_bytes, self._spec.kv_heads
+        lk = np.arange(self._lk, dtype=np.int64)[None, :]
+        dst_stride = dst_capacity * heads * rb if dst_stride_lk is None else dst_stride_lk
+        src_stride = src_capacity * heads * rb if src_stride_lk is None else src_stride_lk
+        d = (dst[:, None] + lk * dst_stride[:, None] + dst_offset[:, None] * rb).ravel()
+        s = (src[:, None] + lk * src_stride[:, None] + src_offset[:, None] * rb).ravel()
+        rep = lambda a: np.repeat(a, self._lk)            # noqa: E731
+        return d, rep(dst_capacity * rb), s, rep(src_capacity * rb), rep(length * rb)
+
     def _copy_prefix(self, dst: int, dst_capacity: int, src: int, src_capacity: int, length: int) -> None:
         """Positions [0, length) of every (layer, k/v) slab, between two stream caches."""
-        slab_dst, slab_src = self._spec.kv_heads * dst_capacity, self._spec.kv_heads * src_capacity
-        for lk in range(self._lk):
-            self.stream.copy_rows(dst + lk * slab_dst * self._row_bytes, dst_capacity * self._row_bytes,
-                                  src + lk * slab_src * self._row_bytes, src_capacity * self._row_bytes,
-                                  length * self._row_bytes, self._spec.kv_heads)
+        one = lambda v: np.asarray([v], dtype=np.int64)   # noqa: E731
+        self.stream.copy_rows_many(*self._slab_copies(one(dst), one(dst_capacity), one(0), one(src),
+                                                      one(src_capacity), one(0), one(length)),
+                                   self._spec.kv_heads)
 
     def fork(self, state: DeviceKVState, length: int) -> DeviceKVState:
         with self._lock:
@@ -106,7 +126,7 @@ class DeviceStepRunner:
             copy = DeviceKVState(self)
             if length:
                 capacity = max(length, _MIN_CAPACITY)
-                copy.ptr = allocate(self.rt, capacity * self.token_bytes, "a forked stream's KV cache")
+                copy.ptr = stream.allocate(capacity * self.token_bytes, "a forked stream's KV cache")
                 copy.capacity = capacity
                 self._copy_prefix(copy.ptr, capacity, state.ptr, state.capacity, length)
                 stream.synchronize()
@@ -148,27 +168,31 @@ class DeviceStepRunner:
         sizes["sums"] = int(np.prod(out_shapes["sums"])) * 4
         addresses = {name: self._buffers[name].ensure(sizes[name]) for name in sizes}
         for name, array in host.items():
-            stream.upload(addresses[name], array)
+            stream.upload(addresses[name], self._pinned[name].stage(array))
         past_kv = addresses["past_kv"]
         if any(row.resume < past for row in rows):
             # the padding of shorter pasts must be finite: a masked NaN still poisons attention
             # (0 * NaN), and fresh device memory can hold any bits
             stream.zero(past_kv, sizes["past_kv"])
-        for b, row in enumerate(rows):                     # gather on the device
-            for lk in range(self._lk):
-                stream.copy_rows(past_kv + (lk * batch + b) * s.kv_heads * past * self._row_bytes,
-                                 past * self._row_bytes,
-                                 (row.state.ptr or 0) + lk * s.kv_heads * row.state.capacity * self._row_bytes,
-                                 row.state.capacity * self._row_bytes, row.resume * self._row_bytes, s.kv_heads)
+        live = [b for b, row in enumerate(rows) if row.resume]
+        if live:                                           # gather on the device, one batched copy
+            column = lambda f: np.asarray([f(rows[b], b) for b in live], dtype=np.int64)   # noqa: E731
+            slab = s.kv_heads * past * self._row_bytes     # one (layer, k/v, row) slab of the batch tensor
+            stream.copy_rows_many(*self._slab_copies(
+                past_kv + column(lambda r, b: b) * slab, column(lambda r, b: past), column(lambda r, b: 0),
+                column(lambda r, b: r.state.ptr), column(lambda r, b: r.state.capacity), column(lambda r, b: 0),
+                column(lambda r, b: r.resume), dst_stride_lk=np.full(len(live), batch * slab, dtype=np.int64)),
+                s.kv_heads)
         self._execute(shapes, out_shapes, addresses)
-        score = np.empty(batch, dtype=np.float32)
-        sums = np.empty(out_shapes["sums"], dtype=np.float32)
+        score = self._pinned["score"].view(batch * 4)[:batch * 4].view(np.float32)
+        sums = self._pinned["sums"].view(sizes["sums"])[:sizes["sums"]].view(np.float32).reshape(out_shapes["sums"])
         stream.download(score, addresses["score"])
         stream.download(sums, addresses["sums"])
         stream.synchronize()
+        outputs = [StepOutput(score=float(score[b]), sums=sums[b, :len(row.new_ids)].copy())
+                   for b, row in enumerate(rows)]
         self._commit(stream, rows, width, addresses["new_kv"])
-        return [StepOutput(score=float(score[b]), sums=sums[b, :len(row.new_ids)].copy())
-                for b, row in enumerate(rows)]
+        return outputs
 
     def _commit(self, stream: CudaStream, rows: list[StepRow], width: int, new_kv: int) -> None:
         """Write each row's new keys/values into its cache; states change only here, after
@@ -183,31 +207,38 @@ class DeviceStepRunner:
                 state = row.state
                 if end > state.capacity:
                     capacity = min(self._max_length, max(end, 2 * state.capacity, _MIN_CAPACITY))
-                    targets.append((allocate(self.rt, capacity * self.token_bytes, "a stream's KV cache"),
-                                    capacity))
+                    targets.append((stream.allocate(capacity * self.token_bytes, "a stream's KV cache"), capacity))
                 else:
                     targets.append((state.ptr, state.capacity))
         except BaseException:
             for (ptr, _), row in zip(targets, rows):
                 if ptr != row.state.ptr:
-                    free(self.rt, ptr)
+                    stream.free(ptr)
             raise
-        for b, (row, (ptr, capacity)) in enumerate(zip(rows, targets)):
-            if ptr != row.state.ptr and row.resume:
-                self._copy_prefix(ptr, capacity, row.state.ptr, row.state.capacity, row.resume)
-            n = len(row.new_ids)
-            for lk in range(self._lk):                  # scatter on the device
-                stream.copy_rows(ptr + (lk * s.kv_heads * capacity + row.resume) * self._row_bytes,
-                                 capacity * self._row_bytes,
-                                 new_kv + (lk * batch + b) * s.kv_heads * width * self._row_bytes,
-                                 width * self._row_bytes, n * self._row_bytes, s.kv_heads)
-        stream.synchronize()
+        # one batched copy: the prefixes of grown caches into their new allocations, and every
+        # row's new keys/values after its prefix (disjoint regions, so their order is free)
+        grown = [(row, ptr, capacity) for row, (ptr, capacity) in zip(rows, targets)
+                 if ptr != row.state.ptr and row.resume]
+        as_int = lambda values: np.asarray(values, dtype=np.int64)   # noqa: E731
+        slab = s.kv_heads * width * self._row_bytes
+        parts = [self._slab_copies(
+            as_int([p for p, _ in targets]), as_int([c for _, c in targets]), as_int([r.resume for r in rows]),
+            new_kv + as_int(range(batch)) * slab, as_int([width] * batch), as_int([0] * batch),
+            as_int([len(r.new_ids) for r in rows]), src_stride_lk=as_int([batch * slab] * batch))]
+        if grown:
+            parts.append(self._slab_copies(
+                as_int([p for _, p, _ in grown]), as_int([c for _, _, c in grown]), as_int([0] * len(grown)),
+                as_int([r.state.ptr for r, _, _ in grown]), as_int([r.state.capacity for r, _, _ in grown]),
+                as_int([0] * len(grown)), as_int([r.resume for r, _, _ in grown])))
+        stream.copy_rows_many(*(np.concatenate(column) for column in zip(*parts)), s.kv_heads)
+        # no synchronization: every later use of these caches (the next gather, a fork, a
+        # free) is queued on this same stream, after these copies
         for row, (ptr, capacity) in zip(rows, targets):
             state = row.state
             if ptr != state.ptr:
                 old, state.ptr, state.capacity = state.ptr, ptr, capacity
                 if old is not None:
-                    free(self.rt, old)
+                    stream.free(old)
             state.length = row.resume + len(row.new_ids)
 
     # -- lifetime -------------------------------------------------------------------------
@@ -216,13 +247,15 @@ class DeviceStepRunner:
         with self._lock:
             if self.stream is None:
                 return
+            self.stream.synchronize()
             for state in list(self._states):
                 if state.ptr is not None:
-                    free(self.rt, state.ptr)
+                    self.stream.free(state.ptr)
                     state.ptr, state.capacity, state.length = None, 0, 0
             while self._graveyard:
-                free(self.rt, self._graveyard.pop())
-            for buffer in self._buffers.values():
+                self.stream.free(self._graveyard.pop())
+            self.stream.synchronize()
+            for buffer in list(self._buffers.values()) + list(self._pinned.values()):
                 buffer.free()
             self._release_engine()
             stream, self.stream = self.stream, None

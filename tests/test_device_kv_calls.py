@@ -1,0 +1,165 @@
+"""The device-KV step's host work does not grow with streams or layers: one batched copy
+gathers every stream's cache, one scatters the new keys/values (and a grown cache's
+prefix), inputs are staged in pinned memory, and grown caches are allocated
+stream-ordered. Checked on the CUDA stand-in (which counts every cuda-python call) with an
+emulated step engine that verifies, position by position, that the past it is handed is
+exactly what was scattered for that stream, at 2 and 36 layers and 1 to 64 streams; and
+on real bundles against llm-siren through both the batched and the older 2D-copy path."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from corpus import CORPUS, LONG
+from helpers import TOL, random_chunks
+
+#: allocation calls: amortized by doubling, so not part of the per-step count
+ALLOCATION_CALLS = {"cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync", "cudaMallocHost", "cudaFreeHost"}
+
+
+def expected_kv(token: int, layer_kv: int, head: int, dim: int) -> float:
+    """What the emulated engine writes for a token (so a gathered past can be checked)."""
+    return token * 1000.0 + layer_kv * 10.0 + head + dim / 100.0
+
+
+def emulated_runner(standin, layers: int, heads: int = 2, head_dim: int = 4, max_length: int = 64,
+                    max_batch: int = 64):
+    from siren_runtime.backends.device_kv import DeviceStepRunner
+    from siren_runtime.bundle import STEP_IO, GraphSpec, StreamingSpec
+
+    spec = StreamingSpec(graph=GraphSpec(path="step.onnx", external_data=None, dtype="fp32", io=STEP_IO),
+                         kv_layers=layers, kv_heads=heads, head_dim=head_dim, kv_dtype="fp32", feature_dim=3)
+
+    class EmulatedStep(DeviceStepRunner):
+        """A step 'engine' in numpy over the stand-in's memory."""
+        name = "emulated"
+
+        def __init__(self):
+            super().__init__(standin.cudart, spec, max_length, max_batch)
+            self.history: dict[int, list[int]] = {}      # batch row -> the tokens its stream holds
+
+        def _execute(self, shapes, out_shapes, addresses):
+            gpu = standin.gpu
+
+            def tensor(name, shape, dtype):
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                return gpu.device_view(addresses[name], nbytes, name).view(dtype).reshape(shape)
+            ids = tensor("input_ids", shapes["input_ids"], np.int64)
+            new_lengths = tensor("new_lengths", shapes["new_lengths"], np.int64)
+            past_lengths = tensor("past_lengths", shapes["past_lengths"], np.int64)
+            past = tensor("past_kv", shapes["past_kv"], np.float32)
+            lk = np.arange(layers * 2).reshape(layers, 2)[:, :, None, None]
+            h = np.arange(heads)[None, None, :, None]
+            d = np.arange(head_dim)[None, None, None, :]
+            for b, tokens in self.current.items():        # the past of row b is its stream's own tokens
+                assert past_lengths[b] == len(tokens)
+                for t, token in enumerate(tokens):
+                    np.testing.assert_array_equal(past[:, :, b, :, t, :], expected_kv(token, lk, h, d).astype(np.float32))
+            new_kv = tensor("new_kv", out_shapes["new_kv"], np.float32)
+            for b in range(ids.shape[0]):
+                for t in range(int(new_lengths[b])):
+                    new_kv[:, :, b, :, t, :] = expected_kv(int(ids[b, t]), lk, h, d)
+            tensor("score", out_shapes["score"], np.float32)[:] = 0.5
+            tensor("sums", out_shapes["sums"], np.float32)[:] = 1.0
+
+    return EmulatedStep()
+
+
+def run_steps(runner, standin, streams: int, steps: int, seed: int = 0) -> list[int]:
+    """Feed `streams` streams `steps` times (1-3 new tokens each, one first step of a few);
+    returns the host calls of each step, allocations left out."""
+    from siren_runtime.backends.base import StepRow
+    rng = random.Random(seed)
+    states = [runner.new_state() for _ in range(streams)]
+    held: list[list[int]] = [[] for _ in range(streams)]
+    counts = []
+    for step in range(steps):
+        rows, new = [], []
+        for j, state in enumerate(states):
+            ids = [rng.randrange(1, 500) for _ in range(rng.randint(1, 3 if step else 5))]
+            rows.append(StepRow(state, len(held[j]), ids, np.zeros(3, np.float32)))
+            new.append(ids)
+        runner.current = {b: list(held[j]) for b, j in enumerate(range(streams))}
+        before = dict(standin.gpu.calls)
+        runner.step(rows)
+        counts.append(sum(n - before.get(name, 0) for name, n in standin.gpu.calls.items()
+                          if name not in ALLOCATION_CALLS))
+        for j, ids in enumerate(new):
+            held[j].extend(ids)
+    if standin.gpu.async_alloc:                            # every cache was allocated stream-ordered
+        assert all(state.ptr in standin.gpu.async_pointers for state in states)
+    return counts
+
+
+@pytest.mark.parametrize("binding_line", [12, 13])
+def test_host_calls_per_step_are_constant_in_streams_and_layers(binding_line):
+    from trt_standin import StandIn
+    per_config = {}
+    for layers in (2, 36):
+        for streams in (1, 8, 64):
+            standin = StandIn(binding_line=binding_line)
+            runner = emulated_runner(standin, layers)
+            counts = run_steps(runner, standin, streams, steps=6)
+            assert standin.gpu.calls["cudaMemcpyBatchAsync"] >= 6
+            assert standin.gpu.calls["cudaMemcpy2DAsync"] == 0
+            assert standin.gpu.calls["cudaMallocAsync"] >= streams and standin.gpu.calls["cudaMalloc"] <= 16
+            per_config[(layers, streams)] = counts[1:]          # the first step has no past to gather
+            runner.close()
+            assert standin.gpu.live_bytes() == 0 and not standin.gpu.pinned
+    # the same count for every config and step; one stream alone skips the zero-fill of
+    # shorter pasts (a single memset: there is no shorter past to pad)
+    many = {c for (_, streams), counts in per_config.items() if streams > 1 for c in counts}
+    one = {c for (_, streams), counts in per_config.items() if streams == 1 for c in counts}
+    assert len(many) == 1 and one == {many.pop() - 1}, per_config
+    assert max(one) + 1 <= 10
+
+
+def test_older_bindings_fall_back_to_pitched_copies_still_exact():
+    """Without cudaMemcpyBatchAsync (or below CUDA 12.8 in the runtime or the driver) and
+    without stream-ordered allocation, the 2D-copy path runs and the gathered pasts still
+    check out; its host calls then grow with streams x layers."""
+    from trt_standin import StandIn
+    for knobs in ({"batch_copy": False, "async_alloc": False}, {"driver_version": 12040}):
+        counts = {}
+        for streams in (1, 8):
+            standin = StandIn(**knobs)
+            runner = emulated_runner(standin, 4)
+            counts[streams] = run_steps(runner, standin, streams, steps=4)[1:]
+            assert standin.gpu.calls["cudaMemcpyBatchAsync"] == 0 and standin.gpu.calls["cudaMemcpy2DAsync"] > 0
+            runner.close()
+            assert standin.gpu.live_bytes() == 0
+        assert min(counts[8]) > max(counts[1])
+
+
+@pytest.mark.parametrize("knobs", [{}, {"binding_line": 13}, {"batch_copy": False, "async_alloc": False}],
+                         ids=["cuda-bindings-12.9", "cuda-bindings-13", "older-binding"])
+def test_device_streams_equal_llm_siren_on_every_copy_path(all_layers, monkeypatch, knobs):
+    """16 streams of random chunks, fed together through ONNX Runtime's IO-binding step runner
+    over the stand-in's device memory: every score equals llm-siren's on the prefix."""
+    from trt_standin import StandIn
+    from siren_runtime import SirenGuard
+    from siren_runtime.backends import Runners, open_runners
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, open_session
+    from siren_runtime.bundle import read_bundle
+    standin = StandIn(**knobs).install(monkeypatch)
+    contract = read_bundle(all_layers.bundle)
+    session = open_session(contract.path(contract.streaming.graph.path), "cpu", spinning=False)
+    step = OnnxRuntimeDeviceStepRunner(session, contract.streaming, contract.inference.max_length,
+                                       standin.cudart, memory="cpu", max_batch=8)
+    score = open_runners(contract, backend="onnxruntime", device="cpu", streaming=False).score
+    rng = random.Random(11)
+    texts = [CORPUS[i % len(CORPUS)] + " " + LONG[:120] for i in range(16)]
+    plans = [random_chunks(t, rng, 1, 30) for t in texts]
+    with SirenGuard(contract, Runners(score, step)) as guard:
+        sessions = [guard.stream() for _ in texts]
+        while any(plans):
+            live = [(s, p.pop(0)) for s, p in zip(sessions, plans) if p]
+            guard.feed_batch([s for s, _ in live], [d for _, d in live])
+        ours = [s.score.score for s in sessions]
+        ref = [r.score for r in all_layers.reference.score_batch([s.text for s in sessions])]
+        assert max(abs(a - b) for a, b in zip(ours, ref)) <= TOL
+    assert standin.gpu.live_bytes() == 0 and not standin.gpu.pinned and standin.gpu.streams == set()
+    batched = standin.gpu.calls["cudaMemcpyBatchAsync"]
+    assert (batched > 0) == knobs.get("batch_copy", True)

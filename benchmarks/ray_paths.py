@@ -62,15 +62,16 @@ def time_siren_score(bundle: Path, corpus: Path, rows: int) -> dict:
 
 def time_score_corpus(bundle: Path, corpus: Path, rows: int, out: Path, actors: int, cpus: int) -> dict:
     started = time.perf_counter()
+    shard = max(10, rows // 12)        # enough parts that every actor stays busy to the end
     subprocess.run([*SIREN, "score-corpus", str(bundle), str(corpus), "-o", str(out), "--overwrite",
-                    "--actors", str(actors), "--cpus-per-actor", str(cpus), "--rows-per-shard", "250", "-q"],
+                    "--actors", str(actors), "--cpus-per-actor", str(cpus), "--rows-per-shard", str(shard), "-q"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     parts = sorted(out.glob("part-*"), key=lambda p: p.stat().st_mtime)
     first, last = parts[0].stat().st_mtime, parts[-1].stat().st_mtime
     summary = json.loads((out / "_SUCCESS").read_text())
     assert summary["rows"] == rows
-    return {"wall": wall, "steady": (rows - 250) / (last - first)}
+    return {"wall": wall, "steady": (rows - shard) / (last - first)}
 
 
 class RayServe:
@@ -107,12 +108,12 @@ class RayServe:
 
 
 def main() -> None:
-    from siren_export.bench import cpu_isa
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="mid", choices=["tiny", "mid", "qwen3-0.6b"])
     parser.add_argument("--bundle", help="use this bundle instead of a random benchmark model")
     parser.add_argument("--rows", type=int, default=6000, help="corpus rows (default 6000)")
     parser.add_argument("--requests", type=int, default=640, help="requests per serve row (default 640)")
+    parser.add_argument("--only", choices=["corpus", "serve"], help="run one half")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "siren-bench"))
     args = parser.parse_args()
     bundle = Path(args.bundle) if args.bundle else build(args.size, Path(args.workdir), max_length=512)[1]
@@ -121,34 +122,55 @@ def main() -> None:
     write_corpus(corpus, args.rows)
     cores = os.cpu_count() or 1
 
-    corpus_rows = [("siren score --input (one process)", time_siren_score(bundle, corpus, args.rows))]
-    corpus_rows.append((f"siren score-corpus, 1 actor x {cores} CPUs",
-                        time_score_corpus(bundle, corpus, args.rows, work / "out1", 1, cores)))
-    if cores >= 2:
-        corpus_rows.append((f"siren score-corpus, 2 actors x {cores // 2} CPU",
-                            time_score_corpus(bundle, corpus, args.rows, work / "out2", 2, cores // 2)))
+    corpus_rows, serve_rows = [], []
+    if args.only != "serve":
+        corpus_rows.append(("siren score --input (one process)", time_siren_score(bundle, corpus, args.rows)))
+        corpus_rows.append((f"siren score-corpus, 1 actor x {cores} CPUs",
+                            time_score_corpus(bundle, corpus, args.rows, work / "out1", 1, cores)))
+        if cores >= 2:
+            corpus_rows.append((f"siren score-corpus, 2 actors x {cores // 2} CPU",
+                                time_score_corpus(bundle, corpus, args.rows, work / "out2", 2, cores // 2)))
+    if args.only != "corpus":
+        serve_rows = serve_benchmark(bundle, args.requests, cores, work)
+    report(bundle, args, cores, corpus_rows, serve_rows)
 
+
+def serve_benchmark(bundle: Path, requests: int, cores: int, work: Path) -> list:
     serve_rows = []
     with ServeProcess(bundle, "--max-batch", "16", "-q") as server:
         run_serve_load(server.url, 8, 64)                                   # warm-up
-        serve_rows.append(("siren serve (one process)", {c: run_serve_load(server.url, c, args.requests)
+        serve_rows.append(("siren serve (one process)", {c: run_serve_load(server.url, c, requests)
                                                          for c in (8, 32)}))
     for replicas in ((1, 2) if cores >= 2 else (1,)):
         with RayServe(bundle, replicas, max(1, cores // replicas), work / f"serve-ray-{replicas}.log") as app:
             run_serve_load(app.url, 8, 64)
             serve_rows.append((f"siren serve-ray, {replicas} replica(s) x {max(1, cores // replicas)} CPU",
-                               {c: run_serve_load(app.url, c, args.requests) for c in (8, 32)}))
+                               {c: run_serve_load(app.url, c, requests) for c in (8, 32)}))
+    return serve_rows
 
-    base = corpus_rows[0][1]
+
+def report(bundle: Path, args, cores: int, corpus_rows: list, serve_rows: list) -> None:
+    from siren_export.bench import cpu_isa
     print(f"\nbundle: {bundle}; ONNX Runtime CPU; {cores} cores ({cpu_isa()}); corpus {args.rows} rows of "
           f"8-80 words\n")
+    if corpus_rows:
+        print_corpus(corpus_rows, args.rows)
+    if serve_rows:
+        print_serve(serve_rows, args.requests)
+
+
+def print_corpus(corpus_rows: list, rows: int) -> None:
+    base = corpus_rows[0][1]
     print("| corpus path | wall s | rows/s end to end | steady rows/s | x one process (steady) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in corpus_rows:
-        print(f"| {name} | {r['wall']:.1f} | {args.rows / r['wall']:.0f} | {r['steady']:.0f} | "
+        print(f"| {name} | {r['wall']:.1f} | {rows / r['wall']:.1f} | {r['steady']:.1f} | "
               f"{r['steady'] / base['steady']:.2f}x |")
+
+
+def print_serve(serve_rows: list, requests: int) -> None:
     one = serve_rows[0][1]
-    print(f"\n{args.requests} single-text POST /v1/moderations per row, dynamic batching on (max batch 16)\n")
+    print(f"\n{requests} single-text POST /v1/moderations per row, dynamic batching on (max batch 16)\n")
     print("| server | conc. | req/s | p50 ms | p95 ms | errors | x siren serve |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, by_c in serve_rows:

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (default 0)")
     p.add_argument("--rows-per-shard", type=int, default=2000,
                    help="records per unit of work and output part (default 2000)")
-    p.add_argument("--batch-size", type=int, default=64, help="records per score_batch call (default 64)")
+    p.add_argument("--batch-size", type=int,
+                   help="records per score_batch call (default: the whole shard, so length grouping sees all of it)")
     p.add_argument("--threshold", type=float, help="default: the bundle's (a record's own threshold wins)")
     p.add_argument("--onset", action="store_true", help="also write onset: where harm starts (null: never)")
     p.add_argument("--sustain", type=int, default=1, help="--onset: tokens the prefix score must stay up")

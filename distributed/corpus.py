@@ -37,7 +37,7 @@ class CorpusOptions:
     cpus_per_actor: Optional[float] = None     # default: every CPU of a local cluster, else 1
     gpus_per_actor: float = 0.0
     rows_per_shard: int = 2000
-    batch_size: int = 64                       # records per score_batch call inside a shard
+    batch_size: Optional[int] = None           # records per score_batch call (None: the whole shard)
     threshold: Optional[float] = None
     onset: bool = False
     sustain: int = 1
@@ -55,6 +55,8 @@ class CorpusOptions:
             raise ValueError(f"--errors must be fail or skip, got {self.errors!r}")
         for name in ("actors", "rows_per_shard", "batch_size", "sustain"):
             value = getattr(self, name)
+            if value is None and name == "batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
         for name in ("cpus_per_actor", "gpus_per_actor"):
@@ -103,8 +105,9 @@ class ShardStage:
         columns = {"id": [output_id(r, shard) for r in records], "score": [], "flagged": []}
         if self.scorer.onset:
             columns["onset"] = []
-        for start in range(0, len(records), self.batch_size):
-            group = records[start:start + self.batch_size]
+        step = self.batch_size or max(1, len(records))     # one call: sorted by length across the shard
+        for start in range(0, len(records), step):
+            group = records[start:start + step]
             thresholds = [r.threshold if r.threshold is not None else self.scorer.threshold for r in group]
             added = self.scorer.score_texts([r.text for r in group], thresholds)
             columns["score"].extend(float(s) for s in added["score"])

@@ -13,7 +13,7 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_HOME ?= .cache/tritonserver
 PYTRITON ?= nvidia-pytriton==0.7.0
 
-.PHONY: demo test install-demo install-test triton-server clean
+.PHONY: demo test install-demo install-test triton-server gpu-kit clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ demo: install-demo
 
 test: install-test triton-server
 	$(PY) -m pytest
+
+# The offline GPU check's kit (benchmarks/gpu_offline): wheels + a tiny bundle, under 60 MiB,
+# for a CUDA box without network. Copy dist/gpu-check there and run `bash run.sh`.
+gpu-kit: install-test
+	$(PY) benchmarks/gpu_offline/make_kit.py -o dist/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .cache

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from siren_runtime.bundle import SCORE_IO, STEP_IO
+from siren_runtime.bundle import SCORE_IO, STEP_IO, STEP_MIN_PAST
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,10 @@ def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = 
 def step_profiles(max_length: int, kv_layers: int, kv_heads: int, head_dim: int, features: int,
                   max_new: int | None = None, max_batch: int = 16) -> list[Profile]:
     """One profile for the batched streaming step graph: streams 1..max_batch, past
-    0..max_length-1, new tokens 1..max_new (default max_length: a stream's first feed may
-    be a whole prompt, and the runtime steps any feed in one call)."""
+    1..max_length, new tokens 1..max_new (default max_length: a stream's first feed may
+    be a whole prompt, and the runtime steps any feed in one call). The past never has
+    length 0 on an engine: TensorRT may clamp an empty minimum to 1, so a batch of first
+    feeds carries one zeroed past position that past_lengths (0) masks (STEP_MIN_PAST)."""
     max_new = _check("max_new", max_length if max_new is None else max_new, 1, max_length)
     max_batch = _check("max_batch", max_batch, 1, 4096)
     past_opt = max_length // 2
@@ -57,7 +59,7 @@ def step_profiles(max_length: int, kv_layers: int, kv_heads: int, head_dim: int,
         ids: {"min": [1, 1], "opt": [min(4, max_batch), min(8, max_new)], "max": [max_batch, max_new]},
         new_lengths: dict(rows),
         past_lengths: dict(rows),
-        past_kv: {"min": [kv_layers, 2, 1, kv_heads, 0, head_dim],
+        past_kv: {"min": [kv_layers, 2, 1, kv_heads, STEP_MIN_PAST, head_dim],
                   "opt": [kv_layers, 2, min(4, max_batch), kv_heads, past_opt, head_dim],
                   "max": [kv_layers, 2, max_batch, kv_heads, max_length, head_dim]},
         past_sums: {"min": [1, features], "opt": [min(4, max_batch), features], "max": [max_batch, features]},

@@ -1,8 +1,10 @@
 """`siren verify`: the parity gate for a backend (TensorRT, or ONNX Runtime in any precision).
 
-Scores the shipped calibration set with the chosen backend and with an fp32 graph on ONNX
-Runtime's CPU provider, and reports max / mean |Δscore| and decision agreement at the
-thresholds deployments actually use.
+Scores the gate texts (the shipped calibration set plus built-in prompts) with the chosen
+backend and with an fp32 graph on ONNX Runtime's CPU provider, and applies the decision rule
+every gate shares (siren_runtime.decisions): no decision flip at 0.1/0.5/0.9 for a text whose
+fp32 score is outside ±0.02 of the threshold, and a bounded mean |Δscore|. A bf16 engine may
+flip a text sitting on a threshold; it may not flip one the fp32 bundle is sure about.
 """
 from __future__ import annotations
 
@@ -11,17 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-THRESHOLDS = (0.1, 0.5, 0.9)
-MIN_AGREEMENT = 0.999
-
-
-def compare_scores(candidate: np.ndarray, reference: np.ndarray) -> dict:
-    diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
-    agreement = {str(t): float(np.mean((candidate >= t) == (reference >= t))) for t in THRESHOLDS}
-    finite = bool(np.all(np.isfinite(candidate)))
-    return {"texts": int(len(candidate)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "agreement": agreement, "finite": finite,
-            "passed": finite and all(a >= MIN_AGREEMENT for a in agreement.values())}
+from siren_runtime.decisions import decision_report, format_decisions, gate_texts
 
 
 def reference_unavailable() -> Optional[str]:
@@ -37,7 +29,6 @@ def reference_unavailable() -> Optional[str]:
 def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bundle: Optional[str | Path] = None,
                   device: Optional[str] = None, texts: Optional[list[str]] = None) -> dict:
     from siren_runtime import BundleError, SirenGuard
-    from siren_runtime.calibration import calibration_texts
     from siren_runtime.bundle import read_bundle
 
     reference_bundle = Path(reference_bundle or bundle)
@@ -47,7 +38,7 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
     problem = reference_unavailable()
     if problem:
         raise BundleError(problem)
-    texts = texts or calibration_texts()
+    texts = texts or gate_texts()
     with SirenGuard.from_pretrained(bundle, backend=backend, device=device, incremental_streaming=False) as candidate, \
             SirenGuard.from_pretrained(reference_bundle, backend="onnxruntime", device="cpu",
                                        incremental_streaming=False) as reference:
@@ -57,7 +48,7 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
             raise BundleError(f"no calibration text fits the engine's {limit} tokens")
         got = np.array([r.score for r in candidate.score_batch(fits)])
         want = np.array([r.score for r in reference.score_batch(fits)])
-        report = compare_scores(got, want)
+        report = decision_report(got, want)
         report.update(backend=candidate.backend, device=candidate.device, reference=str(reference_bundle),
                       left_out_too_long=len(texts) - len(fits))
     return report
@@ -109,8 +100,4 @@ def verify_streaming_engine(bundle: str | Path, entry: dict, texts: Optional[lis
 
 
 def format_report(report: dict) -> str:
-    agree = ", ".join(f"{t}: {a * 100:.2f}%" for t, a in report["agreement"].items())
-    verdict = "PASS" if report["passed"] else f"FAIL (needs >= {MIN_AGREEMENT * 100:.1f}% agreement)"
-    return (f"{report['backend']} ({report['device']}) vs fp32 ONNX Runtime CPU on {report['texts']} texts: "
-            f"max |Δ| {report['max_abs_diff']:.3g}, mean |Δ| {report['mean_abs_diff']:.3g}; "
-            f"decision agreement {agree} -> {verdict}")
+    return format_decisions(report, f"{report['backend']} ({report['device']})")

@@ -63,6 +63,9 @@ SCORE_IO = GraphIO(inputs=("input_ids", "attention_mask"), outputs=("score", "lo
 #: sums float32 [B, new, features] (running sums after each new token).
 STEP_IO = GraphIO(inputs=("input_ids", "new_lengths", "past_lengths", "past_kv", "past_sums"),
                   outputs=("score", "new_kv", "sums"))
+#: the shortest past_kv a runner hands the step graph: TensorRT may clamp an empty profile
+#: minimum to 1, so a batch of first feeds carries one zeroed position that past_lengths (0) masks
+STEP_MIN_PAST = 1
 
 
 # -- file-level helpers ----------------------------------------------------------------

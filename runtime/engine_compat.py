@@ -30,6 +30,18 @@ def engine_incompatibility(entry: dict[str, Any], trt_version: Optional[str],
     return None
 
 
+def engine_gpu_warning(entry: dict[str, Any], gpu_name: Optional[str]) -> Optional[str]:
+    """A warning when a compatible engine was built on another GPU model of the same compute
+    capability (an H100 engine on an H200): TensorRT loads it, but its tactics were timed
+    on the other GPU, so it may run slower; TensorRT's own logger says the same."""
+    built = entry.get("gpu")
+    if not built or not gpu_name or built == gpu_name:
+        return None
+    return (f"the {entry.get('graph', 'model')} engine was built on {built} and runs here on {gpu_name} (same compute "
+            f"capability {entry.get('compute_capability', '?')}): it works, but its kernels were tuned for the other "
+            "GPU; run `siren build` on this machine for its best speed")
+
+
 def pick_profile(profiles: list[dict], batch: int, seq: int) -> int:
     """Index of the tightest full-graph profile accepting [batch, seq]; -1 if none does."""
     best, best_size = -1, None

@@ -57,9 +57,9 @@ def test_streaming_engine_on_the_gpu(engine_bundle, all_layers):
 
 def test_onnxruntime_cuda_streams_on_the_device(all_layers):
     from siren_runtime import SirenGuard
-    from siren_runtime.backends.onnxruntime_runner import gpu_available
-    if not gpu_available():
-        pytest.skip("onnxruntime-gpu is not installed")
+    from siren_runtime.backends.ort_cuda_probe import cuda_provider_problem
+    if cuda_provider_problem():
+        pytest.skip(cuda_provider_problem())
     guard = SirenGuard.from_pretrained(all_layers.bundle, backend="onnxruntime", device="cuda")
     assert type(guard.runners.step).__name__ == "OnnxRuntimeDeviceStepRunner"
     session = guard.stream()

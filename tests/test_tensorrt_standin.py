@@ -127,6 +127,13 @@ def test_sixteen_streams_on_tensorrt_equal_whole_prefix_scores(engines, trt_stan
     read, features = _sixteen_streams(guard, trt_standin, all_layers.reference)
     steps = [e for e in trt_standin.gpu.executions if e[0] == "step.onnx"]
     assert max(shapes["input_ids"][0] for _, _, shapes in steps) == 3        # several streams per call
+    # first feeds get one masked past position: the profile's minimum past is 1, never an
+    # empty dimension (TensorRT may clamp it), and the stand-in refuses shapes below it
+    assert min(shapes["past_kv"][4] for _, _, shapes in steps) == 1
+    from siren_runtime.bundle import read_bundle
+    step_engines = read_bundle(engines[0]).engines_for("streaming")
+    assert step_engines and all(profile["shapes"]["past_kv"]["min"][4] == 1
+                                for e in step_engines for profile in e.record["profiles"])
     expected = sum(shapes["input_ids"][0] * 4 * (1 + (shapes["input_ids"][1] * features if name == "step.onnx" else 0))
                    for name, _, shapes in trt_standin.gpu.executions)
     assert read == expected
@@ -395,4 +402,29 @@ def test_no_host_copy_of_a_plan_outlives_its_engine(engines, trt_standin):
     plans = {e.path for e in guard.bundle.engines}
     assert plans and not plans & set(guard.bundle._loaded.keys())
     assert guard.score("hello").score >= 0.0
+    guard.close()
+
+
+def test_engine_from_another_gpu_model_of_the_same_capability_warns(engines, tmp_path, monkeypatch, all_layers):
+    """An H100 engine on an H200 (both 9.0) loads, as TensorRT allows, with its warning; an
+    engine built on this very GPU model is preferred when the bundle has both."""
+    import json
+    from trt_standin import StandIn
+    from siren_runtime.backends import warn_once
+    from siren_engines.build import build_engines
+    bundle = _fresh(engines, tmp_path)          # built on "NVIDIA Stand-in", capability 9.0
+    StandIn(name="NVIDIA H200").install(monkeypatch)
+    warn_once.__defaults__[0].clear()
+    with pytest.warns(RuntimeWarning, match="built on NVIDIA Stand-in and runs here on NVIDIA H200 .*siren build"):
+        guard = _trt_guard(bundle)
+    assert abs(guard.score("Hello there").score - all_layers.reference.score("Hello there").score) <= TOL
+    guard.close()
+    build_engines(bundle, max_batch=4, stream_batch=3, show_progress=False)      # now one for the H200 too
+    manifest = json.loads((bundle / "siren_bundle.json").read_text())
+    assert {e["gpu"] for e in manifest["engines"]} == {"NVIDIA Stand-in", "NVIDIA H200"}
+    warn_once.__defaults__[0].clear()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard = _trt_guard(bundle)
     guard.close()

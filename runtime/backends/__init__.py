@@ -63,9 +63,10 @@ def candidates(bundle: Bundle, backend: Optional[str], device: Optional[str]) ->
         if backend is None and name == "tensorrt" and not bundle.engines_for("model"):
             continue   # nothing to try: the bundle has no engine
         if device is None and name == "onnxruntime" and dev == "cuda":
-            from .onnxruntime_runner import gpu_available
-            if not gpu_available():
-                continue   # plain onnxruntime: no CUDA provider to try
+            from .ort_cuda_probe import cuda_provider_listed
+            if not cuda_provider_listed():
+                continue   # plain onnxruntime: no CUDA provider to try (onnxruntime-gpu that cannot
+                           # start is tried, so the fallback warning says why)
         out.append((name, dev))
     return out
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..bundle import STEP_IO, StreamingSpec
+from ..bundle import STEP_IO, STEP_MIN_PAST, StreamingSpec
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_memory import CudaStream, DeviceBuffer, PinnedBuffer
 
@@ -146,7 +146,7 @@ class DeviceStepRunner:
     def _step(self, stream: CudaStream, rows: list[StepRow]) -> list[StepOutput]:
         s = self._spec
         batch = len(rows)
-        past = max(row.resume for row in rows)
+        past = max(STEP_MIN_PAST, max(row.resume for row in rows))    # first feeds: one masked position
         width = max(len(row.new_ids) for row in rows)
         ids = np.zeros((batch, width), dtype=np.int64)
         for b, row in enumerate(rows):

@@ -18,9 +18,9 @@ from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
+from .ort_cuda_probe import CUDA_PROVIDER, cuda_provider_problem
 from ..private_copy import release_pages
 
-_GPU_PROVIDER = "CUDAExecutionProvider"
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 _PADDING = {"cpu": 0.25, "cuda": 0.6}
 #: padded tokens per call: on a CPU activations (and ONNX Runtime's arena) scale with it,
@@ -58,10 +58,8 @@ def physical_cores() -> int:
 
 
 def gpu_available() -> bool:
-    try:
-        return _GPU_PROVIDER in _import_ort().get_available_providers()
-    except BackendUnavailableError:
-        return False
+    """Whether the CUDA provider really starts here (not merely listed: see ort_cuda_probe)."""
+    return cuda_provider_problem() is None
 
 
 def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spinning: bool = True,
@@ -78,12 +76,9 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
     ort = _import_ort()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    available = ort.get_available_providers()
-    if device == "cuda" and _GPU_PROVIDER not in available:
-        raise BackendUnavailableError(
-            "ONNX Runtime on the GPU needs onnxruntime-gpu with CUDAExecutionProvider; this "
-            f"onnxruntime offers {', '.join(available)}")
-    providers = [_GPU_PROVIDER, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if device == "cuda" and cuda_provider_problem() is not None:
+        raise BackendUnavailableError(f"ONNX Runtime on the GPU: {cuda_provider_problem()}")
+    providers = [CUDA_PROVIDER, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads or physical_cores()
@@ -105,7 +100,7 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
         raise BackendUnavailableError(f"ONNX Runtime could not load {what} on the {device}: "
                                       f"{str(e).splitlines()[0][:300]}") from e
-    if device == "cuda" and _GPU_PROVIDER not in session.get_providers():
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
         raise BackendUnavailableError("ONNX Runtime did not enable CUDAExecutionProvider for this graph")
     return session
 

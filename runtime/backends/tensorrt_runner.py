@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphIO
-from ..engine_compat import engine_incompatibility, pick_profile
+from ..engine_compat import engine_gpu_warning, engine_incompatibility, pick_profile
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits
 from .cuda_env import CudaError, cudart, gpu_info, gpu_problem, tensorrt_version
@@ -30,11 +30,18 @@ def usable_engine(bundle: Bundle, graph: str = "model") -> tuple[Optional[dict],
         what = "TensorRT engine" if graph == "model" else f"TensorRT {graph} engine"
         return None, f"the bundle has no {what} (build one with `siren build`)"
     gpu = gpu_info()
-    reason = ""
+    reason, usable = "", []
     for entry in reversed(entries):
         reason = engine_incompatibility(entry, tensorrt_version(), gpu and gpu["compute_capability"])
         if reason is None:
-            return entry, ""
+            usable.append(entry)
+    if usable:      # the newest built on this very GPU model, else the newest that loads (said once)
+        entry = next((e for e in usable if e.get("gpu") == gpu["name"]), usable[0])
+        warning = engine_gpu_warning(entry, gpu["name"])
+        if warning:
+            from . import warn_once
+            warn_once(f"siren_runtime: {warning}")
+        return entry, ""
     if gpu is None and tensorrt_version() is not None:
         reason += f" ({gpu_problem()})"
     return None, reason

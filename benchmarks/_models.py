@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SIZES = {
+    # the offline GPU check's kit: as small as the Qwen3 vocabulary allows (the embedding table is most of it)
+    "micro": dict(num_layers=2, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, head_dim=8),
     "tiny": dict(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16),
     "mid": dict(num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, head_dim=64),
     "qwen3-0.6b": dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: what a CUDA box with torch already has (the kit leaves these out)
-BOX = ("torch", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
-       "typing_extensions")
+#: what an ML image with torch has (the kit leaves these and what they need out); tokenizers
+#: stays off the box so the kit's own wheel is the one installed
+BOX = ("torch", "transformers", "huggingface_hub", "safetensors", "numpy")
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,31 @@ def kit(tmp_path_factory):
     return out, proc.stdout
 
 
+def box_distributions() -> set[str]:
+    """BOX and everything they require here (markers evaluated), tokenizers left out."""
+    from packaging.requirements import Requirement
+    seen, todo = set(), list(BOX)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen or name == "tokenizers":
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for line in dist.requires or ():
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
 def torch_box(folder: Path) -> Path:
-    """Torch and what it brings, as symlinks into this environment: on PYTHONPATH, the
-    preinstalled packages of a CUDA box (and nothing of this project)."""
+    """An ML image's packages (torch, transformers ...), as symlinks into this environment:
+    on PYTHONPATH, the preinstalled packages of a CUDA box, and nothing of this project."""
     folder.mkdir()
-    for name in BOX:
+    for name in box_distributions():
         dist = metadata.distribution(name)
         for top in {str(f).split("/")[0] for f in dist.files or ()} - {".."}:
             source = Path(dist.locate_file(top))
@@ -47,9 +67,9 @@ def test_kit_is_small_and_complete(kit):
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
     assert size < 60, said
     names = {p.name.split("-")[0].lower() for p in (folder / "wheels").iterdir()}
-    assert {"siren_deploy", "onnxruntime", "tokenizers", "llm_siren", "transformers"} <= names
-    assert not names & {"torch", "numpy", "nvidia_cublas_cu12"}          # the box has those
-    for name in ("check.py", "run.sh", "trt_standin.py", "bundle/siren_bundle.json", "artifact/siren_config.json"):
+    assert {"siren_deploy", "onnxruntime", "tokenizers", "llm_siren"} <= names
+    assert not names & {"torch", "numpy", "transformers", "nvidia_cublas_cu12"}          # the box has those
+    for name in ("check.py", "run.sh", "trt_standin.py", "bundle/siren_bundle.json"):
         assert (folder / name).is_file(), name
     assert "MiB" in said
 

@@ -11,7 +11,7 @@ On the GPU it checks:
   the device and its outputs written there); each stream's score against score(text) of the
   same bundle, host calls per step (they must not grow with streams), device memory held;
 - llm-siren on torch+CUDA as the GPU anchor: bf16 latency at batch 1/8/32 x 64/256 tokens and
-  64 streams rescored, at Qwen3-0.6B dims (Qwen3-4B with --full), random weights made here;
+  64 streams rescored, at Qwen3-0.6B dims (Qwen3-4B with --full), random weights made on the box;
 - with TensorRT installed: `siren build` and `siren verify` of the kit's bundle.
 With --cpu-substitute the CUDA calls go to the test suite's CPU stand-in for cuda-bindings
 (tests/trt_standin.py, in the kit) and llm-siren runs on the CPU at the kit's tiny dims, so the
@@ -168,26 +168,23 @@ def device_kv_check(bundle_dir: Path, rt, raw_rt, device_bytes) -> list[dict]:
     return rows
 
 
-def anchor_artifact(kit: Path, work: Path, cpu: bool, full: bool) -> tuple[Path, str]:
-    """(artifact for llm-siren, what it is): the kit's tiny one on the CPU, else random
-    weights at Qwen3-0.6B (or 4B) dims made here."""
-    if cpu:
-        target = work / "artifact"
-        shutil.copytree(kit / "artifact", target)
-        config = target / "siren_config.json"
-        data = json.loads(config.read_text())
-        data["base_model"]["model_id"] = str(kit / "backbone")
-        config.write_text(json.dumps(data))
-        return target, "tiny random Qwen3 (kit)"
+ANCHOR_DIMS = {
+    "micro": dict(num_layers=2, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, head_dim=8),
+    "0.6B": dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8, head_dim=128),
+    "4B": dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32, num_kv_heads=8, head_dim=128),
+}
+
+
+def anchor_artifact(kit: Path, work: Path, size: str) -> tuple[Path, str]:
+    """(artifact for llm-siren, what it is): random Qwen3 weights at `size` dims made here,
+    with the kit bundle's tokenizer (the real Qwen3 one)."""
     from siren_export.synthetic import make_head, make_large_backbone
-    dims = (dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32, num_kv_heads=8, head_dim=128)
-            if full else dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8,
-                              head_dim=128))
-    make_large_backbone(work / "backbone", **dims, dtype="bf16", tokenizer_cache=kit / "backbone" / "tokenizer.json")
+    dims = ANCHOR_DIMS[size]
+    make_large_backbone(work / "backbone", **dims, dtype="bf16", tokenizer_cache=kit / "bundle" / "tokenizer.json")
     make_head(work / "artifact", work / "backbone", num_layers=dims["num_layers"], width=dims["hidden_size"],
-              selected_layers=list(range(dims["num_layers"])), neurons_per_layer=32, layer_dims=(256, 64),
-              max_length=512)
-    return work / "artifact", f"random Qwen3 at {'4B' if full else '0.6B'} dims"
+              selected_layers=list(range(dims["num_layers"])), neurons_per_layer=min(32, dims["hidden_size"] // 2),
+              layer_dims=(256, 64), max_length=512)
+    return work / "artifact", f"random Qwen3 at {size} dims"
 
 
 def anchor_check(artifact: Path, cpu: bool) -> list[dict]:
@@ -265,7 +262,7 @@ def environment(cpu: bool, rt) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kit", default=str(KIT), help="the kit folder (bundle/, artifact/, backbone/)")
+    parser.add_argument("--kit", default=str(KIT), help="the kit folder (bundle/, trt_standin.py)")
     parser.add_argument("--cpu-substitute", action="store_true",
                         help="no GPU: CUDA calls go to the CPU stand-in, llm-siren runs on the CPU (tests the logic)")
     parser.add_argument("--full", action="store_true", help="the llm-siren anchor at Qwen3-4B dims (0.6B default)")
@@ -295,7 +292,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="siren-gpu-check-") as tmp:
         work = Path(tmp)
         results["device_kv"] = device_kv_check(kit / "bundle", rt, raw_rt, device_bytes)
-        artifact, what = anchor_artifact(kit, work, args.cpu_substitute, args.full)
+        size = "micro" if args.cpu_substitute else ("4B" if args.full else "0.6B")
+        artifact, what = anchor_artifact(kit, work, size)
         results["anchor"] = {"model": what, "device": "cpu fp32" if args.cpu_substitute else "cuda bf16",
                              "rows": anchor_check(artifact, args.cpu_substitute)}
         results["tensorrt"] = tensorrt_check(kit / "bundle", work) if not args.cpu_substitute else \

@@ -3,11 +3,12 @@ cuda-bindings) but no network, no TensorRT and no onnxruntime-gpu.
 
     python benchmarks/gpu_offline/make_kit.py [-o dist/gpu-check] [--python 3.11]     (make gpu-kit)
 
-The kit holds the wheels the box lacks (this project, ONNX Runtime's CPU wheel, tokenizers,
-llm-siren and transformers with their small dependencies, for one Python version), a tiny
-random-weight streaming bundle with its artifact and backbone, check.py, run.sh and the CPU
-stand-in for cuda-bindings (for --cpu-substitute). What a torch box already has (torch and
-what it pulls in, numpy) is left out. It must stay under 60 MiB; the size is printed.
+The kit holds the wheels such a box lacks (this project, ONNX Runtime's CPU wheel, tokenizers,
+llm-siren and their small dependencies, for one Python version), a tiny random-weight
+streaming bundle, check.py, run.sh and the CPU stand-in for cuda-bindings (for
+--cpu-substitute). What an ML image with torch already has is left out: torch, transformers,
+huggingface_hub, safetensors, numpy and what they pull in (run.sh checks they import). It must
+stay under 60 MiB; the size is printed.
 On the box: `bash run.sh` (see check.py for what it checks).
 """
 from __future__ import annotations
@@ -25,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LIMIT_MIB = 60
 #: what the kit installs, pinned to the versions this checkout is tested with
-WANTED = ("onnxruntime", "tokenizers", "llm-siren", "transformers", "huggingface_hub", "safetensors")
-#: on a box with torch already (torch's own requirements, and numpy that cupy/cuda-bindings users have)
-ON_A_TORCH_BOX = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
-                  "typing-extensions", "setuptools", "numpy", "cuda-bindings", "cuda-python", "cuda-pathfinder"}
+WANTED = ("onnxruntime", "tokenizers", "llm-siren")
+#: what an ML image with torch has (these and what they pull in are left out of the kit)
+ON_THE_BOX = ("torch", "transformers", "huggingface_hub", "safetensors", "numpy")
 
 
 def _norm(name: str) -> str:
@@ -40,31 +40,37 @@ def wheel_platform_args(python: str) -> list[str]:
             "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
 
 
-def dependency_wheels(wheels: Path, python: str) -> list[str]:
-    """Download the wheels of WANTED and their dependencies, less ON_A_TORCH_BOX."""
-    pins = [f"{name}=={metadata.version(name)}" for name in WANTED]
+def resolve(pins: list[str], python: str) -> dict:
+    """{name: version} that `pins` resolve to for `python` on manylinux x86_64 (metadata only)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                         "--report", str(report), "--target", str(Path(tmp) / "t"), *wheel_platform_args(python),
                         *pins], check=True)
-        resolved = {_norm(i["metadata"]["name"]): i["metadata"]["version"]
-                    for i in json.loads(report.read_text())["install"]}
-    keep = sorted(f"{n}=={v}" for n, v in resolved.items() if n not in ON_A_TORCH_BOX and not n.startswith("nvidia-"))
+        return {_norm(i["metadata"]["name"]): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+
+
+def dependency_wheels(wheels: Path, python: str) -> tuple[list[str], list[str]]:
+    """Download the wheels of WANTED and their dependencies, less what the box has;
+    returns (kept, left out)."""
+    wanted = resolve([f"{name}=={metadata.version(name)}" for name in WANTED], python)
+    box = set(resolve([f"{name}=={metadata.version(name)}" for name in ON_THE_BOX], python))
+    box -= {_norm(name) for name in WANTED}
+    keep = sorted(f"{n}=={v}" for n, v in wanted.items() if n not in box and not n.startswith("nvidia-"))
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels),
                     *wheel_platform_args(python), *keep], check=True)
-    return keep
+    return keep, sorted(box)
 
 
 def tiny_model(kit: Path) -> None:
-    """The tiny random streaming bundle, its artifact and backbone (llm-siren loads those)."""
+    """The tiny random streaming bundle: 2 layers 16 wide (the 151,936-row embedding and the
+    tokenizer are most of its ~28 MB). llm-siren's model is made on the box."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _models import build
     with tempfile.TemporaryDirectory() as tmp:
-        artifact, bundle = build("tiny", Path(tmp), max_length=512)
+        _, bundle = build("micro", Path(tmp), max_length=512, neurons_per_layer=8)
         shutil.copytree(bundle, kit / "bundle")
-        shutil.copytree(artifact, kit / "artifact")
-        shutil.copytree(artifact.parent / "backbone", kit / "backbone")
 
 
 def size_mib(folder: Path) -> float:
@@ -86,14 +92,14 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(wheels), str(ROOT)], check=True)
     print(f"downloading wheels for Python {args.python} ...", file=sys.stderr)
-    pins = dependency_wheels(wheels, args.python)
+    pins, left_out = dependency_wheels(wheels, args.python)
     print("exporting the tiny random bundle ...", file=sys.stderr)
     tiny_model(kit)
     for name in ("check.py", "run.sh"):
         shutil.copy2(HERE / name, kit / name)
     shutil.copy2(ROOT / "tests" / "trt_standin.py", kit / "trt_standin.py")
     (kit / "kit.json").write_text(json.dumps({"python": args.python, "wheels": pins,
-                                              "left_out": sorted(ON_A_TORCH_BOX)}, indent=1))
+                                              "left_out": left_out}, indent=1))
     total = size_mib(kit)
     print(f"{kit}: {total:.1f} MiB ({size_mib(wheels):.1f} MiB of wheels, {len(list(wheels.iterdir()))} files) "
           f"for Python {args.python}; copy it to the GPU box and run `bash run.sh`")

@@ -92,6 +92,8 @@ def test_cpu_substitute_runs_end_to_end_from_the_kit_alone(kit, tmp_path):
     assert len(most) == 1 and all(r["calls_constant"] for r in rows) and 0 < most.pop() <= 12
     assert rows[-1]["device_mib_held"] > rows[0]["device_mib_held"] > 0
     assert len(result["anchor"]["rows"]) == 7 and all(r["ms"] > 0 for r in result["anchor"]["rows"])
+    trt = result["tensorrt"]          # the stand-in's TensorRT: built, gated, timed
+    assert trt["ran"] and trt["passed"] and trt["engines"] == ["model", "streaming"] and len(trt["rows"]) == 3
     assert result["passed"] and "| 64 streams, 6 feeds |" in proc.stdout and "PASS in" in proc.stdout
     # installed from the kit, not from this checkout
     import_path = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c",

@@ -159,7 +159,7 @@ def test_serve_app_options_are_checked_before_anything_starts(all_layers):
     for bad, message in (({"replicas": 2, "min_replicas": 1}, "not both"), ({"replicas": 0}, "at least 1"),
                          ({"min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
                          ({"max_batch": 0}, "--max-batch"), ({"port": 80}, "unknown option(s)"),
-                         ({"colour": "red"}, "unknown option(s): colour")):
+                         ({"colour": "red"}, "unknown option(s) for the Ray Serve app: colour")):
         with pytest.raises(ValueError, match=re.escape(message)):
             build_app({"bundle": str(all_layers.bundle), **bad})
     with pytest.raises(ValueError, match="args\\['bundle'\\]"):

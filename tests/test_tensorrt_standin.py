@@ -428,3 +428,31 @@ def test_engine_from_another_gpu_model_of_the_same_capability_warns(engines, tmp
         warnings.simplefilter("error")
         guard = _trt_guard(bundle)
     guard.close()
+
+
+def test_bf16_engines_build_gate_and_stream_with_a_bf16_kv_cache(reduced, all_layers, tmp_path, trt_standin):
+    """A bf16 bundle on the stand-in (its bf16 tensors as raw 16 bits; the graph runs as its
+    fp32 twin): both engines build, the model engine passes the margin-aware gate against the
+    fp32 bundle, and streams keep a bf16 KV cache (2 bytes an element on the device) whose
+    scores follow the model engine's score of the prefix within bf16 tolerance."""
+    from siren_engines.build import build_engines
+    from siren_runtime.bundle import read_bundle
+    bundle = tmp_path / "bf16"
+    shutil.copytree(reduced["bf16"], bundle)
+    result = build_engines(bundle, max_batch=4, stream_batch=3, reference_bundle=all_layers.bundle,
+                           show_progress=False)
+    assert {e["graph"] for e in result["engines"]} == {"model", "streaming"}, result["warnings"]
+    model = next(e for e in result["engines"] if e["graph"] == "model")
+    assert model["precision"] == "bf16" and model["verify"]["passed"]
+    guard = _trt_guard(bundle)
+    spec = read_bundle(bundle).streaming
+    assert spec.kv_dtype == "bf16" and guard.runners.step.token_bytes == spec.kv_layers * 2 * spec.kv_heads * spec.head_dim * 2
+    ours = np.array([r.score for r in guard.score_batch(CORPUS[:8])])
+    ref = np.array([r.score for r in all_layers.reference.score_batch(CORPUS[:8])])
+    assert 0 < np.abs(ours - ref).max() <= 6e-2          # bf16 weights: close to fp32, not equal
+    session = guard.stream()
+    for word in CORPUS[0].split(" "):
+        got = session.feed(word + " ").score
+        assert abs(got - guard.score(session.text).score) <= 3e-2
+    guard.close()
+    assert trt_standin.gpu.live_bytes() == 0

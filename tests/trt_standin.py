@@ -41,7 +41,67 @@ import numpy as np
 
 PLAN_MAGIC = b"SIREN-TRT-STANDIN\n"
 CACHE_MAGIC = b"SIREN-TIMING-CACHE:"
-_NP = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16,
+       "tensor(bfloat16)": np.uint16}       # bf16 as its raw 16 bits (numpy has no bfloat16)
+_BF16 = 16                                  # onnx.TensorProto.BFLOAT16
+_FLOAT = 1                                  # onnx.TensorProto.FLOAT
+
+
+def bf16_to_fp32(raw: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> the float32 they stand for (exact: bf16 is float32's top half)."""
+    return (np.ascontiguousarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def fp32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits, rounded to nearest even as a Cast to bfloat16 rounds."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+_TWINS: dict = {}
+
+
+def fp32_twin(onnx_path: str) -> tuple[str, dict]:
+    """(a graph ONNX Runtime's CPU provider can run, the original's I/O element types), for a
+    graph ONNX Runtime could not load as it is (a bf16 graph: no bf16 CPU kernels).
+
+    The twin has every bf16 initializer, constant, cast target and tensor type widened to
+    float32 (exact for the weights). Its arithmetic is fp32, so a bf16 engine on the stand-in
+    is closer to the fp32 bundle than a real one: this tests the runtime's handling of bf16
+    tensors (sizes, bits, KV caches), not TensorRT's bf16 numerics."""
+    import onnx
+    header = onnx.load(onnx_path, load_external_data=False)
+    names = {1: "tensor(float)", 7: "tensor(int64)", 10: "tensor(float16)", _BF16: "tensor(bfloat16)"}
+    io_types = {v.name: names[v.type.tensor_type.elem_type] for v in list(header.graph.input) + list(header.graph.output)}
+    if onnx_path in _TWINS:
+        return _TWINS[onnx_path], io_types
+    import tempfile
+    from onnx import numpy_helper
+    model = onnx.load(onnx_path)
+
+    def widen(tensor):
+        if tensor.data_type != _BF16:
+            return
+        raw = (np.frombuffer(tensor.raw_data, dtype=np.uint16) if tensor.raw_data
+               else np.asarray(tensor.int32_data, dtype=np.uint16))
+        tensor.CopyFrom(numpy_helper.from_array(bf16_to_fp32(raw).reshape(tuple(tensor.dims)), tensor.name))
+
+    graph = model.graph
+    for tensor in graph.initializer:
+        widen(tensor)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == _BF16:
+                attr.i = _FLOAT
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.type.tensor_type.elem_type == _BF16:
+            value.type.tensor_type.elem_type = _FLOAT
+    twin = str(Path(tempfile.mkdtemp(prefix="standin-fp32-twin-")) / Path(onnx_path).name)
+    onnx.save(model, twin)
+    _TWINS[onnx_path] = twin
+    return twin, io_types
 
 
 class StandInError(AssertionError):
@@ -376,8 +436,21 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
         if not gpu.usable:   # what the real bindings do when CUDA cannot start
             raise TypeError(f"{what}(): incompatible constructor arguments / factory function returned nullptr")
 
+    def _load(onnx_path: str):
+        """(a CPU session for the graph, the graph's own I/O element types): the graph itself,
+        or its fp32 twin when ONNX Runtime cannot run it (bf16)."""
+        try:
+            session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+            return session, {m.name: m.type for m in list(session.get_inputs()) + list(session.get_outputs())}
+        except Exception as first:          # noqa: BLE001 - ORT's own error types
+            try:
+                twin, io_types = fp32_twin(onnx_path)
+            except Exception:               # noqa: BLE001 - not a graph at all: ORT's words
+                raise first from None
+            return ort.InferenceSession(twin, providers=["CPUExecutionProvider"]), io_types
+
     def _session(onnx_path: str):
-        return ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        return _load(onnx_path)[0]
 
     def _dims(shape):
         return [d if isinstance(d, int) else -1 for d in shape]
@@ -492,7 +565,7 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
     class ICudaEngine(_Strict):
         def __init__(self, plan: dict):
             self.plan = plan
-            self.session = _session(plan["onnx"])
+            self.session, self.io_types = _load(plan["onnx"])     # the engine's own types (bf16 stays bf16)
             self._inputs = {i.name: i for i in self.session.get_inputs()}
             self._outputs = {o.name: o for o in self.session.get_outputs()}
             self._names = list(self._inputs) + list(self._outputs)
@@ -562,17 +635,22 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
             for name, meta in self.engine._inputs.items():
                 if name not in self.shapes or name not in self.addresses:
                     raise StandInError(f"execute_async_v3: input {name} has no shape or no address")
-                dtype = np.dtype(_NP[meta.type])
+                kind = self.engine.io_types[name]
+                dtype = np.dtype(_NP[kind])
                 shape = self.shapes[name]
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 view = gpu.device_view(self.addresses[name], max(nbytes, 1), f"input {name}")
                 feeds[name] = view[:nbytes].view(dtype).reshape(shape).copy()
+                if kind == "tensor(bfloat16)":
+                    feeds[name] = bf16_to_fp32(feeds[name])
             for name in self.engine._outputs:
                 if name not in self.addresses:
                     raise StandInError(f"execute_async_v3: output {name} has no address")
             outputs = self.engine.session.run(list(self.engine._outputs), feeds)
             for name, value in zip(self.engine._outputs, outputs):
                 value = np.ascontiguousarray(value)
+                if self.engine.io_types[name] == "tensor(bfloat16)":
+                    value = fp32_to_bf16(value)
                 view = gpu.device_view(self.addresses[name], max(value.nbytes, 1), f"output {name}")
                 view[:value.nbytes] = value.reshape(-1).view(np.uint8)
             gpu.executions.append((Path(self.engine.plan["onnx"]).name, self.profile, dict(self.shapes)))

@@ -97,7 +97,7 @@ def host_engine_runner(rt, raw_rt, bundle, session, max_batch: int):
             self._io = CudaStream(raw_rt)
 
         def _execute(self, shapes, out_shapes, addresses):
-            raw_rt.cudaStreamSynchronize(int(self.stream))        # the runner's copies are done
+            raw_rt.cudaStreamSynchronize(self.stream.handle)      # the runner's copies are done
             feeds = {}
             for name in STEP_IO.inputs:
                 feeds[name] = np.empty(shapes[name], dtype=types[name])

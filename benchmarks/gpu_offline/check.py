@@ -60,20 +60,12 @@ class CountingRuntime:
 
 
 def real_runtime():
-    """(cuda-bindings' runtime module, None) or (None, why there is no GPU to check)."""
-    try:
-        from cuda.bindings import runtime as rt
-    except ImportError:
-        try:
-            from cuda import cudart as rt
-        except ImportError:
-            return None, "cuda-bindings (cuda-python) is not installed"
-    err, count = rt.cudaGetDeviceCount()
-    if int(err) != 0:
-        return None, f"cudaGetDeviceCount failed ({rt.cudaGetErrorName(err)[1]!r}): no usable NVIDIA GPU or driver"
-    if count == 0:
-        return None, "no NVIDIA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
-    return rt, None
+    """(cuda-bindings' runtime module, None) or (None, why there is no GPU to check), in the
+    runtime's own words (a driver older than this cuda-bindings names the matching pair)."""
+    from siren_runtime.backends.cuda_env import cudart, gpu_problem
+    rt = cudart()
+    problem = gpu_problem() if rt is not None else "cuda-bindings (cuda-python) is not installed"
+    return (None, problem) if problem else (rt, None)
 
 
 def host_engine_runner(rt, raw_rt, bundle, session, max_batch: int):
@@ -81,6 +73,7 @@ def host_engine_runner(rt, raw_rt, bundle, session, max_batch: int):
     CPU: inputs read back from the device, outputs written to it, on a stream of its own
     (its calls are the substitute's, not the runner's, and are not counted)."""
     import numpy as np
+    from siren_runtime.backends.cuda_env import check
     from siren_runtime.backends.cuda_memory import CudaStream
     from siren_runtime.backends.device_kv import DeviceStepRunner
     from siren_runtime.bundle import STEP_IO
@@ -97,7 +90,7 @@ def host_engine_runner(rt, raw_rt, bundle, session, max_batch: int):
             self._io = CudaStream(raw_rt)
 
         def _execute(self, shapes, out_shapes, addresses):
-            raw_rt.cudaStreamSynchronize(self.stream.handle)      # the runner's copies are done
+            check(raw_rt.cudaStreamSynchronize(self.stream.handle), "cudaStreamSynchronize")   # the runner's copies
             feeds = {}
             for name in STEP_IO.inputs:
                 feeds[name] = np.empty(shapes[name], dtype=types[name])
@@ -313,7 +306,8 @@ def main() -> int:
             return 2
 
         def device_bytes() -> int:
-            err, free, total = raw_rt.cudaMemGetInfo()
+            from siren_runtime.backends.cuda_env import check
+            free, total = check(raw_rt.cudaMemGetInfo(), "cudaMemGetInfo")
             return int(total) - int(free)
     rt = CountingRuntime(raw_rt)
     results = {"environment": environment(args.cpu_substitute, raw_rt)}

@@ -40,6 +40,16 @@ def _provider_library(ort) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def _cause(message: str) -> str:
+    """The line of an ONNX Runtime error that says what failed ("CUDA failure 35: CUDA driver
+    version is insufficient ..."), not the C++ signature it starts with."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "CUDA failure" in line or "CUDA error" in line or "cudaError" in line:
+            return line[line.find("CUDA") if "CUDA" in line else 0:][:240]
+    return (lines[-1] if lines else "unknown error")[:240]
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_provider_problem() -> Optional[str]:
     """None when a session on CUDAExecutionProvider opens and keeps it, else the reason in
@@ -70,9 +80,14 @@ def cuda_provider_problem() -> Optional[str]:
     options.log_severity_level = 4
     probe = resources.files("siren_runtime.data").joinpath("cuda_probe.onnx").read_bytes()
     try:
-        session = ort.InferenceSession(probe, sess_options=options, providers=[CUDA_PROVIDER])
+        # no fallback: when the provider fails to start (a driver too old for its CUDA), ONNX
+        # Runtime would otherwise print an "EP Error" banner to stdout and go on on the CPU
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(probe, sess_options=options, providers=[CUDA_PROVIDER],
+                                           enable_fallback=0)
     except Exception as e:  # noqa: BLE001 - ORT's own error types
-        return f"onnxruntime-gpu {ort.__version__} could not open a session on the GPU: {str(e).splitlines()[0][:240]}"
+        return (f"onnxruntime-gpu {ort.__version__} could not open a session on the GPU: {_cause(str(e))}; "
+                + DRIVER_HINT)
     if CUDA_PROVIDER not in session.get_providers():
         from .cuda_env import cudart, gpu_problem
         why = (gpu_problem() if cudart() is not None else None) or "no visible GPU, or a driver older than its CUDA"

@@ -89,8 +89,11 @@ def main() -> int:
     wheels = kit / "wheels"
     wheels.mkdir(parents=True)
     print(f"building the siren-deploy wheel ...", file=sys.stderr)
+    had_build = (ROOT / "build").exists()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(wheels), str(ROOT)], check=True)
+    if not had_build:                   # setuptools' staging copy, not part of the checkout
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     print(f"downloading wheels for Python {args.python} ...", file=sys.stderr)
     pins, left_out = dependency_wheels(wheels, args.python)
     print("exporting the tiny random bundle ...", file=sys.stderr)

@@ -11,6 +11,8 @@ SIZES = {
     "mid": dict(num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=4, head_dim=64),
     "qwen3-0.6b": dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8,
                        head_dim=128),
+    "qwen3-4b": dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32, num_kv_heads=8,
+                     head_dim=128),
 }
 
 

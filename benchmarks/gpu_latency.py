@@ -21,8 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _models import SIZES  # noqa: E402
 
-SIZES.setdefault("qwen3-4b", dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32,
-                                  num_kv_heads=8, head_dim=128))
 SHAPES = [(b, s) for b in (1, 8, 32) for s in (64, 256)]
 
 

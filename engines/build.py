@@ -178,8 +178,8 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
         notes.append(f"not verified: {unverified}")
     timing_cache = Path(timing_cache) if timing_cache else bundle / "engines" / "timing.cache"
     # the GPU model is in the name: an H100 and an H200 engine (same capability) live side by side
-    model = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower().removeprefix("nvidia ")).strip("-")[:40] or "gpu"
-    tag = f"{dtype}-sm{gpu['compute_capability'].replace('.', '')}-{model}-trt{version}"
+    gpu_model = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower().removeprefix("nvidia ")).strip("-")[:40] or "gpu"
+    tag = f"{dtype}-sm{gpu['compute_capability'].replace('.', '')}-{gpu_model}-trt{version}"
 
     def build(graph: str, rel: str, graph_profiles) -> dict:
         if show_progress:

@@ -13,6 +13,7 @@ import numpy as np
 from siren_runtime.decisions import (MARGIN, MAX_MEAN_DIFF, THRESHOLDS, decision_report,  # noqa: F401
                                      format_decisions, gate_texts)
 
+
 def read_texts(path: Optional[str | Path]) -> list[str]:
     if path is None:
         return gate_texts()

@@ -161,18 +161,12 @@ def device_kv_check(bundle_dir: Path, rt, raw_rt, device_bytes) -> list[dict]:
     return rows
 
 
-ANCHOR_DIMS = {
-    "micro": dict(num_layers=2, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, head_dim=8),
-    "0.6B": dict(num_layers=28, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=8, head_dim=128),
-    "4B": dict(num_layers=36, hidden_size=2560, intermediate_size=9728, num_heads=32, num_kv_heads=8, head_dim=128),
-}
-
-
 def anchor_artifact(kit: Path, work: Path, size: str) -> tuple[Path, str]:
     """(artifact for llm-siren, what it is): random Qwen3 weights at `size` dims made here,
     with the kit bundle's tokenizer (the real Qwen3 one)."""
+    from _models import SIZES                 # benchmarks/_models.py, carried in the kit
     from siren_export.synthetic import make_head, make_large_backbone
-    dims = ANCHOR_DIMS[size]
+    dims = SIZES[size]
     make_large_backbone(work / "backbone", **dims, dtype="bf16", tokenizer_cache=kit / "bundle" / "tokenizer.json")
     make_head(work / "artifact", work / "backbone", num_layers=dims["num_layers"], width=dims["hidden_size"],
               selected_layers=list(range(dims["num_layers"])), neurons_per_layer=min(32, dims["hidden_size"] // 2),
@@ -290,10 +284,10 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     kit = Path(args.kit).resolve()
+    sys.path.insert(0, str(kit))              # trt_standin.py and _models.py
     started = time.perf_counter()
 
     if args.cpu_substitute:
-        sys.path.insert(0, str(kit))
         from trt_standin import StandIn
         standin = StandIn()
         raw_rt = standin.cudart
@@ -314,7 +308,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="siren-gpu-check-") as tmp:
         work = Path(tmp)
         results["device_kv"] = device_kv_check(kit / "bundle", rt, raw_rt, device_bytes)
-        size = "micro" if args.cpu_substitute else ("4B" if args.full else "0.6B")
+        size = "micro" if args.cpu_substitute else ("qwen3-4b" if args.full else "qwen3-0.6b")
         artifact, what = anchor_artifact(kit, work, size)
         results["anchor"] = {"model": what, "device": "cpu fp32" if args.cpu_substitute else "cuda bf16",
                              "rows": anchor_check(artifact, args.cpu_substitute)}

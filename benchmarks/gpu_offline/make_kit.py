@@ -101,6 +101,7 @@ def main() -> int:
     for name in ("check.py", "run.sh"):
         shutil.copy2(HERE / name, kit / name)
     shutil.copy2(ROOT / "tests" / "trt_standin.py", kit / "trt_standin.py")
+    shutil.copy2(ROOT / "benchmarks" / "_models.py", kit / "_models.py")      # the model dimensions
     (kit / "kit.json").write_text(json.dumps({"python": args.python, "wheels": pins,
                                               "left_out": left_out}, indent=1))
     total = size_mib(kit)

@@ -76,8 +76,9 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
     ort = _import_ort()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and cuda_provider_problem() is not None:
-        raise BackendUnavailableError(f"ONNX Runtime on the GPU: {cuda_provider_problem()}")
+    problem = cuda_provider_problem() if device == "cuda" else None
+    if problem:
+        raise BackendUnavailableError(f"ONNX Runtime on the GPU: {problem}")
     providers = [CUDA_PROVIDER, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

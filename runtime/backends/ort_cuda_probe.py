@@ -45,8 +45,8 @@ def _cause(message: str) -> str:
     version is insufficient ..."), not the C++ signature it starts with."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     for line in lines:
-        if "CUDA failure" in line or "CUDA error" in line or "cudaError" in line:
-            return line[line.find("CUDA") if "CUDA" in line else 0:][:240]
+        if "CUDA failure" in line or "CUDA error" in line:
+            return line[line.find("CUDA"):][:240]
     return (lines[-1] if lines else "unknown error")[:240]
 
 

@@ -276,8 +276,18 @@ def ray_serve(cluster, all_layers, tmp_path_factory):
             return httpx.get(url + "/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
+    from siren_ray.serve_app import REPLICA_HEADER
+    seen = set()
+
+    def both_replicas_route():
+        """The proxy learns of replicas by long poll: the app can answer before it routes
+        to the second one, so the tests start once each replica has answered."""
+        answer = httpx.get(url + "/health", timeout=2.0)
+        seen.add(answer.headers.get(REPLICA_HEADER))
+        return len(seen - {None}) == 2
     try:
         wait_for(healthy, 180, "the Serve app", step=0.5)
+        wait_for(both_replicas_route, 120, "the proxy to route to both replicas", step=0.1)
         yield url
     finally:
         process.send_signal(signal.SIGINT)

@@ -56,20 +56,77 @@ def checkpoint_dtype(config) -> Optional[str]:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name)
 
 
-def widen_parameters(model, dtype) -> None:
-    """Cast every parameter to `dtype` one tensor at a time (each narrow original is freed as
-    soon as its wide copy exists). Buffers (RoPE frequencies) stay as loaded, as with a
-    direct load at `dtype`."""
-    wide = {}      # tied weights stay one tensor
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.dtype != dtype and param.is_floating_point():
-                if id(param) not in wide:
-                    wide[id(param)] = type(param)(param.data.to(dtype), requires_grad=False)
-                module._parameters[name] = wide[id(param)]
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.dtype = dtype
+def checkpoint_files(model_id: str, revision: Optional[str], cache_dir: Optional[str] = None) -> list:
+    """The checkpoint's safetensors files (a local folder, the Hub cache, or downloaded into it);
+    [] when it has none."""
+    import json
+    from pathlib import Path
+    from transformers.utils import cached_file
+    common = dict(revision=revision, cache_dir=cache_dir, _raise_exceptions_for_missing_entries=False,
+                  _raise_exceptions_for_connection_errors=False)
+    index = cached_file(model_id, "model.safetensors.index.json", **common)
+    if index:
+        shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+        found = [cached_file(model_id, shard, **common) for shard in shards]
+        return [Path(f) for f in found] if all(found) else []
+    single = cached_file(model_id, "model.safetensors", **common)
+    return [Path(single)] if single else []
+
+
+def _rebuild_computed_buffers(model, config) -> bool:
+    """Non-persistent buffers (RoPE's inverse frequencies) are computed, not stored: rebuild
+    their modules as a plain load builds them. False if a module of another kind has any."""
+    for name, module in list(model.named_modules()):
+        if not module._non_persistent_buffers_set:
+            continue
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            return False
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], type(module)(config=config))
+    return True
+
+
+def load_widened(model_id: str, revision: Optional[str], config, dtype, cache_dir: Optional[str] = None):
+    """The backbone at `dtype` (wider than its checkpoint), filled tensor by tensor from plain
+    reads of the safetensors files: the peak is the wide model plus one narrow tensor (a
+    transformers load at the checkpoint's dtype maps the shards, and widening that holds up to
+    a shard's mapped pages beside the wide model). None where this checkpoint needs what only
+    transformers' loader does (no safetensors, renamed keys, other computed buffers)."""
+    import torch
+    from transformers import AutoModel
+    from .safetensors_reader import iter_tensors
+    files = checkpoint_files(model_id, revision, cache_dir)
+    if not files:
+        return None
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
+    stored = set(model.state_dict())              # parameters and persistent buffers
+    model.to_empty(device="cpu")                   # uninitialised: every stored tensor is read below
+    every = dict(model.named_parameters(remove_duplicate=False))
+    every.update(model.named_buffers(remove_duplicate=False))
+    targets = {n: t for n, t in every.items() if n in stored}
+    if not _rebuild_computed_buffers(model, model.config):
+        return None
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def target_name(key: str) -> str:
+        return key[len(prefix):] if key not in targets and key.startswith(prefix) else key
+    filled = set()
+    with torch.no_grad():
+        for path in files:
+            for key, tensor in iter_tensors(path, lambda k: target_name(k) in targets):
+                name = target_name(key)
+                target = targets[name]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ArtifactError(f"{path.name}: {key} has shape {tuple(tensor.shape)}, "
+                                        f"the model expects {tuple(target.shape)}")
+                target.copy_(tensor)
+                filled.add(id(target))
+                del tensor
+    if any(id(t) not in filled for t in targets.values()):
+        return None
+    model.config.dtype = dtype
+    return model
 
 
 def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtype: str = "fp32",
@@ -89,15 +146,19 @@ def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtyp
     tf_logger = logging.getLogger("transformers.modeling_utils")
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)
-    # A wider export than the checkpoint (fp32 from bf16) loads at the checkpoint's dtype and
-    # widens one tensor at a time: transformers would otherwise hold the bf16 state dict beside
-    # the whole fp32 model (19.8 GiB for Qwen3-4B instead of ~15).
-    stored = checkpoint_dtype(config)
-    load_as = stored if dtype == "fp32" and stored in ("bf16", "fp16") else dtype
+    # A wider export than the checkpoint (fp32 from bf16) is filled tensor by tensor from plain
+    # reads: transformers would hold the bf16 state dict (or its mapped shards) beside the
+    # whole fp32 model (19.8 GiB for Qwen3-4B, 17.2 with a widening pass, ~15 this way).
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    widening = dtype == "fp32" and checkpoint_dtype(config) in ("bf16", "fp16")
     try:
-        model = AutoModel.from_pretrained(
-            model_id, revision=revision, cache_dir=cache_dir, config=config, dtype=getattr(torch, TORCH_DTYPES[load_as]),
-            attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
+        model = load_widened(model_id, revision, config, torch_dtype, cache_dir) if widening else None
+        if model is None:
+            model = AutoModel.from_pretrained(
+                model_id, revision=revision, cache_dir=cache_dir, config=config, dtype=torch_dtype,
+                attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactError(f"could not load backbone weights from {model_id!r}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -106,8 +167,6 @@ def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtyp
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if load_as != dtype:
-        widen_parameters(model, getattr(torch, TORCH_DTYPES[dtype]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, cache_dir=cache_dir,
                                               trust_remote_code=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hub_cache import populate
 
 ARTIFACT_REPO = "siren-test/tiny-head"
@@ -78,38 +80,47 @@ def test_large_file_reads_report_progress(all_layers, caplog, monkeypatch):
     assert any("model.onnx.data:" in l and "sha256 matches" in l for l in lines)
 
 
-def test_fp32_export_of_a_bf16_checkpoint_widens_tensor_by_tensor(tmp_path, qwen_tokenizer_json, monkeypatch):
-    """Issue 22: a bf16 checkpoint is loaded at bf16 and widened one tensor at a time, and the
-    result is exactly what a direct fp32 load (llm-siren's) gives: every parameter and buffer."""
+@pytest.mark.parametrize("layout", ["base model", "causal LM (model. prefix, LM head, sharded)"])
+def test_fp32_export_of_a_bf16_checkpoint_widens_tensor_by_tensor(tmp_path, qwen_tokenizer_json, monkeypatch,
+                                                                 layout):
+    """Issue 22: a bf16 checkpoint is read tensor by tensor into an fp32 model (no transformers
+    load, no mapped shards), and the result is exactly what a direct fp32 load (llm-siren's)
+    gives: every parameter and buffer, whether the checkpoint is a base model's or a causal
+    LM's (keys under `model.`, an LM head and layers the export drops, several shards)."""
     import torch
-    from transformers import AutoModel
-    from siren_export.backbone import checkpoint_dtype, load_backbone, load_backbone_config
+    from transformers import AutoModel, Qwen3ForCausalLM
+    from siren_export.backbone import checkpoint_dtype, checkpoint_files, load_backbone, load_backbone_config
     from siren_export.synthetic import make_backbone
 
-    fp32 = make_backbone(tmp_path / "fp32", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2,
+    fp32 = make_backbone(tmp_path / "fp32", num_layers=3, hidden_size=32, intermediate_size=64, num_heads=2,
                          num_kv_heads=1, head_dim=16, tokenizer_cache=qwen_tokenizer_json)
     narrow = tmp_path / "bf16"
-    model = AutoModel.from_pretrained(str(fp32), dtype=torch.bfloat16)
-    model.save_pretrained(str(narrow), safe_serialization=True)
+    if layout == "base model":
+        AutoModel.from_pretrained(str(fp32), dtype=torch.bfloat16).save_pretrained(str(narrow))
+    else:
+        Qwen3ForCausalLM.from_pretrained(str(fp32), dtype=torch.bfloat16).save_pretrained(
+            str(narrow), max_shard_size="100KB")
+        assert len(checkpoint_files(str(narrow), None)) > 1
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (fp32 / name).exists():
             (narrow / name).write_bytes((fp32 / name).read_bytes())
     assert checkpoint_dtype(load_backbone_config(str(narrow), None)) == "bf16"
 
-    real, asked = AutoModel.from_pretrained, []
-
-    def recording(*args, **kwargs):
-        asked.append(kwargs.get("dtype"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(AutoModel, "from_pretrained", recording)
+    def refused(*args, **kwargs):
+        raise AssertionError("the widening path must not load through transformers")
+    monkeypatch.setattr(AutoModel, "from_pretrained", refused)
     loaded = load_backbone(str(narrow), None, 2, dtype="fp32").model
     monkeypatch.undo()
-    assert asked == [torch.bfloat16], asked          # read at the checkpoint's width, widened after
-    direct = AutoModel.from_pretrained(str(narrow), dtype=torch.float32, attn_implementation="sdpa")
+    config = load_backbone_config(str(narrow), None)
+    config.num_hidden_layers = 2
+    direct = AutoModel.from_pretrained(str(narrow), config=config, dtype=torch.float32, attn_implementation="sdpa")
     ours, theirs = loaded.state_dict(), direct.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
-    for (name, a), (_, b) in zip(loaded.named_buffers(), direct.named_buffers()):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+    buffers, direct_buffers = dict(loaded.named_buffers()), dict(direct.named_buffers())
+    assert buffers.keys() == direct_buffers.keys() and buffers
+    for name, a in buffers.items():
+        assert a.dtype == direct_buffers[name].dtype and torch.equal(a, direct_buffers[name]), name
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.config.dtype == torch.float32 and not loaded.training

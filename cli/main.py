@@ -149,15 +149,21 @@ def _cmd_quantize(args) -> int:
                                  block_size=args.block_size, reference_bundle=args.reference_bundle,
                                  texts=read_texts(args.texts), overwrite=args.overwrite,
                                  show_progress=not args.quiet, gate=not args.no_gate,
-                                 max_mean_diff=args.max_mean_diff, smooth=args.smooth)
+                                 max_mean_diff=args.max_mean_diff, smooth=args.smooth,
+                                 outlier_ratio=args.outliers, embedding=args.embedding)
     except QuantizationRejected as e:
+        from siren_quantize.pipeline import format_candidates
         if args.quiet:
-            print(format_report(e.report), file=sys.stderr)
+            rows = e.report.get("candidates") or []
+            print(format_candidates(rows) if len(rows) > 1 else format_report(e.report), file=sys.stderr)
         print(f"siren quantize: {e}", file=sys.stderr)
-        others = [f"--scheme {o}" for o in ("dynamic", "blockwise") if o != args.scheme]
-        if args.smooth is None:
-            others.append("--smooth 0.5")
-        print(f"siren quantize: worth a try: {' or '.join(others)}; else keep the fp32 bundle", file=sys.stderr)
+        named = args.scheme not in (None, "auto") or args.smooth is not None or args.outliers is not None
+        if named:
+            print("siren quantize: worth a try: no --scheme/--outliers/--smooth (every plan, fastest first); "
+                  "else keep the fp32 bundle", file=sys.stderr)
+        else:
+            print("siren quantize: worth a try: --embedding fp32, or a lower --outliers RATIO; else keep the fp32 "
+                  "bundle", file=sys.stderr)
         return 1
     print(out)
     return 0
@@ -373,10 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="fp32, fp16 or bf16 bundle")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--weights", choices=["int8"], default="int8")
-    p.add_argument("--scheme", choices=["dynamic", "blockwise"], default="dynamic",
-                   help="dynamic (default): per-token int8 activations x per-channel int8 weights, the fast one; "
+    p.add_argument("--scheme", choices=["auto", "dynamic", "blockwise"], default="auto",
+                   help="auto (default): try the plans fastest first (dynamic; dynamic with outlier channels in "
+                        "fp32 at two ratios; blockwise with them) and keep the first that passes the gate; "
+                        "dynamic: per-token int8 activations x per-channel int8 weights, the fast one; "
                         "blockwise: MatMulNBits 8-bit, closer to fp32 on outlier channels, slower (on AVX2 "
                         "CPUs slower than fp32)")
+    p.add_argument("--outliers", type=float, metavar="RATIO",
+                   help="compute in fp32 the input channels whose calibrated range exceeds RATIO x the median "
+                        "channel's (LLM.int8()-style split; e.g. 6); needs an fp32 graph to calibrate on")
+    p.add_argument("--embedding", choices=["int8", "fp32"], default="int8",
+                   help="the token embedding table: int8 rows with a scale each (default) or fp32")
     p.add_argument("--block-size", type=int, default=32, help="blockwise: weights per scale along K (default 32)")
     p.add_argument("--reference-bundle", help="fp32 bundle the gate compares with (default: BUNDLE when fp32)")
     p.add_argument("--texts", help="gate texts, one per line (default: calibration + 48 built-in texts)")

@@ -10,20 +10,24 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import massive_activations
+from .massive_activations import MassiveActivations
 from .qwen_tokenizer_build import QWEN3_VOCAB_SIZE, save_qwen3_tokenizer
 
 
 def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128,
                   num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                   tokenizer_cache: Optional[Path] = None, max_position_embeddings: int = 4096,
-                  outlier_channels: int = 0, outlier_scale: float = 40.0) -> Path:
+                  outlier_channels: int = 0, outlier_scale: float = 40.0,
+                  massive: Optional["MassiveActivations"] = None) -> Path:
     """A randomly initialised Qwen3ForCausalLM (tied embeddings) + the real Qwen3 tokenizer.
 
     outlier_channels: that many residual-stream channels (chosen by the seed) carry very large
     activations, as real Qwen3/Llama checkpoints do ("massive activations"): their embedding
     column and every layer's down_proj row are multiplied by `outlier_scale`, so every token's
     residual stream, and after RMSNorm every projection's input, has a few channels tens of
-    times larger than the rest. Random Gaussian weights alone quantize unrealistically well."""
+    times larger than the rest. Random Gaussian weights alone quantize unrealistically well.
+    massive: real LLMs' outliers as published (siren_export.massive_activations)."""
     from transformers import Qwen3ForCausalLM
 
     from transformers.utils import logging as tf_logging
@@ -33,8 +37,8 @@ def make_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int = 64, i
     folder.mkdir(parents=True, exist_ok=True)
     config = _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
                            max_position_embeddings)
-    _save_random(Qwen3ForCausalLM, config, folder, hidden_size, seed, outlier_channels, outlier_scale)
     save_qwen3_tokenizer(folder, tokenizer_cache)
+    _save_random(Qwen3ForCausalLM, config, folder, hidden_size, seed, outlier_channels, outlier_scale, massive)
     return folder
 
 
@@ -68,7 +72,7 @@ def make_llama_backbone(folder: Path, *, num_layers: int = 4, hidden_size: int =
 
 
 def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int, outlier_channels: int = 0,
-                 outlier_scale: float = 1.0) -> None:
+                 outlier_scale: float = 1.0, massive=None) -> None:
     """Instantiate `model_class(config)` with this module's random initialisation and save it."""
     import torch
     torch.manual_seed(seed)
@@ -82,7 +86,20 @@ def _save_random(model_class, config, folder: Path, hidden_size: int, seed: int,
             model.model.embed_tokens.weight[:, channels] *= outlier_scale
             for layer in model.model.layers:
                 layer.mlp.down_proj.weight[channels, :] *= outlier_scale
+        if massive is not None:
+            plan = _massive_plan(massive, config, folder, seed)
+            for name, p in model.named_parameters():
+                massive_activations.edit(plan, name, p)
+            factor = massive_activations.calibrate(plan, model.model, config.vocab_size, seed)
+            model.model.layers[massive.layer].mlp.down_proj.weight[plan.massive_channels, plan.neuron] *= factor
     model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _massive_plan(massive, config, folder: Path, seed: int):
+    from tokenizers import Tokenizer
+    return massive_activations.plan_for(massive, config.hidden_size, config.intermediate_size,
+                                        config.num_hidden_layers, seed,
+                                        Tokenizer.from_file(str(Path(folder) / "tokenizer.json")))
 
 
 def _qwen3_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim,
@@ -111,10 +128,11 @@ def _init_(name: str, p, std: float) -> None:
 def make_large_backbone(folder: Path, *, num_layers: int, hidden_size: int, intermediate_size: int,
                         num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bf16", seed: int = 0,
                         shard_bytes: int = 2 << 30, tokenizer_cache: Optional[Path] = None,
-                        max_position_embeddings: int = 4096) -> Path:
+                        max_position_embeddings: int = 4096, massive: Optional[MassiveActivations] = None) -> Path:
     """Like :func:`make_backbone`, for real-scale dimensions: the weights are made one tensor
     at a time and written in safetensors shards, so memory stays near one shard (a 4B model
-    never sits in memory whole). Same initialisation as make_backbone."""
+    never sits in memory whole). Same initialisation as make_backbone. `massive`: the layers up
+    to the one that writes the massive activations are held (fp32) until it is calibrated."""
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen3ForCausalLM
@@ -127,6 +145,8 @@ def make_large_backbone(folder: Path, *, num_layers: int, hidden_size: int, inte
         shapes = {name: p.shape for name, p in Qwen3ForCausalLM(config).named_parameters()}
     shapes.pop("lm_head.weight", None)          # tied to the embeddings
     torch_dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    save_qwen3_tokenizer(folder, tokenizer_cache)
+    plan = _massive_plan(massive, config, folder, seed) if massive is not None else None
     config.torch_dtype = torch_dtype
     config.save_pretrained(str(folder))
     torch.manual_seed(seed)
@@ -141,20 +161,59 @@ def make_large_backbone(folder: Path, *, num_layers: int, hidden_size: int, inte
             shards.append(name)
             weight_map.update({k: name for k in current})
             current, size = {}, 0
-    for name, shape in shapes.items():
-        tensor = torch.empty(shape, dtype=torch.float32)
-        _init_(name, tensor, std)
+
+    def put(name, tensor):
+        nonlocal size
         tensor = tensor.to(torch_dtype)
         if size and size + tensor.nbytes > shard_bytes:
             flush()
         current[name] = tensor
         size += tensor.nbytes
+    held = {}                                   # fp32, until the massive layer is calibrated
+    last_held = f"model.layers.{massive.layer}." if massive is not None else None
+    names = list(shapes)
+    for n, name in enumerate(names):
+        tensor = torch.empty(shapes[name], dtype=torch.float32)
+        _init_(name, tensor, std)
+        if plan is None:
+            put(name, tensor)
+            continue
+        massive_activations.edit(plan, name, tensor)
+        if plan.calibrated:
+            put(name, tensor)
+            continue
+        held[name] = tensor
+        if name.startswith(last_held) and (n + 1 == len(names) or not names[n + 1].startswith(last_held)):
+            _calibrate_held(plan, config, held, seed)
+            for held_name, held_tensor in held.items():
+                put(held_name, held_tensor)
+            held.clear()
     flush()
     total = sum((folder / n).stat().st_size for n in shards)
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    save_qwen3_tokenizer(folder, tokenizer_cache)
     return folder
+
+
+def _calibrate_held(plan, config, held: dict, seed: int) -> None:
+    """Run the layers made so far (a Qwen3Model cut after the massive layer) to scale its
+    down_proj column to the target magnitude."""
+    import copy
+    import torch
+    from transformers import Qwen3Model
+    short = copy.deepcopy(config)
+    short.num_hidden_layers = plan.spec.layer + 1
+    with torch.device("meta"):
+        model = Qwen3Model(short)
+    state = {k.removeprefix("model."): v for k, v in held.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"norm.weight"}:
+        raise ValueError(f"calibrating massive activations: missing {missing}, unexpected {unexpected}")
+    model.norm.weight = torch.nn.Parameter(torch.ones(config.hidden_size))
+    model.rotary_emb = type(model.rotary_emb)(config=short)
+    factor = massive_activations.calibrate(plan, model.eval(), config.vocab_size, seed)
+    down = held[f"model.layers.{plan.spec.layer}.mlp.down_proj.weight"]
+    down[plan.massive_channels, plan.neuron] *= factor
 
 
 def make_head(folder: Path, backbone: str, *, num_layers: int, width: int,

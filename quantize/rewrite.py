@@ -17,16 +17,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import schemes
-from .schemes import QuantizedWeight, quantize_weight
+from .schemes import QuantizedWeight, quantize_embedding, quantize_weight
 from .smoothing import quantizable_matmuls
 
 MS_DOMAIN = "com.microsoft"
-_HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
+HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
 _ALIGN = 64
 BLOCKED_QUANTIZE_OPSET = 21      # QuantizeLinear with block_size (a scale per row)
 
 
-def _to_float32(raw: np.ndarray, data_type: int) -> np.ndarray:
+def to_float32(raw: np.ndarray, data_type: int) -> np.ndarray:
     if data_type == TensorProto.BFLOAT16:
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if data_type == TensorProto.FLOAT16:
@@ -110,6 +110,8 @@ class GraphReport:
     weight_bytes_out: int = 0
     names: list = field(default_factory=list)
     opset: int = 0
+    split_channels: int = 0               # input channels computed in fp32, over all MatMuls
+    embedding: Optional[str] = None       # the table stored as int8 rows
 
 
 def _is_external(t: TensorProto) -> bool:
@@ -117,18 +119,18 @@ def _is_external(t: TensorProto) -> bool:
 
 
 def _float_type(elem_type: int, to_fp32: bool) -> int:
-    return TensorProto.FLOAT if (to_fp32 and elem_type in _HALF_TYPES) else elem_type
+    return TensorProto.FLOAT if (to_fp32 and elem_type in HALF_TYPES) else elem_type
 
 
 def _fp32_tensor(t: TensorProto) -> TensorProto:
     """An inline (non-external) half tensor as fp32."""
-    if t.data_type not in _HALF_TYPES:
+    if t.data_type not in HALF_TYPES:
         return t
     if t.raw_data:
         raw = np.frombuffer(t.raw_data, dtype=np.uint16)
     else:                                   # int32_data holds the 16-bit patterns
         raw = np.asarray(t.int32_data, dtype=np.uint32).astype(np.uint16)
-    values = _to_float32(raw.copy(), t.data_type).reshape(tuple(t.dims))
+    values = to_float32(raw.copy(), t.data_type).reshape(tuple(t.dims))
     out = numpy_helper.from_array(values.astype(np.float32), t.name)
     return out
 
@@ -138,21 +140,27 @@ def _float_node(node: onnx.NodeProto, to_fp32: bool) -> onnx.NodeProto:
     if not to_fp32:
         return node
     for attr in node.attribute:
-        if attr.name == "to" and node.op_type in ("Cast",) and attr.i in _HALF_TYPES:
+        if attr.name == "to" and node.op_type in ("Cast",) and attr.i in HALF_TYPES:
             attr.i = TensorProto.FLOAT
-        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _HALF_TYPES:
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in HALF_TYPES:
             attr.t.CopyFrom(_fp32_tensor(attr.t))
-        elif attr.name == "dtype" and attr.type == onnx.AttributeProto.INT and attr.i in _HALF_TYPES:
+        elif attr.name == "dtype" and attr.type == onnx.AttributeProto.INT and attr.i in HALF_TYPES:
             attr.i = TensorProto.FLOAT
     return node
 
 
 class GraphRewriter:
     def __init__(self, model: onnx.ModelProto, source: SourceWeights, out: WeightsFile, scheme: str,
-                 block_size: int, to_fp32: bool, smoothing: Optional[dict] = None):
-        """`smoothing`: {source weight key: per-input-channel factor s} (siren_quantize.smoothing)."""
+                 block_size: int, to_fp32: bool, smoothing: Optional[dict] = None, outliers: Optional[dict] = None,
+                 embedding_int8: bool = False, input_ids: str = "input_ids"):
+        """`smoothing`: {source weight key: per-input-channel factor s} (siren_quantize.smoothing);
+        `outliers`: {source weight key: input channels computed in fp32} (siren_quantize.outliers);
+        `embedding_int8`: the token embedding table (the Gather reading `input_ids`) as int8 rows."""
         self.model, self.source, self.out = model, source, out
         self.smoothing = smoothing or {}
+        self.outliers = outliers or {}
+        self.embedding_int8, self.input_ids = embedding_int8, input_ids
+        self._split: dict = {}             # activation name -> (masked, gathered, channels)
         self.scheme, self.block_size, self.to_fp32 = scheme, block_size, to_fp32
         self.report = GraphReport()
         self._added: dict = {}             # initializer name -> TensorProto
@@ -169,7 +177,7 @@ class GraphRewriter:
         record = self.out.written.get(key)
         if record is None:
             raw = self.source.read(key)
-            array = _to_float32(np.asarray(raw), t.data_type) if self.to_fp32 else np.asarray(raw)
+            array = to_float32(np.asarray(raw), t.data_type) if self.to_fp32 else np.asarray(raw)
             data_type = _float_type(t.data_type, self.to_fp32)
             offset, length = self.out.append(array)
             record = {"": (offset, length, data_type, tuple(t.dims))}
@@ -184,13 +192,21 @@ class GraphRewriter:
         record = self.out.written.get(key)
         if record is None:
             raw = self.source.read(key)
-            weight = _to_float32(np.asarray(raw), t.data_type)
+            weight = to_float32(np.asarray(raw), t.data_type)
             weight = weight.view(np.float32).reshape(tuple(t.dims)) if t.data_type == TensorProto.FLOAT \
                 else weight.reshape(tuple(t.dims))
             if key in self.smoothing:
                 weight = weight * self.smoothing[key][:, None]
-            qw: QuantizedWeight = quantize_weight(weight, self.scheme, self.block_size)
             record = {}
+            channels = self.outliers.get(key)
+            if channels is not None:           # those rows go to the fp32 MatMul, not int8
+                rows = np.ascontiguousarray(weight[channels], dtype=np.float32)
+                offset, length = self.out.append(rows)
+                record["outlier_rows"] = (offset, length, TensorProto.FLOAT, rows.shape)
+                self.report.weight_bytes_out += length
+                weight = weight.copy()
+                weight[channels] = 0.0
+            qw: QuantizedWeight = quantize_weight(weight, self.scheme, self.block_size)
             for suffix, array in qw.arrays.items():
                 offset, length = self.out.append(array)
                 data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -200,6 +216,48 @@ class GraphRewriter:
             self.out.written[key] = record
             self.report.weight_bytes_in += raw.size
         return record
+
+    def _embedding(self, node: onnx.NodeProto, table: TensorProto, nodes: list) -> None:
+        """Gather(table, ids) -> Gather(int8 rows, ids) * Gather(row scales, ids)."""
+        key = self.source.key(table)
+        record = self.out.written.get(key)
+        if record is None:
+            raw = self.source.read(key)
+            values = to_float32(np.asarray(raw), table.data_type)
+            values = values.view(np.float32) if table.data_type == TensorProto.FLOAT else values
+            arrays = quantize_embedding(values.reshape(tuple(table.dims)))
+            del values
+            record = {}
+            for suffix, array in arrays.items():
+                offset, length = self.out.append(array)
+                record[suffix] = (offset, length, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+                self.report.weight_bytes_out += length
+            self.out.written[key] = record
+            self.report.weight_bytes_in += raw.size
+        q = self._add(table.name + "__q8", record["q"])
+        scale = self._add(table.name + "__row_scale", record["scale"])
+        y, ids = node.output[0], node.input[1]
+        nodes += [helper.make_node("Gather", [q, ids], [y + "__q8"], axis=0),
+                  helper.make_node("Cast", [y + "__q8"], [y + "__f"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [scale, ids], [y + "__scale"], axis=0),
+                  helper.make_node("Mul", [y + "__f", y + "__scale"], [y])]
+        self.report.embedding = table.name
+
+    def _split_activation(self, activation: str, channels: np.ndarray, k: int, nodes: list) -> tuple[str, str]:
+        """(x with the outlier channels zeroed, those channels gathered), once per activation."""
+        if activation in self._split:
+            masked, gathered, seen = self._split[activation]
+            if not np.array_equal(seen, channels):
+                raise ValueError(f"{activation}: the MatMuls reading it split different channels")
+            return masked, gathered
+        mask = np.ones(k, np.float32)
+        mask[channels] = 0.0
+        masked, gathered = f"{activation}__inliers", f"{activation}__outliers"
+        nodes += [helper.make_node("Mul", [activation, self._constant(f"{activation}__inlier_mask", mask)], [masked]),
+                  helper.make_node("Gather", [activation, self._constant(f"{activation}__outlier_index", channels)],
+                                   [gathered], axis=-1)]
+        self._split[activation] = (masked, gathered, channels)
+        return masked, gathered
 
     def _add(self, name: str, record: tuple) -> str:
         if name not in self._added:
@@ -263,6 +321,15 @@ class GraphRewriter:
         factor = self.smoothing.get(self.source.key(weight))
         if factor is not None:
             a = self._smooth(a, factor, nodes)
+        if "outlier_rows" in record:           # y = int8(x without outliers) + x[:, outliers] @ W[outliers]
+            a, gathered = self._split_activation(a, self.outliers[self.source.key(weight)], k, nodes)
+            rows = self._add(weight.name + "__outlier_rows", record["outlier_rows"])
+            nodes.append(helper.make_node("MatMul", [gathered, rows], [y + "__fp32_part"]))
+            join = helper.make_node("Add", [y + "__int8_part", y + "__fp32_part"], [y])
+            y = y + "__int8_part"
+            self.report.split_channels += len(self.outliers[self.source.key(weight)])
+        else:
+            join = None
         if self.scheme == "dynamic":
             a_q, a_scale = self._row_quantized(a, k, nodes)
             one = self._constant("siren_q8_one", np.array(1.0, np.float32))
@@ -276,20 +343,41 @@ class GraphRewriter:
             nodes.append(helper.make_node("MatMulNBits", [a, q, scale], [y], domain=MS_DOMAIN,
                                           name=(node.name or y) + "_q8", K=k, N=n, bits=8,
                                           block_size=block_size, accuracy_level=4))
+        if join is not None:
+            nodes.append(join)
         self.report.quantized += 1
         self.report.names.append(weight.name)
+
+    def _embedding_tables(self, graph: onnx.GraphProto, initializers: dict) -> set:
+        """The external 2-D float initializers that only Gathers of the token ids read."""
+        readers: dict = {}
+        for node in graph.node:
+            for position, name in enumerate(node.input):
+                if name in initializers:
+                    readers.setdefault(name, []).append((node, position))
+        tables = set()
+        for name, uses in readers.items():
+            t = initializers[name]
+            if (_is_external(t) and len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, *HALF_TYPES)
+                    and all(n.op_type == "Gather" and pos == 0 and n.input[1] == self.input_ids
+                            and not any(a.name == "axis" and a.i != 0 for a in n.attribute) for n, pos in uses)):
+                tables.add(name)
+        return tables
 
     def run(self) -> GraphReport:
         graph = self.model.graph
         initializers = {t.name: t for t in graph.initializer}
-        quantizable = set(quantizable_matmuls(graph, _HALF_TYPES))
+        quantizable = set(quantizable_matmuls(graph, HALF_TYPES))
         nodes: list = []
+        tables = self._embedding_tables(graph, initializers) if self.embedding_int8 else set()
         for node in graph.node:
             if node.op_type == "MatMul" and node.input[1] in quantizable:
                 self._matmul(node, initializers[node.input[1]], nodes)
+            elif node.op_type == "Gather" and node.input[0] in tables:
+                self._embedding(node, initializers[node.input[0]], nodes)
             else:
                 nodes.append(_float_node(node, self.to_fp32))
-        kept = [self._kept(t) for t in graph.initializer if t.name not in quantizable]
+        kept = [self._kept(t) for t in graph.initializer if t.name not in quantizable and t.name not in tables]
         del graph.node[:]
         graph.node.extend(nodes)
         del graph.initializer[:]

@@ -78,3 +78,19 @@ def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> Qu
         quantize_matmul_8bits(packed, weight, scales, zero_points, block_size, n, k, True)
         return QuantizedWeight({"q": packed, "scale": scales}, scheme, k, n, block_size)
     raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+
+
+EMBEDDING_LEVELS = 127
+
+
+def quantize_embedding(table: np.ndarray) -> dict:
+    """The embedding table as int8 with one scale per row (per token), dequantized after the
+    gather: each looked-up row is exactly its dequantized table row, and a row's scale is set
+    by that token alone. At Qwen3-4B the fp32 table is 1.56 GB; this is 0.39 GB."""
+    if table.ndim != 2:
+        raise ValueError(f"expected a 2-D embedding table, got shape {table.shape}")
+    table = np.asarray(table, dtype=np.float32)
+    scale = np.abs(table).max(axis=1, keepdims=True) / float(EMBEDDING_LEVELS)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(table / scale), -EMBEDDING_LEVELS, EMBEDDING_LEVELS).astype(np.int8)
+    return {"q": q, "scale": scale}

@@ -7,18 +7,15 @@ the rest is divided down before X is quantized per token, and its weight row is 
 up before W is quantized per output channel, where a large row costs less. Exact in real
 arithmetic: the fp32 graph is unchanged except for one Mul by 1/s per smoothed input.
 
-max|X_j| comes from running the fp32 source scoring graph on calibration texts (ONNX Runtime
-CPU, one text at a time so no padding reaches the ranges); fp16/bf16 sources cannot be
-calibrated on the CPU and are not smoothed. The factors are keyed by the weight's bytes in the
-source file, so the step graph, which reads the same weights, gets the same factors.
+max|X_j| comes from the calibration ranges (siren_quantize.calibration). The factors are
+keyed by the weight's bytes in the source file, so the step graph, which reads the same
+weights, gets the same factors.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 MIN_FACTOR = 1e-5
 
@@ -42,47 +39,33 @@ def quantizable_matmuls(graph: onnx.GraphProto, half_types: tuple = ()) -> dict:
     return found
 
 
-def _activation_ranges(source_dir: Path, graph_path: str, weights_file: str, activations: list,
-                       token_ids: list) -> dict:
-    """Per-channel max |x| of each activation over every token of every text."""
-    from siren_runtime.backends.onnxruntime_runner import open_session
-    model = onnx.load(str(source_dir / graph_path), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    for name in activations:
-        if name not in known:
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    data = np.fromfile(source_dir / weights_file, dtype=np.uint8)
-    session = open_session(model.SerializeToString(), "cpu", external={Path(weights_file).name: data})
-    ranges = {name: None for name in activations}
-    for ids in token_ids:
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        for name, value in zip(activations, session.run(activations, feeds)):
-            amax = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            ranges[name] = amax if ranges[name] is None else np.maximum(ranges[name], amax)
-    del session, data
-    return ranges
+def matmul_groups(graph: onnx.GraphProto, half_types: tuple = ()) -> dict:
+    """{activation: [weight initializers of the quantizable MatMuls reading it]}."""
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict = {}
+    for weight, node in quantizable_matmuls(graph, half_types).items():
+        groups.setdefault(node.input[0], []).append(initializers[weight])
+    return groups
 
 
-def smoothing_factors(source_dir: Path, graph_path: str, weights_file: str, source, token_ids: list,
-                      alpha: float) -> dict:
-    """{source weight key: s} for every quantizable MatMul of the fp32 scoring graph."""
+def smoothing_factors(graph: onnx.GraphProto, ranges: dict, source, alpha: float) -> dict:
+    """{source weight key: s} for every quantizable MatMul of the scoring graph, from the
+    calibration `ranges` of its inputs, keyed by the source weights that read them
+    (siren_quantize.pipeline.Calibration)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"smoothing alpha must be in (0, 1), got {alpha!r}")
-    model = onnx.load(str(source_dir / graph_path), load_external_data=False)
-    matmuls = quantizable_matmuls(model.graph)
-    initializers = {t.name: t for t in model.graph.initializer}
-    groups: dict = {}
-    for weight, node in matmuls.items():
-        groups.setdefault(node.input[0], []).append(initializers[weight])
-    ranges = _activation_ranges(source_dir, graph_path, weights_file, list(groups), token_ids)
+    from .rewrite import HALF_TYPES, to_float32
+    groups = matmul_groups(graph, HALF_TYPES)
     factors = {}
-    for activation, weights in groups.items():
+    for weights in groups.values():
         w_max = None
         for w in weights:
             key = source.key(w)
-            rows = np.abs(source.read(key).view(np.float32).reshape(tuple(w.dims))).max(axis=1)
+            raw = source.read(key)
+            values = to_float32(raw, w.data_type) if w.data_type in HALF_TYPES else raw.view(np.float32)
+            rows = np.abs(values.reshape(tuple(w.dims))).max(axis=1)
             w_max = rows if w_max is None else np.maximum(w_max, rows)
-        a_max = ranges[activation].astype(np.float64)
+        a_max = ranges[source.key(weights[0])].astype(np.float64)
         s = np.power(np.maximum(a_max, MIN_FACTOR), alpha) / np.power(np.maximum(w_max, MIN_FACTOR), 1.0 - alpha)
         s = np.clip(s, MIN_FACTOR, 1.0 / MIN_FACTOR).astype(np.float32)
         for w in weights:

@@ -32,6 +32,7 @@ class Case:
     seed: int = 0
     outlier_channels: int = 0        # massive-activation channels (synthetic.make_backbone)
     outlier_scale: float = 40.0
+    massive: bool = False            # real LLMs' outliers (siren_export.massive_activations)
 
 
 CASES = {
@@ -46,6 +47,8 @@ CASES = {
     "training": Case("training", 4, 64, 128, 4, 2, 16, (0, 1, 2, 3), readout="training", max_length=64, seed=3),
     # a few residual channels with very large activations, as real checkpoints have (quantization's hard case)
     "outliers": Case("outliers", 4, 128, 256, 4, 2, 32, (0, 1, 2, 3), max_length=64, seed=4, outlier_channels=3),
+    # massive activations (x1000 on delimiters from layer 1) and outlier features, as published
+    "massive": Case("massive", 4, 128, 256, 4, 2, 32, (0, 1, 2, 3), max_length=64, seed=5, massive=True),
 }
 
 
@@ -80,13 +83,14 @@ class Built:
 
 def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True) -> Built:
     from siren_export.pipeline import export_bundle
-    from siren_export.synthetic import make_backbone, make_head
+    from siren_export.synthetic import MassiveActivations, make_backbone, make_head
 
     backbone = make_backbone(root / f"{case.name}-backbone", num_layers=case.num_layers,
                              hidden_size=case.hidden_size, intermediate_size=case.intermediate_size,
                              num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
                              seed=case.seed, tokenizer_cache=tokenizer_json, outlier_channels=case.outlier_channels,
-                             outlier_scale=case.outlier_scale)
+                             outlier_scale=case.outlier_scale,
+                             massive=MassiveActivations() if case.massive else None)
     artifact = make_head(root / f"{case.name}-head", backbone, num_layers=case.num_layers, width=case.hidden_size,
                          selected_layers=case.selected_layers, neurons_per_layer=case.neurons_per_layer,
                          pooling_type=case.pooling_type, layer_dims=case.layer_dims, max_length=case.max_length,

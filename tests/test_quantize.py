@@ -45,8 +45,10 @@ def test_int8_bundle_contract_and_gate(blockwise, all_layers):
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 28 and ops.count("Gemm") == 3 and "Gather" in ops
-    embedding = next(t for t in graph.initializer if t.name == "embed_tokens.weight")
-    assert embedding.data_type == onnx.TensorProto.FLOAT                 # the embedding gather stays fp32
+    tables = {t.name: t for t in graph.initializer if t.name.startswith("embed_tokens.weight")}
+    assert tables["embed_tokens.weight__q8"].data_type == onnx.TensorProto.INT8     # int8 rows (the default)
+    assert list(tables["embed_tokens.weight__row_scale"].dims) == [tables["embed_tokens.weight__q8"].dims[0], 1]
+    assert "embed_tokens.weight" not in tables and quant["plan"]["embedding"] == "int8"
 
 
 def test_older_onnxruntime_is_refused_with_the_version(blockwise, monkeypatch, tmp_path):
@@ -129,7 +131,7 @@ def test_gate_refusal_writes_nothing(built_cases, tmp_path):
     assert proc.returncode == 1 and not out.exists()
     last = proc.stderr.strip().splitlines()
     assert "FAIL" in proc.stderr and "refused" in last[-2]
-    assert "--scheme blockwise or --smooth 0.5" in last[-1]                  # what to try next
+    assert "no --scheme/--outliers/--smooth" in last[-1]                       # what to try next: auto
 
 
 def test_bf16_source_and_verify_cli(all_layers, reduced, tmp_path):

@@ -17,23 +17,26 @@ SIZES = {
 
 
 def build(size: str, workdir: Path, max_length: int = 1024, neurons_per_layer: int = 32, streaming: bool = True,
-          outlier_channels: int = 0, output_scale: float = 4.0, dtype: str = "fp32"):
+          outlier_channels: int = 0, output_scale: float = 4.0, dtype: str = "fp32", massive: bool = False):
     """Returns (artifact_dir, bundle_dir), building what is missing. outlier_channels: a
-    backbone with that many massive-activation channels (see synthetic.make_backbone)."""
+    backbone with that many x40 channels (see synthetic.make_backbone); massive: massive
+    activations and outlier features as published (siren_export.massive_activations), the
+    head fitted to the features' scale."""
     from siren_export.pipeline import export_bundle
-    from siren_export.synthetic import make_backbone, make_head
+    from siren_export.synthetic import MassiveActivations, make_backbone, make_head
 
     dims = SIZES[size]
     root = Path(workdir) / (size + (f"-outliers{outlier_channels}" if outlier_channels else "")
-                            + (f"-scale{output_scale:g}" if output_scale != 4.0 else ""))
+                            + (f"-scale{output_scale:g}" if output_scale != 4.0 else "") + ("-massive" if massive else ""))
     backbone, artifact = root / "backbone", root / "artifact"
     bundle = root / ("bundle" if dtype == "fp32" else f"bundle-{dtype}")
     if not (backbone / "config.json").is_file():
-        make_backbone(backbone, **dims, outlier_channels=outlier_channels)
+        make_backbone(backbone, **dims, outlier_channels=outlier_channels,
+                      massive=MassiveActivations() if massive else None)
     if not (artifact / "siren.safetensors").is_file():
         make_head(artifact, backbone, num_layers=dims["num_layers"], width=dims["hidden_size"],
                   selected_layers=list(range(dims["num_layers"])), neurons_per_layer=neurons_per_layer,
-                  layer_dims=(256, 64), max_length=max_length, output_scale=output_scale)
+                  layer_dims=(256, 64), max_length=max_length, output_scale=output_scale, standardize=massive)
     if not (bundle / "siren_bundle.json").is_file() or not _current(bundle):
         export_bundle(str(artifact), bundle, overwrite=True, streaming=streaming, dtype=dtype)
     return artifact, bundle

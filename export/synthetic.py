@@ -220,10 +220,12 @@ def make_head(folder: Path, backbone: str, *, num_layers: int, width: int,
               selected_layers: Sequence[int], neurons_per_layer: int = 8, pooling_type: str = "residual_mean",
               layer_dims: Sequence[int] = (32, 16), dropout_rates: Optional[Sequence[float]] = None,
               max_length: int = 64, default_threshold: float = 0.5, output_scale: float = 4.0,
-              task: str = "content", seed: int = 0, revision: Optional[str] = None) -> Path:
+              task: str = "content", seed: int = 0, revision: Optional[str] = None,
+              standardize: bool = False) -> Path:
     """Write `siren_config.json` + `siren.safetensors` exactly as the real artifact lays them out.
 
     width: the backbone's hidden size (both readouts are hidden-size vectors).
+    standardize: fit the first layer to the features' scale on real texts (runs the backbone).
     """
     import torch
     from safetensors.torch import save_file
@@ -254,6 +256,40 @@ def make_head(folder: Path, backbone: str, *, num_layers: int, width: int,
                 "num_classes": 2},
         "inference": {"max_length": max_length, "default_threshold": default_threshold},
     }
+    if standardize:
+        _standardize_first_layer(tensors, backbone, layers, neurons, weights, pooling_type)
     (folder / "siren_config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "siren.safetensors"))
     return folder
+
+
+def _standardize_first_layer(tensors: dict, backbone: str, layers: list, neurons: dict, weights: dict,
+                             pooling_type: str) -> None:
+    """Fold each feature's mean and spread on real texts into the first Linear, as training
+    would: a backbone with massive activations pools values in the hundreds into a few
+    features, which saturate a random head (every score 0 or 1) and leave nothing to compare."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    from siren_runtime.calibration import calibration_texts
+    from siren_runtime.decisions import gate_texts
+
+    model = AutoModel.from_pretrained(str(backbone), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+    seen = {}
+    hooks = [model.layers[l].mlp.register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, out))
+             for l in layers] if pooling_type == "mlp_mean" else []
+    rows = []
+    with torch.no_grad():
+        for text in calibration_texts() + gate_texts():
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = model(input_ids=ids, output_hidden_states=True)
+            per_layer = [(seen[l] if hooks else out.hidden_states[l + 1])[0].mean(dim=0) for l in layers]
+            rows.append(torch.cat([weights[str(l)] * h[neurons[f"layer{l}_{pooling_type}"]]
+                                   for l, h in zip(layers, per_layer)]))
+    for hook in hooks:
+        hook.remove()
+    features = torch.stack(rows)
+    mean, std = features.mean(dim=0), features.std(dim=0).clamp_min(1e-6)
+    w, b = tensors["network.0.weight"], tensors["network.0.bias"]
+    tensors["network.0.weight"] = w / std
+    tensors["network.0.bias"] = b - (w / std) @ mean

@@ -94,7 +94,7 @@ def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True
     artifact = make_head(root / f"{case.name}-head", backbone, num_layers=case.num_layers, width=case.hidden_size,
                          selected_layers=case.selected_layers, neurons_per_layer=case.neurons_per_layer,
                          pooling_type=case.pooling_type, layer_dims=case.layer_dims, max_length=case.max_length,
-                         seed=case.seed)
+                         seed=case.seed, standardize=case.massive)
     bundle = root / f"{case.name}-bundle"
     if export:
         export_bundle(str(artifact), bundle, readout=case.readout, show_progress=False)

@@ -279,3 +279,79 @@ def test_smoothed_bundle_records_and_streams(built_cases, tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         quantize_bundle(outliers.bundle, tmp_path / "bad", smooth=1.5, show_progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_massive_backbone_has_published_outliers(built_cases):
+    """The realistic outlier backbone: from layer 1 on, two fixed residual channels hold about
+    1000 on delimiter and frequent-word tokens only (Sun et al. 2024), and the projections'
+    inputs carry ~20x outlier features on every token (Dettmers et al. 2022)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    from siren_export.massive_activations import TRIGGER_TOKENS
+    massive = built_cases("massive")
+    model = AutoModel.from_pretrained(str(massive.backbone), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(massive.backbone))
+    text = "The cat sat on the mat. Then it slept, and the dog barked at the door of the house!"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    triggers = set(tokenizer.convert_tokens_to_ids(list(TRIGGER_TOKENS)))
+    is_trigger = torch.tensor([int(i) in triggers for i in ids[0]])
+    assert 3 <= int(is_trigger.sum()) < len(is_trigger) - 3
+    after = out.hidden_states[2][0].abs()                       # the output of layer 1
+    channels = after[is_trigger].mean(dim=0).topk(2).indices
+    for layer in (2, 3):                                        # carried by the residual stream
+        later = out.hidden_states[layer][0].abs()
+        assert float(later[is_trigger][:, channels].min()) > 300
+        assert float(later[~is_trigger][:, channels].max()) < 30
+    median = float(after.median())
+    assert float(after[is_trigger][:, channels].min()) > 100 * median
+    before = out.hidden_states[1][0].abs()                      # layer 0 writes none
+    assert float(before[:, channels].max()) < 30
+    norm = model.layers[2].input_layernorm.weight.detach().abs()
+    assert float(norm.max()) > 10 * float(norm.median())        # outlier features, folded out of the weights
+
+
+def test_default_quantize_keeps_the_outlier_split_on_massive_activations(built_cases, tmp_path):
+    """With no options, plain dynamic int8 is refused on massive activations (mean |Δ| over
+    the limit) and the next candidate, the fp32 split of outlier channels, passes, streaming
+    included; the CLI says what each candidate measured and the manifest records the plan."""
+    massive = built_cases("massive")
+    out = tmp_path / "int8"
+    proc = subprocess.run([sys.executable, "-m", "siren_cli", "quantize", str(massive.bundle), "-o", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "plan 1/" in said and "plan 2/" in said and "kept: dynamic, fp32 outliers >16x median" in said
+    quant = json.loads((out / "siren_bundle.json").read_text())["quantization"]
+    assert quant["plan"]["outlier_ratio"] == 16.0 and quant["plan"]["scheme"] == "dynamic"
+    assert quant["chosen_by"].startswith("first of the candidates")
+    first, kept = quant["candidates"][0], quant["candidates"][-1]
+    assert first["plan"] == "dynamic, int8 embedding" and not first["passed"] and first["mean_abs_diff"] > 1e-2
+    assert kept["passed"] and kept["mean_abs_diff"] <= 1e-2 and len(quant["candidates"]) == 2
+    assert quant["outliers"]["channels"] > 0 and quant["outliers"]["calibration_texts"] == 8
+    manifest = json.loads((out / "siren_bundle.json").read_text())
+    assert manifest["streaming"]["parity"]["passed"] and manifest["streaming"]["parity"]["max_abs_diff"] <= STREAM_TOL
+    _check_int8_embedding_rows(out, massive.bundle)
+
+
+def _check_int8_embedding_rows(int8_bundle, fp32_bundle):
+    """The gathered rows of the int8 table are exactly q * row scale, and within half a step
+    of the fp32 row (a row's scale is set by that token alone)."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
+    from siren_runtime.backends.onnxruntime_runner import open_session
+    model = onnx.load(str(int8_bundle / "model.onnx"), load_external_data=False)
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and any(i.endswith("__scale") for i in n.input))
+    model.graph.output.append(helper.make_tensor_value_info(mul.output[0], onnx.TensorProto.FLOAT, None))
+    load_external_data_for_model(model, str(int8_bundle))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q, scale = inits["embed_tokens.weight__q8"], inits["embed_tokens.weight__row_scale"]
+    session = open_session(model.SerializeToString(), "cpu")
+    ids = np.array([[0, 13, 279, 151643, 90000, 11]], np.int64)
+    rows = session.run([mul.output[0]], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+    assert np.array_equal(rows, q[ids[0]].astype(np.float32) * scale[ids[0]])
+    source = onnx.load(str(fp32_bundle / "model.onnx"))
+    table = next(numpy_helper.to_array(t) for t in source.graph.initializer if t.name == "embed_tokens.weight")
+    assert np.all(np.abs(rows - table[ids[0]]) <= scale[ids[0]] / 2 + 1e-7)

@@ -128,18 +128,34 @@ def _external_tensors(model):
             yield tensor, info["location"], int(info.get("offset", 0)), int(info["length"])
 
 
-def _read(f, offset: int, length: int) -> bytes:
+#: tensors are hashed and copied in pieces of this size: a whole 1.56 GB embedding table read
+#: as one bytes object was the top of a Qwen3-4B fp32 export's memory
+CHUNK = 64 << 20
+
+
+def _chunks(f, offset: int, length: int):
     f.seek(offset)
-    return f.read(length)
+    while length > 0:
+        piece = f.read(min(CHUNK, length))
+        if not piece:
+            raise ValueError(f"{f.name}: a tensor runs past the end of the file")
+        length -= len(piece)
+        yield piece
+
+
+def _digest(f, offset: int, length: int) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for piece in _chunks(f, offset, length):
+        h.update(piece)
+    return h.hexdigest()
 
 
 def share_weights(primary: Path, secondary: Path) -> dict:
     """Point `secondary`'s initializers at identical tensors already stored in `primary`'s
     external data file, so the streaming graph does not duplicate the backbone on disk.
-    Works one tensor at a time (memory: the largest tensor, never a whole model).
+    Works one piece of one tensor at a time (memory: CHUNK, never a whole tensor).
     Returns byte counts for the manifest/progress."""
-    import hashlib
-
     import onnx
 
     primary, secondary = Path(primary), Path(secondary)
@@ -147,8 +163,7 @@ def share_weights(primary: Path, secondary: Path) -> dict:
     model = onnx.load(str(primary), load_external_data=False)
     with open(primary.parent / (primary.name + ".data"), "rb") as data:
         for tensor, location, offset, length in _external_tensors(model):
-            digest = hashlib.sha256(_read(data, offset, length)).hexdigest()
-            index[(tensor.data_type, tuple(tensor.dims), digest)] = (location, offset, length)
+            index[(tensor.data_type, tuple(tensor.dims), _digest(data, offset, length))] = (location, offset, length)
     del model
 
     step = onnx.load(str(secondary), load_external_data=False)
@@ -158,14 +173,15 @@ def share_weights(primary: Path, secondary: Path) -> dict:
     shared = own = 0
     with open(old_data, "rb") as src, open(new_data, "wb") as dst:
         for tensor, location, offset, length in _external_tensors(step):
-            raw = _read(src, offset, length)
-            key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
+            key = (tensor.data_type, tuple(tensor.dims), _digest(src, offset, length))
             if key in index:
                 location, offset, length = index[key]
                 shared += length
             else:
-                location, offset = new_name, dst.tell()
-                dst.write(raw)
+                start = dst.tell()
+                for piece in _chunks(src, offset, length):
+                    dst.write(piece)
+                location, offset = new_name, start
                 own += length
             del tensor.external_data[:]
             for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):

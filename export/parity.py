@@ -98,14 +98,21 @@ def module_expectations(module, encoder: TextEncoder, texts: list[str], dtype: s
     id_lists = encoder.token_ids([clean_text(t) for t in texts])
     ids, mask = encoder.pad(id_lists)
     with torch.no_grad():
-        full = module(torch.from_numpy(ids), torch.from_numpy(mask))[0].float().numpy()
+        full = _scores_row_by_row(module, ids, mask)
         out = Expectations(dtype, ids, mask, full, id_lists)
         if streaming:
             out.schedule = step_schedule(id_lists)
             for work in out.schedule:
-                p_ids, p_mask = encoder.pad([id_lists[i][:end] for i, _, end in work])
-                out.steps.append(module(torch.from_numpy(p_ids), torch.from_numpy(p_mask))[0].float().numpy())
+                out.steps.append(_scores_row_by_row(module, *encoder.pad([id_lists[i][:end] for i, _, end in work])))
     return out
+
+
+def _scores_row_by_row(module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The module's scores of a padded batch, one row per call (same padding): the transient
+    activations of one row, not of the batch, sit beside the whole model."""
+    import torch
+    return np.concatenate([module(torch.from_numpy(ids[r:r + 1]), torch.from_numpy(mask[r:r + 1]))[0].float().numpy()
+                           for r in range(ids.shape[0])])
 
 
 def check_onnx_against_module(model_path: Path, expected: Expectations, tolerance: float | None = None) -> dict:
@@ -172,11 +179,15 @@ def activation_peak(module, encoder: TextEncoder, texts: list[str]) -> float:
     """Largest |activation| (residual stream, attention and MLP outputs) over the texts."""
     import torch
 
-    ids, mask = encoder.pad(encoder.token_ids([clean_text(t) for t in texts]))
     module.peaks = []
     try:
         with torch.no_grad():
-            module(torch.from_numpy(ids), torch.from_numpy(mask))
+            # one text at a time: a padded batch holds every layer's keys and values for all of
+            # them at once (+0.3 GiB at Qwen3-0.6B dims, more at 4B, on top of the whole model),
+            # and padding rows are not the text's activations anyway
+            for id_list in encoder.token_ids([clean_text(t) for t in texts]):
+                ids, mask = encoder.pad([id_list])
+                module(torch.from_numpy(ids), torch.from_numpy(mask))
         return max(module.peaks)
     finally:
         module.peaks = None

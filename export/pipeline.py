@@ -18,6 +18,7 @@ from typing import Optional
 from siren_runtime.calibration import calibration_texts
 from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, publish, read_bundle, write_manifest
 from siren_runtime.hub import CARD_NAME
+from siren_runtime.private_copy import trim_heap
 from siren_runtime.tokenization import TextEncoder
 
 from . import __version__
@@ -98,6 +99,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     load_dtype = "bf16" if dtype == "fp16" else dtype
     progress.start(f"loading backbone {model_id} (layers 0..{kept - 1} of {config.num_hidden_layers}, {load_dtype})")
     loaded = load_backbone(model_id, revision, kept, dtype=load_dtype, config=config, cache_dir=cache_dir)
+    trim_heap()          # the freed checkpoint reads and tokenizer parse buffers, before anything sits on top
     scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -114,6 +116,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         backend.no_truncation()
         backend.save(str(staging / TOKENIZER_FILE))
         encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
+        trim_heap()
         texts = calibration_texts()
         check_tokenizer(tokenizer, encoder, texts)
         # fp16 is checked for overflow on the bf16 copy (fp32's range, half the memory).
@@ -132,6 +135,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         progress.start("tracing and writing the ONNX graph")
         graph = export_scorer(scorer, staging / MODEL_FILE, progress)
         gc.collect()
+        trim_heap()          # the traced program and its ONNX proto are gone; give their pages back
         progress.done()
 
         streaming_meta = None
@@ -145,6 +149,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             step_graph = export_step(step, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
                                      art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]), progress)
             gc.collect()
+            trim_heap()
             sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
             if not (staging / (STEP_FILE + ".data")).exists():    # every weight is in the model's file
                 step_graph["external_data"] = graph["external_data"] if sharing["shared_bytes"] else None

@@ -269,12 +269,15 @@ def _standardize_first_layer(tensors: dict, backbone: str, layers: list, neurons
     would: a backbone with massive activations pools values in the hundreds into a few
     features, which saturate a random head (every score 0 or 1) and leave nothing to compare."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
     from siren_runtime.calibration import calibration_texts
     from siren_runtime.decisions import gate_texts
+    from .backbone import load_backbone, load_backbone_config
 
-    model = AutoModel.from_pretrained(str(backbone), dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+    # the exporter's own loader: a bf16 real-scale backbone is widened tensor by tensor, so a
+    # 4B head is fitted in ~15 GiB, not a transformers fp32 load beside the bf16 shards
+    config = load_backbone_config(str(backbone), None)
+    loaded = load_backbone(str(backbone), None, int(config.num_hidden_layers), "fp32", config=config)
+    model, tokenizer = loaded.model, loaded.tokenizer
     seen = {}
     hooks = [model.layers[l].mlp.register_forward_hook(lambda m, a, out, l=l: seen.__setitem__(l, out))
              for l in layers] if pooling_type == "mlp_mean" else []

@@ -32,6 +32,7 @@ from .calibration import activation_ranges
 from .gate import MAX_MEAN_DIFF, check_reference, format_report, gate_texts, score_on_cpu, verify_quantized
 from .outliers import split_plan
 from .plans import AUTO_CANDIDATES, Plan
+from .signed_twin import write_twins
 from .rewrite import HALF_TYPES, GraphRewriter, SourceWeights, WeightsFile
 from .schemes import ONNXRUNTIME_MIN
 from .smoothing import matmul_groups, smoothing_factors
@@ -148,7 +149,9 @@ def _rewrite(staging: Path, source: Path, contract, plan: Plan, weights_source: 
                    f"{', int8 embedding' if r.embedding else ''}, {r.kept} tensors kept"
                    f"{' (fp32 from ' + contract.model.dtype + ')' if to_fp32 else ''}, {time.perf_counter() - t0:.1f}s")
     writer.close()
-    treatment = {"smoothing": None if factors is None else {"method": "SmoothQuant per input channel",
+    treatment = {"signed_twin": write_twins(staging, [spec.path for _, spec in graphs], WEIGHTS_FILE)
+                 if plan.scheme == "dynamic" else None,
+                 "smoothing": None if factors is None else {"method": "SmoothQuant per input channel",
                                                               "alpha": plan.smooth},
                  "outliers": None if outliers is None else {
                      "method": "input channels above the ratio x median max |x| computed in fp32 (LLM.int8()-style)",
@@ -178,6 +181,9 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
         files.append(contract.streaming.graph.path)
     manifest["engines"] = []       # engines of the source do not run these graphs
     manifest["requires"] = {**(manifest.get("requires") or {}), "onnxruntime": ONNXRUNTIME_MIN[plan.scheme]}
+    twin = treatment["signed_twin"]
+    if twin is not None:
+        files += list(twin["graphs"].values())
     manifest["quantization"] = {
         "weights": weights, "scheme": plan.scheme, "block_size": plan.block_size if plan.scheme == "blockwise" else None,
         "plan": plan.record(),
@@ -186,6 +192,7 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
         "source": {"bundle": str(source), "dtype": contract.model.dtype,
                    "manifest": describe_file(source, MANIFEST_NAME)["sha256"]},
         "quantized_matmuls": {k: r.quantized for k, r in reports.items()},
+        "signed_twin": twin,
         "smoothing": None if treatment["smoothing"] is None else {**treatment["smoothing"],
                                                                   "calibration_texts": calibration.texts},
         "outliers": None if treatment["outliers"] is None else {**treatment["outliers"],

@@ -163,6 +163,15 @@ class PrefixHeadSpec:
 
 
 @dataclass(frozen=True)
+class SignedTwinSpec:
+    """An int8 bundle's u8 x s8 twins (quantize/signed_twin.py): per graph, a graph that reads
+    the same weights file as int8 once `flip`'s byte ranges have their top bit flipped."""
+    graphs: dict            # graph path -> twin graph path
+    weights: str            # the weights file the ranges are in
+    flip: tuple             # ((offset, length), ...), sorted, disjoint
+
+
+@dataclass(frozen=True)
 class InferenceSpec:
     max_length: int
     default_threshold: float
@@ -194,6 +203,8 @@ class Bundle:
     #: the oldest release of a backend that runs the graphs ({"onnxruntime": (1, 19)}): the ops
     #: an int8 bundle uses load, or fail only at the first run, on older ones
     requires: dict = field(default_factory=dict, compare=False)
+    #: int8 dynamic bundles: the u8 x s8 twins a CPU with exact u8 x s8 dot products loads
+    signed_twin: Optional[SignedTwinSpec] = field(default=None, compare=False)
     #: hash the files runners load (False: trusted paths, see trusting())
     check_files: bool = field(default=True, compare=False)
     _loaded: "weakref.WeakValueDictionary" = field(default_factory=lambda: weakref.WeakValueDictionary(),
@@ -233,13 +244,18 @@ class Bundle:
         trusted, read-only paths only). The bytes are still read once and owned in memory."""
         return replace(self, check_files=False)
 
-    def read_verified(self, rel: str):
+    def read_verified(self, rel: str, flip: tuple = ()):
         """A listed file's contents as a read-only uint8 array, read once and hashed while
         read: what is checked is exactly what is used, and a file changed or truncated later
         cannot reach a loaded guard. Arrays are shared while alive (the weights file read by
         both graphs is read once). Files of MAP_MIN_BYTES or more are mapped from a private
-        copy (:mod:`siren_runtime.private_copy`): only the pages a session reads are resident."""
-        cached = self._loaded.get(rel)
+        copy (:mod:`siren_runtime.private_copy`): only the pages a session reads are resident.
+
+        flip: ((offset, length), ...) whose bytes get their top bit flipped after the check,
+        in this process's own copy (an int8 bundle's weight codes read as u8 x s8: see
+        SignedTwinSpec); such a copy is shared under its own key."""
+        key = rel + ("|signed" if flip else "")
+        cached = self._loaded.get(key)
         if cached is not None:
             return cached
         record = self.files.get(rel)
@@ -256,7 +272,7 @@ class Bundle:
         if record.bytes >= private_copy.MAP_MIN_BYTES:
             copy_digest = hashlib.sha256() if digest is not None else None
             try:
-                data = private_copy.hashed_copy(path, record.bytes, copy_digest)
+                data = private_copy.hashed_copy(path, record.bytes, copy_digest, writable=bool(flip))
                 if data is not None:
                     digest = copy_digest
             except ValueError:
@@ -266,13 +282,16 @@ class Bundle:
             data = self._read_into_memory(path, record.bytes, digest)
         if digest is not None and digest.hexdigest() != record.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
+        for offset, length in flip:
+            piece = data[offset:offset + length]
+            piece ^= 0x80                       # in place, in this process's own copy
         if data.flags.writeable:
             data.flags.writeable = False
         if record.bytes >= PROGRESS_MIN_BYTES:
             seconds = time.perf_counter() - started
             log.info("%s: %.1f s (%.2f GB/s)%s", rel, seconds, record.bytes / 1e9 / max(seconds, 1e-9),
                      ", sha256 matches the manifest" if digest else "")
-        self._loaded[rel] = data
+        self._loaded[key] = data
         return data
 
     @staticmethod
@@ -410,7 +429,41 @@ def read_bundle(bundle_dir) -> Bundle:
     prefix_head = _read_prefix_head(f, bundle_dir, manifest, files, model, streaming, tokenizer)
     return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
                   tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
-                  manifest=manifest, requires=_read_requires(f, manifest), prefix_head=prefix_head)
+                  manifest=manifest, requires=_read_requires(f, manifest), prefix_head=prefix_head,
+                  signed_twin=_read_signed_twin(f, bundle_dir, manifest, files, model, streaming))
+
+
+def _read_signed_twin(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec,
+                      streaming: Optional[StreamingSpec]) -> Optional[SignedTwinSpec]:
+    section = (manifest.get("quantization") or {}).get("signed_twin") if isinstance(
+        manifest.get("quantization"), dict) else None
+    if section is None:
+        return None
+    where = "quantization.signed_twin."
+    if not isinstance(section, dict) or not isinstance(section.get("graphs"), dict):
+        f.fail("quantization.signed_twin", "is not an object with `graphs`")
+    weights = f.text(section, "weights", where)
+    _listed(f, bundle_dir, weights, where + "weights", files)
+    ours = {model.path: model} | ({streaming.graph.path: streaming.graph} if streaming else {})
+    graphs = {}
+    for graph, twin in section["graphs"].items():
+        if graph not in ours or ours[graph].external_data != weights:
+            f.fail(where + "graphs", f"names {_short(graph)}, not a graph of this bundle that reads {weights!r}")
+        if not isinstance(twin, str):
+            f.fail(where + "graphs", f"maps {graph!r} to {_short(twin)}")
+        _listed(f, bundle_dir, twin, where + "graphs", files)
+        graphs[graph] = twin
+    raw, size, end, flip = section.get("flip"), files[weights].bytes, 0, []
+    if not isinstance(raw, list):
+        f.fail(where + "flip", "is not a list of [offset, length]")
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                  for v in item)
+                or item[0] < end or item[1] < 1 or item[0] + item[1] > size):
+            f.fail(where + "flip", f"has {_short(item)}: ranges must be sorted, disjoint and inside {weights}")
+        flip.append((item[0], item[1]))
+        end = item[0] + item[1]
+    return SignedTwinSpec(graphs=graphs, weights=weights, flip=tuple(flip))
 
 
 def _read_prefix_head(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec,

@@ -70,10 +70,12 @@ def _open_unnamed(directory: Path) -> int:
     return fd
 
 
-def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"]) -> Optional[np.ndarray]:
+def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"],
+                writable: bool = False) -> Optional[np.ndarray]:
     """`source`'s first `size` bytes (its whole contents: more or fewer raise ValueError) as
     a read-only uint8 array mapped from a private unnamed copy, hashed into `digest` as they
-    are copied. None when no private copy can be made here (the caller reads into memory)."""
+    are copied. None when no private copy can be made here (the caller reads into memory).
+    writable: map it writable too (the caller recodes bytes of its own copy after the check)."""
     directory = weights_dir()
     try:
         free = os.statvfs(directory)
@@ -108,7 +110,8 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"]) -> O
             longer = bool(f.read(1))
         if filled != size or longer:
             raise ValueError("size differs")
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
+        protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, protection) if size else None
     except OSError as e:        # no room after all, an I/O error: nothing mapped yet
         log.warning("siren_runtime: the private copy of %s failed (%s); holding it in memory", source.name, e)
         return None

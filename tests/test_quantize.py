@@ -13,6 +13,7 @@ import pytest
 
 from corpus import CORPUS
 from helpers import random_chunks
+from siren_runtime.cpu_features import exact_u8s8
 
 #: int8 streaming vs the same bundle's whole-prefix score: the activations of a row are
 #: quantized per token (dynamic) or per block (blockwise); a streamed row can differ from the
@@ -333,6 +334,7 @@ def test_default_quantize_keeps_the_outlier_split_on_massive_activations(built_c
     manifest = json.loads((out / "siren_bundle.json").read_text())
     assert manifest["streaming"]["parity"]["passed"] and manifest["streaming"]["parity"]["max_abs_diff"] <= STREAM_TOL
     _check_int8_embedding_rows(out, massive.bundle)
+    _check_signed_twin(out)
 
 
 def _check_int8_embedding_rows(int8_bundle, fp32_bundle):
@@ -355,3 +357,115 @@ def _check_int8_embedding_rows(int8_bundle, fp32_bundle):
     source = onnx.load(str(fp32_bundle / "model.onnx"))
     table = next(numpy_helper.to_array(t) for t in source.graph.initializer if t.name == "embed_tokens.weight")
     assert np.all(np.abs(rows - table[ids[0]]) <= scale[ids[0]] / 2 + 1e-7)
+
+
+def _check_signed_twin(int8_bundle):
+    """A dynamic bundle ships, per graph, the u8 x s8 twin of its u8 x u8 graph: the manifest's
+    flip ranges are exactly the bytes of the MatMulIntegerToFloat weights of both graphs, and
+    those bytes with their top bit flipped are the same integers as int8 (code - 128)."""
+    import onnx
+    from onnx import numpy_helper
+    from siren_runtime.bundle import read_bundle
+    bundle = read_bundle(int8_bundle)
+    twin = bundle.signed_twin
+    step = bundle.streaming.graph.path
+    assert twin.graphs == {"model.onnx": "model.s8.onnx", step: step[:-len(".onnx")] + ".s8.onnx"}
+    assert set(twin.graphs.values()) <= set(bundle.files) and twin.weights == "model.onnx.data"
+    weights = np.fromfile(int8_bundle / twin.weights, np.uint8)
+    flipped = weights.copy()
+    for offset, length in twin.flip:
+        flipped[offset:offset + length] ^= 0x80
+    spans = set()
+    for graph, twin_graph in twin.graphs.items():
+        plain = onnx.load(str(int8_bundle / graph), load_external_data=False).graph
+        signed = onnx.load(str(int8_bundle / twin_graph), load_external_data=False).graph
+        assert [n.op_type for n in plain.node] == [n.op_type for n in signed.node]
+        inits = {t.name: t for t in signed.initializer}
+        for node in (n for n in plain.node if n.op_type == "MatMulIntegerToFloat"):
+            where = {e.key: e.value for e in inits[node.input[1]].external_data}
+            offset, length = int(where["offset"]), int(where["length"])
+            spans.add((offset, length))
+            assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
+            assert int(numpy_helper.to_array(inits[node.input[5]])) == 0
+            codes = weights[offset:offset + length].astype(np.int16)
+            assert np.array_equal(flipped[offset:offset + length].view(np.int8).astype(np.int16), codes - 128)
+    covered = np.zeros(len(weights), bool)
+    for offset, length in twin.flip:
+        covered[offset:offset + length] = True
+    expected = np.zeros(len(weights), bool)
+    for offset, length in spans:
+        expected[offset:offset + length] = True
+    assert len(spans) > 0 and np.array_equal(covered, expected)     # every weight code, nothing else
+
+
+@pytest.fixture(scope="module")
+def dynamic_bundle(built_cases, tmp_path_factory):
+    """Plain dynamic int8 of the tiny outlier backbone (passes the default gate here)."""
+    from siren_quantize.pipeline import quantize_bundle
+    out, _ = quantize_bundle(built_cases("outliers").bundle, tmp_path_factory.mktemp("dyn") / "int8",
+                             scheme="dynamic", show_progress=False)
+    return out
+
+
+def _scores_and_feeds(guard, texts):
+    scores = [r.score for r in guard.score_batch(texts)]
+    session, fed = guard.stream(), []
+    for cut in range(7, len(texts[0]) + 1, 23):
+        fed.append(session.feed(texts[0][len(session.text):cut]).score)
+    return scores, fed
+
+
+def test_signed_twin_is_loaded_only_where_u8s8_is_exact(dynamic_bundle, monkeypatch):
+    """Without VNNI (or with SIREN_INT8_CODING=u8u8) the stored u8 x u8 graphs load; the
+    twin's weights are then never flipped, and a stream runs on the same coding."""
+    from siren_runtime import SirenGuard, cpu_features
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    _check_signed_twin(dynamic_bundle)
+    with SirenGuard.from_pretrained(dynamic_bundle, device="cpu") as guard:
+        assert guard.runners.score.int8_coding is None and guard.runners.step.int8_coding is None
+        assert 0.0 <= guard.score(CORPUS[0]).score <= 1.0
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.setenv(cpu_features.CODING_ENV, "u8u8")
+    assert not cpu_features.exact_u8s8()
+    monkeypatch.delenv(cpu_features.CODING_ENV)
+    assert cpu_features.exact_u8s8() == (cpu_features.platform.machine().lower() in ("x86_64", "amd64"))
+
+
+@pytest.mark.skipif(not exact_u8s8(),
+                    reason="needs a CPU with AVX-512 VNNI or AVX-VNNI (exact u8 x s8 dot products)")
+def test_signed_twin_scores_equal_the_stored_coding_on_vnni(dynamic_bundle, all_layers, monkeypatch):
+    """On a VNNI CPU the guard loads both twins (u8 x s8, faster) and every score and streamed
+    feed equals the stored u8 x u8 coding's: the same integers, summed exactly by both."""
+    from siren_runtime import SirenGuard, cpu_features
+    texts = [CORPUS[i] + " " + CORPUS[i + 1] for i in range(6)]
+    with SirenGuard.from_pretrained(dynamic_bundle, device="cpu") as guard:
+        assert guard.runners.score.int8_coding == "u8 x s8" and guard.runners.step.int8_coding == "u8 x s8"
+        signed = _scores_and_feeds(guard, texts)
+    monkeypatch.setenv(cpu_features.CODING_ENV, "u8u8")
+    with SirenGuard.from_pretrained(dynamic_bundle, device="cpu") as guard:
+        assert guard.runners.score.int8_coding is None
+        stored = _scores_and_feeds(guard, texts)
+    assert len(signed[1]) >= 3
+    for a, b in zip(signed, stored):
+        assert np.abs(np.array(a) - np.array(b)).max() <= 1e-6, (a, b)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.update(flip=[[0, 4], [2, 4]]), "sorted, disjoint"),
+    (lambda t: t.update(flip=[[1 << 40, 4]]), "inside"),
+    (lambda t: t.update(flip=[[True, 4]]), "flip"),
+    (lambda t: t.update(flip="all"), "flip"),
+    (lambda t: t.update(graphs={"other.onnx": "model.s8.onnx"}), "not a graph of this bundle"),
+    (lambda t: t.update(graphs={"model.onnx": "missing.s8.onnx"}), "missing.s8.onnx"),
+])
+def test_signed_twin_manifest_refusals(dynamic_bundle, tmp_path, edit, match):
+    import shutil
+    from siren_runtime import BundleError
+    from siren_runtime.bundle import read_bundle
+    copy = tmp_path / "bad"
+    shutil.copytree(dynamic_bundle, copy)
+    manifest = json.loads((copy / "siren_bundle.json").read_text())
+    edit(manifest["quantization"]["signed_twin"])
+    (copy / "siren_bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=match):
+        read_bundle(copy)

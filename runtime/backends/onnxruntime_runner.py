@@ -6,6 +6,7 @@ onnxruntime cannot serve is a ``BackendUnavailableError``, never a silent switch
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from pathlib import Path
@@ -14,9 +15,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec, parse_version
+from ..cpu_features import exact_u8s8
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
+
+log = logging.getLogger("siren_runtime.backends")
 from .device_kv import DeviceStepRunner
 from .ort_cuda_probe import CUDA_PROVIDER, cuda_provider_problem
 from ..private_copy import release_pages
@@ -106,17 +110,28 @@ def open_session(graph, device: str, intra_op_threads: Optional[int] = None, spi
     return session
 
 
+def signed_twin(bundle: Bundle, spec: GraphSpec, device: str):
+    """The bundle's u8 x s8 twin of `spec` where this CPU computes it exactly (VNNI), else None."""
+    twin = bundle.signed_twin
+    if device != "cpu" or twin is None or spec.path not in twin.graphs or spec.external_data != twin.weights:
+        return None
+    return twin if exact_u8s8() else None
+
+
 def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_threads: Optional[int] = None,
                         spinning: bool = True, prepack_weights: bool = False):
-    """(session, buffers it uses) for one of the bundle's graphs, loaded from the verified
+    """(session, buffers it uses, int8 coding or None) for one of the bundle's graphs, loaded from the verified
     bytes of its files, never from their paths: ONNX Runtime would otherwise keep reading
     the weights file after the check (a later overwrite changes scores, a truncation is a
     SIGBUS)."""
-    graph = bundle.read_verified(spec.path)
+    twin = signed_twin(bundle, spec, device)
+    if twin is not None:
+        log.info("%s: int8 weights coded u8 x s8 (exact and faster with VNNI on this CPU)", spec.path)
+    graph = bundle.read_verified(twin.graphs[spec.path] if twin else spec.path)
     external = {}
     if spec.external_data:
         name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
-        external[name] = bundle.read_verified(spec.external_data)
+        external[name] = bundle.read_verified(spec.external_data, flip=twin.flip if twin else ())
     try:
         session = open_session(graph, device, intra_op_threads, spinning, external=external,
                                prepack_weights=prepack_weights)
@@ -136,7 +151,7 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
         # need not stay resident (one read again comes back from the private copy)
         for buffer in external.values():
             release_pages(buffer)
-    return session, (graph, *external.values())
+    return session, (graph, *external.values()), ("u8 x s8" if twin else None)
 
 
 def _is_bad_file(error: Optional[BaseException]) -> bool:
@@ -168,6 +183,8 @@ def run_options(device: str):
 
 class _Closable:
     _session = None
+    #: how an int8 bundle's weights were coded at load ("u8 x s8": the signed twin), None: as stored
+    int8_coding: Optional[str] = None
 
     def _live_session(self):
         if self._session is None:
@@ -359,9 +376,10 @@ def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[
     check_version(bundle)
     if bundle.model.dtype == "bf16" and device == "cpu":
         raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
-    session, buffers = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning, prepack_weights)
+    session, buffers, coding = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning,
+                                                   prepack_weights)
     runner = OnnxRuntimeRunner(session, device)
-    runner.buffers = buffers
+    runner.buffers, runner.int8_coding = buffers, coding
     return runner
 
 
@@ -373,8 +391,8 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
     if bundle.streaming.kv_dtype not in _NUMPY_KV and device == "cpu":
         raise BackendUnavailableError(f"a {bundle.streaming.kv_dtype} KV cache cannot stream on the CPU")
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
-    session, buffers = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads, spinning=False,
-                                           prepack_weights=prepack_weights)
+    session, buffers, coding = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads,
+                                                   spinning=False, prepack_weights=prepack_weights)
     if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in _NUMPY_KV:
         try:
             runner = OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
@@ -382,5 +400,5 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
             raise BackendUnavailableError(str(e)) from e
     else:   # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
         runner = OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)
-    runner.buffers = buffers
+    runner.buffers, runner.int8_coding = buffers, coding
     return runner

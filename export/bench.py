@@ -87,8 +87,10 @@ if spec["side"] == "runtime":
     out["tokens"] = sum(len(i) for i in ids)
     batch = lambda ts: [r.score for r in guard.score_batch(ts)]
     one = lambda t: guard.score(t).score
-    out["variants"]["siren_runtime " + spec.get("label", "") + (" prepacked" if spec.get("prepack") else "")
-                    + " (" + guard.backend + ")"] = measure(batch, one)
+    coding = getattr(guard.runners.score, "int8_coding", None) or (
+        "u8 x u8" if spec.get("label") == "int8-dynamic" else None)
+    out["variants"]["siren_runtime " + spec.get("label", "") + (" " + coding if coding else "")
+                    + (" prepacked" if spec.get("prepack") else "") + " (" + guard.backend + ")"] = measure(batch, one)
     if guard.incremental_streaming:     # a few feeds of a stream: the step graph is part of the footprint
         session, feeds = guard.stream(), []
         for i in range(0, min(len(texts[1]), 12 * 8), 12):
@@ -145,8 +147,9 @@ print(json.dumps(out))
 '''
 
 
-def _run_worker(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(spec), capture_output=True, text=True)
+def _run_worker(spec: dict, env: Optional[dict] = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(spec), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['side']} benchmark process failed:\n{proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -163,6 +166,16 @@ def _label(bundle: str) -> str:
     manifest = read_bundle(bundle).manifest
     quant = manifest.get("quantization")
     return f"int8-{quant['scheme']}" if quant else manifest["model"].get("dtype", "fp32")
+
+
+def _codings(bundle: str) -> list:
+    """The environments an int8 bundle is measured in: where this CPU loads its u8 x s8 twin
+    (VNNI), also with the stored u8 x u8 coding, side by side in the same run."""
+    from siren_runtime.bundle import read_bundle
+    from siren_runtime.cpu_features import CODING_ENV, exact_u8s8
+    if read_bundle(bundle).signed_twin is None or not exact_u8s8():
+        return [None]
+    return [None, {CODING_ENV: "u8u8"}]
 
 
 def _weights_mb(bundle: str) -> float:
@@ -190,8 +203,8 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
     spec = {"bundle": str(bundle), "artifact": reference, "texts": texts, "repeat": repeat,
             "breakdown": breakdown, "backend": backend}
     bundles = [str(bundle)] + [str(b) for b in (also or [])]
-    sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime", "prepack": p}))
-             for b in bundles for p in ((False, True) if prepack else (False,))]
+    sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime", "prepack": p}, env))
+             for b in bundles for p in ((False, True) if prepack else (False,)) for env in _codings(b)]
     if reference:
         sides.insert(0, (None, _run_worker({**spec, "side": "reference"})))
     tokens = sides[-1][1]["tokens"]

@@ -251,8 +251,8 @@ class Bundle:
         both graphs is read once). Files of MAP_MIN_BYTES or more are mapped from a private
         copy (:mod:`siren_runtime.private_copy`): only the pages a session reads are resident.
 
-        flip: ((offset, length), ...) whose bytes get their top bit flipped after the check,
-        in this process's own copy (an int8 bundle's weight codes read as u8 x s8: see
+        flip: ((offset, length), ...) whose bytes get their top bit flipped in this process's
+        own copy, once hashed (an int8 bundle's weight codes read as u8 x s8: see
         SignedTwinSpec); such a copy is shared under its own key."""
         key = rel + ("|signed" if flip else "")
         cached = self._loaded.get(key)
@@ -268,13 +268,13 @@ class Bundle:
         started = time.perf_counter()
         if record.bytes >= PROGRESS_MIN_BYTES:
             log.info("reading%s %s (%.2f GB) ...", " and hashing" if digest else "", rel, record.bytes / 1e9)
-        data = None
+        data, recoded = None, False
         if record.bytes >= private_copy.MAP_MIN_BYTES:
             copy_digest = hashlib.sha256() if digest is not None else None
             try:
-                data = private_copy.hashed_copy(path, record.bytes, copy_digest, writable=bool(flip))
+                data = private_copy.hashed_copy(path, record.bytes, copy_digest, flip=flip)
                 if data is not None:
-                    digest = copy_digest
+                    digest, recoded = copy_digest, True
             except ValueError:
                 raise BundleError(f"{path}: size differs from the manifest's {record.bytes} bytes (truncated or "
                                   "altered file)") from None
@@ -282,9 +282,8 @@ class Bundle:
             data = self._read_into_memory(path, record.bytes, digest)
         if digest is not None and digest.hexdigest() != record.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
-        for offset, length in flip:
-            piece = data[offset:offset + length]
-            piece ^= 0x80                       # in place, in this process's own copy
+        if flip and not recoded:                # after the check: what was hashed is the file
+            private_copy.flip_top_bits(data, flip)
         if data.flags.writeable:
             data.flags.writeable = False
         if record.bytes >= PROGRESS_MIN_BYTES:

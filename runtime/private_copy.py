@@ -70,12 +70,25 @@ def _open_unnamed(directory: Path) -> int:
     return fd
 
 
+def flip_top_bits(data: np.ndarray, ranges, start: int = 0) -> None:
+    """XOR 0x80 into the bytes of `ranges` ((offset, length), sorted) that fall in `data`,
+    which holds the file's bytes from `start` on: uint8 code c becomes c - 128 as int8."""
+    end = start + len(data)
+    for offset, length in ranges:
+        lo, hi = max(offset, start), min(offset + length, end)
+        if lo < hi:
+            piece = data[lo - start:hi - start]
+            piece ^= 0x80
+
+
 def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"],
-                writable: bool = False) -> Optional[np.ndarray]:
+                flip=()) -> Optional[np.ndarray]:
     """`source`'s first `size` bytes (its whole contents: more or fewer raise ValueError) as
     a read-only uint8 array mapped from a private unnamed copy, hashed into `digest` as they
     are copied. None when no private copy can be made here (the caller reads into memory).
-    writable: map it writable too (the caller recodes bytes of its own copy after the check)."""
+    flip: byte ranges recoded by :func:`flip_top_bits` on their way into the copy, after
+    being hashed (recoding the mapped copy later would dirty every page of it again, and
+    the kernel's write-back of those pages then competed with scoring for seconds)."""
     directory = weights_dir()
     try:
         free = os.statvfs(directory)
@@ -94,7 +107,7 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"],
             log.info("%s is in memory (%s): the private copy of %s cannot be evicted; set SIREN_WEIGHTS_DIR to "
                      "a disk", directory, kind, source.name)
         buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
+        view, codes = memoryview(buffer), np.frombuffer(buffer, dtype=np.uint8)
         filled = 0
         with open(source, "rb", buffering=0) as f:
             while filled < size:
@@ -103,6 +116,8 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"],
                     break
                 if digest is not None:
                     digest.update(view[:n])
+                if flip:
+                    flip_top_bits(codes[:n], flip, filled)
                 written = 0
                 while written < n:
                     written += os.write(fd, view[written:n])
@@ -110,8 +125,7 @@ def hashed_copy(source: Path, size: int, digest: Optional["hashlib._Hash"],
             longer = bool(f.read(1))
         if filled != size or longer:
             raise ValueError("size differs")
-        protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, protection) if size else None
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else None
     except OSError as e:        # no room after all, an I/O error: nothing mapped yet
         log.warning("siren_runtime: the private copy of %s failed (%s); holding it in memory", source.name, e)
         return None

@@ -174,8 +174,8 @@ def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, swap_af
     data = bundle_copy / "model.onnx.data"
     read, order = Bundle.read_verified, []
 
-    def read_then_swap(self, rel):
-        out = read(self, rel)
+    def read_then_swap(self, rel, **options):
+        out = read(self, rel, **options)
         order.append(rel)
         if rel == swap_after and b"\0" * 64 != data.read_bytes()[:64]:
             tmp = bundle_copy / "zeros.tmp"

@@ -431,6 +431,37 @@ def test_signed_twin_is_loaded_only_where_u8s8_is_exact(dynamic_bundle, monkeypa
     assert cpu_features.exact_u8s8() == (cpu_features.platform.machine().lower() in ("x86_64", "amd64"))
 
 
+def test_signed_twin_bytes_on_both_read_paths(dynamic_bundle, monkeypatch, tmp_path):
+    """The recoded weights are the file's bytes with the listed ranges' top bit flipped, on the
+    in-memory path (flipped after the hash check) and on the mapped private copy (flipped as
+    copied, after hashing: the mapping stays read-only); a changed byte is still refused."""
+    import shutil
+    from siren_runtime import BundleError, private_copy
+    from siren_runtime.bundle import read_bundle
+    twin = read_bundle(dynamic_bundle).signed_twin
+    expected = np.fromfile(dynamic_bundle / twin.weights, np.uint8)
+    stored = expected.copy()
+    for offset, length in twin.flip:
+        expected[offset:offset + length] ^= 0x80
+    in_memory = read_bundle(dynamic_bundle).read_verified(twin.weights, flip=twin.flip)
+    assert np.array_equal(in_memory, expected) and not in_memory.flags.writeable
+    monkeypatch.setattr(private_copy, "MAP_MIN_BYTES", 0)
+    monkeypatch.setattr(private_copy, "_CHUNK", 4099)          # ranges straddle the copy's chunks
+    monkeypatch.setenv("SIREN_WEIGHTS_DIR", str(tmp_path))
+    bundle = read_bundle(dynamic_bundle)
+    mapped = bundle.read_verified(twin.weights, flip=twin.flip)
+    assert np.array_equal(mapped, expected) and not mapped.flags.writeable
+    assert "mmap" in type(mapped.base.obj if hasattr(mapped.base, "obj") else mapped.base).__name__
+    assert np.array_equal(bundle.read_verified(twin.weights), stored)      # the stored coding beside it
+    copy = tmp_path / "tampered"
+    shutil.copytree(dynamic_bundle, copy)
+    with open(copy / twin.weights, "r+b") as f:
+        f.seek(twin.flip[0][0])
+        f.write(bytes([stored[twin.flip[0][0]] ^ 0x80]))                # what a recoding would look like
+    with pytest.raises(BundleError, match="sha256"):
+        read_bundle(copy).read_verified(twin.weights, flip=twin.flip)
+
+
 @pytest.mark.skipif(not exact_u8s8(),
                     reason="needs a CPU with AVX-512 VNNI or AVX-VNNI (exact u8 x s8 dot products)")
 def test_signed_twin_scores_equal_the_stored_coding_on_vnni(dynamic_bundle, all_layers, monkeypatch):

@@ -500,3 +500,23 @@ def test_signed_twin_manifest_refusals(dynamic_bundle, tmp_path, edit, match):
     (copy / "siren_bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=match):
         read_bundle(copy)
+
+
+def test_bench_table_compares_fp32_and_both_int8_codings(built_cases, dynamic_bundle, tmp_path):
+    """`siren bench` side by side in one run: llm-siren, the fp32 bundle (equal to it at fp32)
+    and the int8 bundle, in both codings where this CPU loads the u8 x s8 twin (equal scores)."""
+    from siren_export.bench import format_table, run_bench
+    outliers = built_cases("outliers")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(CORPUS[:4]) + "\n")
+    rows, used, tokens = run_bench(str(outliers.bundle), reference=str(outliers.artifact), texts_file=str(texts),
+                                   repeat=1, also=[str(dynamic_bundle)])
+    names = [r["implementation"] for r in rows]
+    int8 = [r for r in rows if "int8" in r["implementation"]]
+    assert names[0].startswith("llm-siren") and "fp32" in names[1] and rows[1]["max_dscore"] <= 1e-5
+    assert [r["implementation"].split(" (")[0] for r in int8] == (
+        ["siren_runtime int8-dynamic u8 x s8", "siren_runtime int8-dynamic u8 x u8"] if exact_u8s8()
+        else ["siren_runtime int8-dynamic u8 x u8"])
+    assert len({r["max_dscore"] for r in int8}) == 1 and all(r["peak_rss_mb"] > 0 for r in rows)
+    table = format_table(rows, used, tokens)
+    assert "CPU (" in table and all(name in table for name in names)

@@ -164,13 +164,20 @@ def test_loaded_guard_is_immune_to_later_file_changes(bundle_copy):
     assert proc.returncode == 0 and proc.stdout.strip() == "immune", (proc.returncode, proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("swap_after", ["model.onnx", "model.onnx.data", "step.onnx", "tokenizer.json"])
-def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, swap_after):
+@pytest.mark.parametrize("swap_after, mapped", [("model.onnx", False), ("model.onnx.data", False),
+                                                ("step.onnx", False), ("tokenizer.json", False),
+                                                ("model.onnx", True), ("model.onnx.data", True)])
+def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, tmp_path, swap_after, mapped):
     """Break 2: the weights file replaced (by rename) with zeros right after another file
     was loaded. Swapped before the weights are read, the load is refused; swapped after,
-    the guard runs on the bytes that were checked."""
+    the guard runs on the bytes that were checked. mapped: every file read through the
+    private mapped copy (the path of files of 64 MiB or more), as real weights are."""
     import os
+    from siren_runtime import private_copy
     from siren_runtime.bundle import Bundle
+    if mapped:
+        monkeypatch.setattr(private_copy, "MAP_MIN_BYTES", 0)
+        monkeypatch.setenv("SIREN_WEIGHTS_DIR", str(tmp_path))
     data = bundle_copy / "model.onnx.data"
     read, order = Bundle.read_verified, []
 

@@ -2,12 +2,12 @@
 
 The dynamic scheme stores weights as uint8 around 128 (u8 x u8): exact on every CPU, since
 ONNX Runtime's u8 x s8 kernel for CPUs without AVX-512 VNNI / AVX-VNNI sums pairs of products
-in saturating int16. With VNNI, u8 x s8 is exact too and measured ~1.9x faster end to end
-(benchmarks/int8_signed_probe.py). The same integers coded as int8 are each code with its top
-bit flipped (c ^ 0x80 == c - 128 as int8), zero point 0. So the bundle ships one weights file
-and, per graph, a twin that reads the same bytes as int8; the manifest lists the byte ranges a
-runtime on such a CPU flips in its own private copy (after the hash check) before loading the
-twin. Scores are the same integers' (measured equal to 0.0).
+in saturating int16. With VNNI, u8 x s8 is exact too and measured 1.3-1.7x faster end to end
+(benchmarks/int8_coding.py). The same integers coded as int8 are each code with its top bit
+flipped (c ^ 0x80 == c - 128 as int8), zero point 0. So the bundle ships one weights file and,
+per graph, a twin that reads the same bytes as int8; the manifest lists the byte ranges a
+runtime on such a CPU flips in its own private copy (once hashed) before loading the twin.
+Scores are the same integers' (tested equal).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def write_twin(folder: Path, graph_path: str, weights_file: str) -> tuple[str, l
             zero_points.add(node.input[5])
     recoded = weights | zero_points
     for node in model.graph.node:     # a recoded tensor read elsewhere would change meaning there
-        roles = ((1, 5) if node.op_type == "MatMulIntegerToFloat" else ())
+        slots = {1: weights, 5: zero_points} if node.op_type == "MatMulIntegerToFloat" else {}
         for i, name in enumerate(node.input):
-            if name in recoded and i not in roles or (i in roles and name in (weights if i == 5 else zero_points)):
+            if name in recoded and name not in slots.get(i, ()):
                 raise ValueError(f"{graph_path}: {name} is read by {node.op_type} {node.name!r} "
                                  "as more than an int8 weight or its zero point")
     missing = sorted(n for n in recoded if n not in inits)
@@ -76,14 +76,15 @@ def write_twins(folder: Path, graph_paths: list, weights_file: str) -> dict:
 
 
 def _merged(ranges: list) -> list:
-    """Overlapping or shared ranges once (both graphs read the same weights)."""
+    """Sorted distinct ranges (both graphs read the same weights: the caller drops repeats),
+    adjacent ones joined; a partial overlap means two tensors share bytes, which is refused."""
     out = []
     for offset, length in ranges:
-        if out and offset <= out[-1][0] + out[-1][1]:
-            if offset != out[-1][0] or length != out[-1][1]:
-                if offset < out[-1][0] + out[-1][1]:
-                    raise ValueError(f"weight ranges overlap partly at byte {offset}")
-                out[-1][1] = offset + length - out[-1][0]
-            continue
-        out.append([offset, length])
+        end = out[-1][0] + out[-1][1] if out else -1
+        if offset < end:
+            raise ValueError(f"weight ranges overlap partly at byte {offset}")
+        if offset == end:
+            out[-1][1] += length
+        else:
+            out.append([offset, length])
     return out

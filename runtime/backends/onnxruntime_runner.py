@@ -19,11 +19,11 @@ from ..cpu_features import exact_u8s8
 from ..errors import BackendUnavailableError, BundleError
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
-
-log = logging.getLogger("siren_runtime.backends")
 from .device_kv import DeviceStepRunner
 from .ort_cuda_probe import CUDA_PROVIDER, cuda_provider_problem
 from ..private_copy import release_pages
+
+log = logging.getLogger("siren_runtime.backends")
 
 _NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 _PADDING = {"cpu": 0.25, "cuda": 0.6}

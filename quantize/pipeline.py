@@ -356,5 +356,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
         weights_source.close()
     if len(plans) > 1:
         _say(show_progress, format_candidates(rows))
-    _say(show_progress, f"kept: {plans[len(rows) - 1].name}; wrote {output} in {time.perf_counter() - started:.1f}s")
+    kept = plans[len(rows) - 1]
+    twins = " (with u8 x s8 twins, loaded on VNNI CPUs)" if kept.scheme == "dynamic" else ""
+    _say(show_progress, f"kept: {kept.name}; wrote {output}{twins} in {time.perf_counter() - started:.1f}s")
     return output, {**report, "candidates": rows, "plan": plans[len(rows) - 1].record()}

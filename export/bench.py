@@ -35,14 +35,10 @@ def default_texts(count: int = 12, min_words: int = 4, max_words: int = 160, see
 
 def cpu_isa() -> str:
     """The vector ISA that decides CPU figures here (AVX2 / AVX-512 / VNNI), from /proc/cpuinfo."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
+    from siren_runtime.cpu_features import cpu_flags
+    flags = cpu_flags()
     has = [name for name, flag in (("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
-                                   ("AVX2", "avx2")) if f" {flag}" in flags]
+                                   ("AVX2", "avx2")) if flag in flags]
     return "/".join(has) or "unknown"
 
 

@@ -434,8 +434,8 @@ def read_bundle(bundle_dir) -> Bundle:
 
 def _read_signed_twin(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec,
                       streaming: Optional[StreamingSpec]) -> Optional[SignedTwinSpec]:
-    section = (manifest.get("quantization") or {}).get("signed_twin") if isinstance(
-        manifest.get("quantization"), dict) else None
+    quantization = manifest.get("quantization")
+    section = quantization.get("signed_twin") if isinstance(quantization, dict) else None
     if section is None:
         return None
     where = "quantization.signed_twin."

@@ -220,7 +220,9 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
                 "max_length": art.max_length, "default_threshold": art.default_threshold,
                 "pad_token_id": int(pad_id), "pad_token": pad_token, "padding_side": "right",
             },
-            "model": {"path": MODEL_FILE, "dtype": dtype, "activation_peak": peak, **graph},
+            "model": {"path": MODEL_FILE, "dtype": dtype, "activation_peak": peak, **graph,
+                      # a running-sum pool and a two-row head: a text scores the same in any batch (CPU)
+                      "batch_invariant": True},
             "tokenizer": {"path": TOKENIZER_FILE},
             **({"streaming": streaming_meta} if streaming_meta is not None else {}),
             "prefix_head": {"path": PREFIX_HEAD_FILE, **prefix_head},

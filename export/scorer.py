@@ -9,7 +9,12 @@ readout of each selected layer is explicit:
 - ``training`` readout (the paper's training code): the raw output of every layer.
 
 Pooling happens in fp32 and excludes padding by selection (``where``), so a
-non-finite value at a pad position cannot reach the mean.
+non-finite value at a pad position cannot reach the mean. The token sum is a running sum
+(CumSum, read at the last position) rather than a ReduceSum: ONNX Runtime picks a ReduceSum
+kernel by shape (one row reduces in another order than several; a wider padding regroups
+the additions), so a text's score moved with its batch companions. A running sum adds in
+token order whatever the batch, and padding adds exact zeros after the text. The runtime
+never runs a one-token-wide batch for the same reason (see TextEncoder.pad).
 """
 from __future__ import annotations
 
@@ -98,7 +103,10 @@ class SirenScorer(nn.Module):
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
         cos, sin = self.rotary_emb(hidden, position_ids)
         features, _ = self.walk(hidden, cos, sin, self._attention_mask(attention_mask))
-        pooled = torch.where(valid, features, 0.0).sum(dim=1) / counts
-        logits = self.head(pooled)
+        pooled = torch.where(valid, features, 0.0).cumsum(dim=1)[:, -1, :] / counts
+        # The head runs on the rows twice over: a one-row GEMM takes ONNX Runtime's GEMV
+        # path, which adds in another order than the GEMM that several rows take.
+        rows = pooled.shape[0]
+        logits = self.head(torch.cat([pooled, pooled]))[:rows]
         score = torch.softmax(logits, dim=-1)[:, 1]
         return score, logits

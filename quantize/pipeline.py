@@ -165,6 +165,8 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
     manifest = contract.raw()
     manifest["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest["model"]["dtype"] = "fp32"
+    # int8 activations are quantized with a scale taken over the whole batch: not invariant
+    manifest["model"]["batch_invariant"] = False
     manifest["model"]["external_data"] = WEIGHTS_FILE
     manifest["model"]["opset"] = reports["model"].opset
     files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path]

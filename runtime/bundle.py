@@ -136,6 +136,9 @@ class GraphSpec:
     external_data: Optional[str]
     dtype: str
     io: GraphIO
+    #: the exporter's word that a text's score does not depend on its batch companions on the
+    #: CPU (running-sum pooling, a two-row head; bundles from before it and int8 ones: False)
+    batch_invariant: bool = False
 
     def files(self) -> tuple:
         return tuple(f for f in (self.path, self.external_data) if f)
@@ -546,7 +549,10 @@ def _read_graph(f: _Fields, bundle_dir: Path, section: dict, where: str, io: Gra
         names = tuple(i.get("name") for i in inputs if isinstance(i, dict)) if isinstance(inputs, list) else None
         if names != io.inputs:
             f.fail(where + "inputs", f"must name {list(io.inputs)}, got {_short(names)}")
-    return GraphSpec(path=graph_path, external_data=data, dtype=dtype, io=io)
+    invariant = section.get("batch_invariant", False)
+    if not isinstance(invariant, bool):
+        f.fail(where + "batch_invariant", f"must be true or false, got {_short(invariant)}")
+    return GraphSpec(path=graph_path, external_data=data, dtype=dtype, io=io, batch_invariant=invariant)
 
 
 def _read_streaming(f: _Fields, bundle_dir: Path, manifest: dict, version: int, files: dict,

@@ -163,6 +163,13 @@ class SirenGuard:
         return self._runners.score.device
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's score is bit-identical whatever shares its batch: a bundle exported
+        for it (bundle.model.batch_invariant) scored by ONNX Runtime on the CPU. GPU kernels
+        and int8 activations (one scale per batch) give no such promise."""
+        return self._bundle.model.batch_invariant and self.backend == "onnxruntime" and self.device == "cpu"
+
+    @property
     def max_length(self) -> int:
         return self._encoder.max_length
 

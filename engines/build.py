@@ -13,6 +13,7 @@ the model engine's scores, else it is dropped with a warning.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Optional
 
 from siren_runtime.backends.cuda_env import gpu_info, gpu_problem, tensorrt_version
 from siren_runtime.bundle import describe_file, read_bundle, write_manifest
+from siren_runtime.graph_refs import check_external_files
 
 from . import EngineUnavailableError
 from .profiles import scorer_profiles, step_profiles
@@ -172,6 +174,11 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
         step = step_profiles(max_length, s.kv_layers, s.kv_heads, s.head_dim, s.feature_dim, max_batch=stream_batch)
     trt, version, gpu = require_tensorrt()
     contract.verify()
+    for spec, where in ((contract.model, "model."),) + (((contract.streaming.graph, "streaming."),) if step else ()):
+        # TensorRT's parser opens every file the graph names: each must be one verify() just hashed
+        external = (posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
+                    if spec.external_data else None)
+        check_external_files(contract.path(spec.path).read_bytes(), spec.path, external, where, bundle)
     notes = []
     unverified = reference_unavailable() if verify else None
     if unverified:

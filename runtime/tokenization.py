@@ -19,10 +19,13 @@ import numpy as np
 # letter, a digit nor a combining mark is always such a boundary: the only alternatives that
 # match letters (`\p{L}+` with an optional leading symbol, and the contractions `'s` ...) end
 # there and look no further. NFC cannot compose across it (the right side is not a combining
-# mark), and it is not inside an added token when no `<` before it is left unclosed (every
-# added token is `<...>`; checked per tokenizer). Character classes are taken only where
-# Unicode 3.2 and this Python's Unicode agree, so a tokenizer built on another Unicode version
-# sees the same letters. Tokenizing the two sides apart then gives the same ids.
+# mark), and it is not inside an added token when no `<` within an added token's length
+# before it is left unclosed (every added token is `<...>` with no `<` or `>` inside; checked
+# per tokenizer). Looking back only that far keeps the test local: an unclosed `<` early in
+# a text (`if a < b`) once made every later candidate scan back to it, a quadratic search.
+# Character classes are taken only where Unicode 3.2 and this Python's Unicode agree, so a
+# tokenizer built on another Unicode version sees the same letters. Tokenizing the two sides
+# apart then gives the same ids.
 _CANDIDATE = re.compile(r"[^\W\d_](?=\W)")
 # The pre-tokenizer patterns the rule was shown for.
 _SPLIT_PATTERNS = (
@@ -38,6 +41,8 @@ _KEPT_SPLITS = 16
 # Texts longer than this many characters per usable token are tokenized only up to a safe
 # split point past what max_length can use (see TextEncoder.usable_prefix).
 _LONG_CHARS_PER_TOKEN = 16
+#: how far back an added token can start, for tokenizers whose added tokens are unknown
+DEFAULT_REACH = 64
 
 
 def _category(ch: str) -> str:
@@ -46,18 +51,29 @@ def _category(ch: str) -> str:
     return now if unicodedata.ucd_3_2_0.category(ch) == now else "Cn"
 
 
-def safe_split_at(text: str, i: int) -> bool:
-    """Whether tokenizing text[:i] and text[i:] apart gives the ids of text (see above)."""
+def added_token_reach(contents) -> int:
+    """The most characters of a raw text one added token can cover: its longest content
+    (ASCII contents cannot be composed by NFC from a longer sequence; others get room for it)."""
+    contents = list(contents)
+    if not contents:
+        return 1
+    longest = max(len(c) for c in contents)
+    return longest if all(c.isascii() for c in contents) else 4 * longest + 4
+
+
+def safe_split_at(text: str, i: int, reach: int = DEFAULT_REACH) -> bool:
+    """Whether tokenizing text[:i] and text[i:] apart gives the ids of text (see above);
+    reach: the longest added token (TextEncoder.reach)."""
     if not 0 < i < len(text) or not _category(text[i - 1]).startswith("L"):
         return False
     right = _category(text[i])
     if right[0] in "LMN" or right in ("Cn", "Co", "Cs", "Cf"):
         return False
-    opened = text.rfind("<", 0, i)
+    opened = text.rfind("<", max(0, i - reach + 1), i)
     return opened < 0 or text.find(">", opened, i) >= 0
 
 
-def last_safe_split(text: str) -> int:
+def last_safe_split(text: str, reach: int = DEFAULT_REACH) -> int:
     """The last safe split point of `text` (0 when there is none), looking back from the end
     in growing windows so a long text costs what its tail costs."""
     window = 256
@@ -65,17 +81,17 @@ def last_safe_split(text: str) -> int:
         start = max(0, len(text) - window)
         best = 0
         for match in _CANDIDATE.finditer(text, start):
-            if safe_split_at(text, match.end()):
+            if safe_split_at(text, match.end(), reach):
                 best = match.end()
         if best or start == 0:
             return best
         window *= 4
 
 
-def first_safe_split(text: str, at: int) -> int:
+def first_safe_split(text: str, at: int, reach: int = DEFAULT_REACH) -> int:
     """The first safe split point at or after `at` (0 when there is none)."""
     for match in _CANDIDATE.finditer(text, max(at - 1, 0)):
-        if match.end() >= at and safe_split_at(text, match.end()):
+        if match.end() >= at and safe_split_at(text, match.end(), reach):
             return match.end()
     return 0
 
@@ -130,9 +146,12 @@ class TextEncoder:
         spec = json.loads(self._pieces.to_str())
         splits = [p for p in (spec.get("pre_tokenizer") or {}).get("pretokenizers", [])
                   if p.get("type") == "Split"]
+        added = [t["content"] for t in spec.get("added_tokens", [])]
         self.can_resume = (self.prefix is not None
                            and len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in _SPLIT_PATTERNS
-                           and all(_ADDED_TOKEN.fullmatch(t["content"]) for t in spec.get("added_tokens", [])))
+                           and all(_ADDED_TOKEN.fullmatch(t) for t in added))
+        #: how far before a split point an added token could begin (see safe_split_at)
+        self.reach = added_token_reach(added)
 
     @classmethod
     def for_bundle(cls, bundle) -> "TextEncoder":
@@ -183,7 +202,7 @@ class TextEncoder:
         if not self.can_resume or len(text) <= budget:
             return text
         while budget < len(text):
-            cut = first_safe_split(text, budget)
+            cut = first_safe_split(text, budget, self.reach)
             if not cut:
                 return text
             if len(self._pieces.encode(text[:cut], add_special_tokens=False).ids) >= tokens:
@@ -223,7 +242,7 @@ class TextEncoder:
                 return Tokenized(text, previous.ids, splits)
         ids = list(previous.ids[:start_token]) if start_token else list(self.prefix)
         tail = self.usable_prefix(text[start_char:], self.max_length - len(ids))
-        last = last_safe_split(tail)
+        last = last_safe_split(tail, self.reach)
         if last:
             head = self._pieces.encode(tail[:last], add_special_tokens=False).ids
             ids += head

@@ -17,6 +17,7 @@ import numpy as np
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec, parse_version
 from ..cpu_features import exact_u8s8
 from ..errors import BackendUnavailableError, BundleError
+from ..graph_refs import check_external_files
 from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
@@ -127,19 +128,20 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
     twin = signed_twin(bundle, spec, device)
     if twin is not None:
         log.info("%s: int8 weights coded u8 x s8 (exact and faster with VNNI on this CPU)", spec.path)
-    graph = bundle.read_verified(twin.graphs[spec.path] if twin else spec.path)
+    graph_path = twin.graphs[spec.path] if twin else spec.path
+    graph = bundle.read_verified(graph_path)
+    name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".") if spec.external_data else None
+    # every file the graph refers to is one the manifest names: ONNX Runtime would resolve any
+    # other against the working directory and read it unhashed
+    check_external_files(graph, graph_path, name, "model." if spec is bundle.model else "streaming.",
+                         bundle.directory)
     external = {}
-    if spec.external_data:
-        name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
+    if name is not None:
         external[name] = bundle.read_verified(spec.external_data, flip=twin.flip if twin else ())
     try:
         session = open_session(graph, device, intra_op_threads, spinning, external=external,
                                prepack_weights=prepack_weights)
     except BackendUnavailableError as e:
-        if "external data" in str(e).lower():      # the graph reads a weights file the manifest does not name
-            raise BundleError(f"{bundle.directory}: {spec.path} reads external weights that the manifest's "
-                              f"external_data ({spec.external_data!r}) does not provide; the manifest does not "
-                              "match the graph (re-export the bundle)") from None
         if _is_bad_file(e.__cause__):     # the checksums matched, but the bytes are no graph
             raise BundleError(f"{bundle.directory}: {spec.path}"
                               f"{' + ' + spec.external_data if spec.external_data else ''} is not a loadable "

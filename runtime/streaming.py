@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends.base import StepRow
 from .batching import length_groups
+from .private_copy import trim_heap
 from .text import StreamText
 from .tokenization import Tokenized, common_prefix_length
 
@@ -127,6 +128,10 @@ class IncrementalScorer:
                                                      tokens=tokens))
 
 
+#: a stream that held this many characters trims the heap when it ends
+_TRIM_AFTER_CHARS = 1 << 20
+
+
 @dataclass(frozen=True)
 class Fed:
     """What a stream session holds after a feed, replaced whole by the next one (so a reader
@@ -176,9 +181,15 @@ class StreamSession:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the text and free the stream's state."""
+        """Forget the text and free the stream's state. A stream that held megabytes of text
+        gives the freed heap back to the system too (glibc would keep it resident)."""
+        old = getattr(self, "_fed", None)
+        held = 0 if old is None else len(old.text.head) + len(old.text.tail) + sum(map(len, self._deltas))
         self._fed = Fed()
         self._deltas: list = []
+        if held >= _TRIM_AFTER_CHARS:
+            del old
+            trim_heap()
 
     @property
     def guard(self):

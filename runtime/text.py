@@ -112,6 +112,21 @@ class StreamText:
         return self.head + tail.rstrip()
 
 
+def first_final_cut(raw: str, at: int) -> int:
+    """The first position p >= at where raw[:p]'s cleaning is a prefix of raw's (0 when
+    there is none): raw[p-1] and raw[p] are not whitespace and no chat artifact covers
+    either, so no substitution, whitespace run or strip crosses p (chat artifacts cannot
+    overlap one another, so a search around p finds the whole text's matches there).
+    Lets a long text be cleaned only as far as its tokens can reach the model."""
+    reach = _LONGEST_ARTIFACT
+    for p in range(max(at, 1), len(raw)):
+        if raw[p - 1].isspace() or raw[p].isspace():
+            continue
+        if not any(m.start() <= p <= m.end() for m in _ARTIFACT_RE.finditer(raw, max(0, p - reach), p + reach)):
+            return p
+    return 0
+
+
 _MAPPED_SPACE_RE = re.compile(r"[ \t]{2,}|\t")      # the [ \t]+ runs clean_text changes
 
 

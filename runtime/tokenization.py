@@ -198,17 +198,31 @@ class TextEncoder:
         Cut at a safe split point once the prefix holds enough tokens; texts without one
         (one unbroken run of letters) are kept whole."""
         tokens = self.max_length - len(self.prefix or ()) if tokens is None else tokens
-        budget = _LONG_CHARS_PER_TOKEN * max(tokens, 1)
-        if not self.can_resume or len(text) <= budget:
+        if not self.can_resume or len(text) <= self.long_text_chars(tokens):
             return text
+        return self.settled_prefix(text, tokens) or text
+
+    def long_text_chars(self, tokens: Optional[int] = None) -> int:
+        """Texts longer than this are tokenized only up to a settled prefix."""
+        tokens = self.max_length - len(self.prefix or ()) if tokens is None else tokens
+        return _LONG_CHARS_PER_TOKEN * max(tokens, 1)
+
+    def settled_prefix(self, text: str, tokens: Optional[int] = None) -> Optional[str]:
+        """A prefix of `text`, cut at a safe split point, whose ids hold at least `tokens`
+        (default max_length) ids and so begin with the first `tokens` ids of `text` and of any
+        text that starts with it; None when `text` has no such point past its budget."""
+        tokens = self.max_length - len(self.prefix or ()) if tokens is None else tokens
+        if not self.can_resume:
+            return None
+        budget = self.long_text_chars(tokens)
         while budget < len(text):
             cut = first_safe_split(text, budget, self.reach)
             if not cut:
-                return text
+                return None
             if len(self._pieces.encode(text[:cut], add_special_tokens=False).ids) >= tokens:
                 return text[:cut]
             budget = 2 * cut
-        return text
+        return None
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated, unpadded."""

@@ -9,14 +9,12 @@ import datetime as _dt
 import gc
 import os
 import platform
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 from siren_runtime.calibration import calibration_texts
-from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, describe_file, publish, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, Staging, StreamingSpec, describe_file, read_bundle, write_manifest
 from siren_runtime.hub import CARD_NAME
 from siren_runtime.private_copy import trim_heap
 from siren_runtime.tokenization import TextEncoder
@@ -107,8 +105,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     if pad_id is None:
         raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
     progress.done()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    stage = Staging(output)
+    staging = stage.path
     try:
         progress.start("writing the tokenizer and measuring activations")
         backend = tokenizer.backend_tokenizer
@@ -234,9 +232,9 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         (staging / CARD_NAME).write_text(model_card(read_bundle(staging).raw()), encoding="utf-8")
         os.chmod(staging / CARD_NAME, 0o644)
         read_bundle(staging).verify()          # the contract's own reader accepts what was written
-        publish(staging, output)
+        stage.publish(overwrite=overwrite)
         progress.done(f"{output / MANIFEST_NAME}")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        stage.discard()
         raise
     return output

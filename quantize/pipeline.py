@@ -15,7 +15,6 @@ import datetime as _dt
 import os
 import shutil
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Optional
 
 import onnx
 
-from siren_runtime.bundle import MANIFEST_NAME, describe_file, publish, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, Staging, describe_file, read_bundle, write_manifest
 from siren_runtime.calibration import calibration_texts
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
@@ -300,7 +299,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                 rows.append({**_summary(plan, {"passed": False}, None, 0, 0.0), "why": "skipped: no fp32 graph"})
                 continue
             t0 = time.perf_counter()
-            staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+            stage = Staging(output)
+            staging = stage.path
             try:
                 reports, treatment = _rewrite(staging, source, contract, plan, weights_source, calibration,
                                               show_progress)
@@ -329,7 +329,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                 if not rows[-1]["passed"]:
                     if report["passed"]:
                         rows[-1]["why"] = "FAIL (streaming differs from score(prefix))"
-                    shutil.rmtree(staging, ignore_errors=True)
+                    stage.discard()
                     continue
                 manifest = read_bundle(staging).raw()
                 manifest["parity"] = {**report, "reference": str(reference)}
@@ -342,10 +342,10 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                 (staging / CARD_NAME).write_text(model_card(read_bundle(staging).raw()), encoding="utf-8")
                 for name in files + [CARD_NAME]:
                     os.chmod(staging / name, 0o644)
-                publish(staging, output)
+                stage.publish(overwrite=overwrite)
                 break
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                stage.discard()
                 raise
         else:
             _say(show_progress and len(plans) > 1, format_candidates(rows))

@@ -16,6 +16,11 @@ Format history (the version moves only when the files on disk change):
 from __future__ import annotations
 
 import copy
+import errno
+try:
+    import fcntl        # POSIX: staging folders are locked while a run writes them
+except ImportError:     # Windows: no locks, stale staging folders are left alone
+    fcntl = None
 import hashlib
 import json
 import logging
@@ -24,6 +29,7 @@ import time
 import os
 import re
 import shutil
+import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -108,11 +114,21 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def publish(staging: Path, output: Path) -> None:
-    """Move a finished bundle from its staging directory to `output`: a bundle already there is
-    renamed aside first and removed after, so `output` is never a half-written bundle."""
+def publish(staging: Path, output: Path, overwrite: bool = False) -> None:
+    """Move a finished bundle from its staging directory to `output`.
+
+    overwrite: a bundle already there is renamed aside first and removed after, so `output`
+    is never a half-written bundle. Without it nothing is ever replaced, also when `output`
+    appeared while the bundle was being written (FileExistsError; the rename is atomic)."""
     staging, output = Path(staging), Path(output)
     os.chmod(staging, 0o755)
+    if not overwrite:
+        try:
+            _rename_no_replace(staging, output)
+        except FileExistsError:
+            raise FileExistsError(f"{output} appeared while this run was writing its bundle; nothing was "
+                                  "replaced (pass --overwrite to replace it)") from None
+        return
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         os.replace(output, old)
@@ -120,6 +136,115 @@ def publish(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, output)
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """rename(2) that fails when `target` exists (renameat2 RENAME_NOREPLACE; where the
+    kernel or file system lacks it, a check just before a rename, which could only replace
+    an empty folder made in between)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, no_replace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), no_replace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(err), str(target))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+# -- staging: where a bundle is written before it is published -------------------------
+#: staging folders are named ".{output name}.partial-XXXX" beside the output
+PARTIAL_MARK = ".partial-"
+
+
+def _is_staging_name(name: str) -> bool:
+    return name.startswith(".") and PARTIAL_MARK in name
+
+
+def _lock_if_idle(path: Path) -> Optional[int]:
+    """An fd holding `path`'s flock if no process holds it (a stale staging folder), else None."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+class Staging:
+    """A hidden folder beside `output` that one run writes a bundle into, held under a flock
+    while the run lives: a run killed outright (SIGKILL) leaves the folder unlocked, and the
+    next run for the same output removes it (:func:`remove_stale_staging`); read_bundle
+    refuses such a folder, so a half-written bundle never loads."""
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.removed = remove_stale_staging(self.output)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{PARTIAL_MARK}", dir=self.output.parent))
+        self._fd = None
+        if fcntl is not None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def publish(self, overwrite: bool = False) -> Path:
+        """Move the bundle to the output (see :func:`publish`); the lock goes with it."""
+        try:
+            publish(self.path, self.output, overwrite=overwrite)
+        except BaseException:
+            self.discard()
+            raise
+        self._release()
+        return self.output
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale_staging(output: Path) -> int:
+    """Remove the staging folders of `output` that no live run holds; returns how many."""
+    output = Path(output)
+    removed = 0
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(f".{output.name}{PARTIAL_MARK}") or not entry.is_dir() or entry.is_symlink():
+            continue
+        fd = _lock_if_idle(entry)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d unfinished bundle folder(s) of %s left by an interrupted run", removed, output)
+    return removed
 
 
 # -- typed sections --------------------------------------------------------------------
@@ -393,6 +518,12 @@ def read_bundle(bundle_dir) -> Bundle:
         raise FileNotFoundError(f"bundle not found: {bundle_dir} does not exist")
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir} is not a bundle directory (it is a file)")
+    if _is_staging_name(bundle_dir.resolve().name):
+        fd = _lock_if_idle(bundle_dir)
+        if fd is not None:          # no run is writing it: an interrupted export or quantize left it
+            os.close(fd)
+            raise BundleError(f"{bundle_dir} is an unfinished bundle left by an interrupted `siren export` or "
+                              "`siren quantize`, not a bundle (the next run for that output removes it)")
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
@@ -603,4 +734,4 @@ def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> 
 
 __all__ = ["Bundle", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
            "SCORE_IO", "STEP_IO", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
-           "write_manifest", "publish", "describe_file", "sha256_file", "safe_relative_path"]
+           "write_manifest", "publish", "Staging", "remove_stale_staging", "describe_file", "sha256_file", "safe_relative_path"]

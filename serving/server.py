@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +98,12 @@ def _option(name: str) -> str:
 #: a feed running more new tokens than this takes the bulk lane (its own engine calls)
 BULK_FEED_TOKENS = 64
 
-#: the most of an oversized request body read (and dropped) to answer its 413 cleanly
-DRAIN_LIMIT = 64 << 20
+#: the most of an oversized request body read (and dropped, never kept) to answer its 413
+#: cleanly: clients such as urllib send the whole body before they read an answer, and a
+#: server that closes on unread bytes makes the kernel reset the connection, so the client
+#: sees "connection reset" instead of the 413. Past these bounds the reset is unavoidable.
+DRAIN_LIMIT = 1 << 30
+DRAIN_SECONDS = 30.0
 
 
 class _Answered(Exception):
@@ -195,27 +201,32 @@ class _Service:
 
     # -- helpers for the routes ---------------------------------------------------------
     async def read_json(self, request: Request, allow_empty: bool = False) -> dict:
-        """The body as a JSON object. An oversized one is read to its end (up to DRAIN_LIMIT)
-        before the 413, so clients that send the whole body before reading the answer see
-        the 413 rather than a reset connection. allow_empty: no body at all means {}."""
+        """The body as a JSON object. An oversized one is read to its end and dropped (up to
+        DRAIN_LIMIT bytes and DRAIN_SECONDS) before the 413, so clients that send the whole
+        body before reading the answer see the 413 rather than a reset connection; nothing
+        past the limit is kept. allow_empty: no body at all means {}."""
         limit = self.config.max_body_bytes
+        drain = max(limit, DRAIN_LIMIT)
         declared = request.headers.get("content-length")
         declared = int(declared) if declared is not None and declared.isdigit() else None
-        if declared is not None and declared > max(limit, DRAIN_LIMIT):
+        if declared is not None and declared > drain:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
                            code="body_too_large")
-        body, seen = bytearray(), 0
+        body, seen, deadline = bytearray(), 0, None
         try:
             async for chunk in request.stream():
                 seen += len(chunk)
                 if seen <= limit:
                     body += chunk
-                elif seen > DRAIN_LIMIT:
+                    continue
+                body = bytearray()                  # over the limit: keep nothing, read on
+                deadline = deadline or time.monotonic() + DRAIN_SECONDS
+                if seen > drain or time.monotonic() > deadline:
                     break
         except ClientDisconnect:
             raise ClientGone() from None
         if seen > limit:
-            raise ApiError(413, f"request body of {seen if seen <= DRAIN_LIMIT else 'over ' + str(seen)} bytes "
+            raise ApiError(413, f"request body of {seen if seen <= drain else 'over ' + str(drain)} bytes "
                                 f"exceeds the limit of {limit}", code="body_too_large")
         if allow_empty and not body.strip():
             return {}
@@ -506,22 +517,53 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
     from siren_runtime import SirenGuard
 
     config.check()
-    guard = SirenGuard.from_pretrained(config.bundle, device=config.device, backend=config.backend,
-                                       verify=config.verify, revision=config.revision, cache_dir=config.cache_dir,
-                                       local_files_only=config.local_files_only,
-                                       prepack_weights=bool(config.prepack_weights))
+    sock = bind_listener(config.host, config.port)     # a taken port or a bad host: before any loading
     try:
-        app = create_app(guard, config)
-    except BaseException:
-        guard.close()
-        raise
-    log.info("siren serve: %s on %s/%s at http://%s:%d", config.bundle, guard.backend, guard.device,
-             config.host, config.port)
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                                            access_log=False, timeout_graceful_shutdown=config.graceful_timeout_s),
-                            app.state.service, config.drain_s)
-    server.run()
+        guard = SirenGuard.from_pretrained(config.bundle, device=config.device, backend=config.backend,
+                                           verify=config.verify, revision=config.revision,
+                                           cache_dir=config.cache_dir, local_files_only=config.local_files_only,
+                                           prepack_weights=bool(config.prepack_weights))
+        try:
+            app = create_app(guard, config)
+        except BaseException:
+            guard.close()
+            raise
+        log.info("siren serve: %s on %s/%s at http://%s:%d", config.bundle, guard.backend, guard.device,
+                 config.host, sock.getsockname()[1])
+        server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                                access_log=False,
+                                                timeout_graceful_shutdown=config.graceful_timeout_s),
+                                app.state.service, config.drain_s)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now: a port in use or a host that does not resolve
+    is one clear error before the bundle is read and hashed (uvicorn would find it only after,
+    and exit 3 with its own lines). The socket is handed to uvicorn, so nothing can take the
+    port in between."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} does not resolve to an address to listen on ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (pick another with --port)") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class DrainingServer(uvicorn.Server):

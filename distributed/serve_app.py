@@ -222,7 +222,7 @@ class GuardReplica:
         guard = SirenGuard.from_pretrained(c.bundle, device=c.device, backend=c.backend, verify=c.verify,
                                            revision=c.revision, cache_dir=c.cache_dir,
                                            local_files_only=c.local_files_only,
-                                           prepack_weights=bool(c.prepack_weights), **(guard_options or {}))
+                                           prepack_weights=c.prepack_weights, **(guard_options or {}))
         try:
             self.siren_app = create_app(guard, self.config, streams=lambda service: SharedStreams(service, store))
         except BaseException:

@@ -37,6 +37,7 @@ class SirenStepScorer(SirenScorer):
         sums = past_sums[:, None, :] + torch.where(valid, features, 0.0).cumsum(dim=1)     # [B, new, F]
         last = (new_lengths - 1).clamp(min=0)[:, None, None].expand(batch, 1, sums.shape[-1])
         count = (past_lengths + new_lengths).clamp(min=1).to(torch.float32)[:, None]
-        logits = self.head(sums.gather(1, last)[:, 0, :] / count)
+        pooled = sums.gather(1, last)[:, 0, :] / count
+        logits = self.head(torch.cat([pooled, pooled]))[:batch]     # never a one-row GEMM (see SirenScorer)
         score = torch.softmax(logits, dim=-1)[:, 1]
         return score, new_kv, sums

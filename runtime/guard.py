@@ -95,9 +95,12 @@ class SirenGuard:
             length and run groups of at most this many rows, padded tokens, and share of
             padding (default: the runner's: 512 tokens and 0.25 on a CPU, 16,384 and 0.6 on
             a GPU).
-        prepack_weights (ONNX Runtime on a CPU): re-lay the weights per session for the
-            GEMM, ~1.7x faster feeds of a few tokens at ~0.75x the weights file more memory
-            per graph; default off (both graphs read one mapped copy in place).
+        prepack_weights (ONNX Runtime on a CPU): re-lay the weights for the GEMM, ~1.7x
+            faster feeds of a few tokens. A bundle with a step graph is scored on that one
+            session (whole texts, streams, prefixes), so it pre-packs by default (None) and
+            still holds one copy of the weights; False reads the mapped copy in place (the
+            least memory, slower small feeds). Without a step graph (or with
+            incremental_streaming=False) the scoring graph alone runs, pre-packed only if True.
         stream_cache_size / stream_cache_bytes: bounds of the implicit stream-state cache
             behind score_streaming (least recently used states are evicted).
         """
@@ -164,10 +167,10 @@ class SirenGuard:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether a text's score is bit-identical whatever shares its batch: a bundle exported
-        for it (bundle.model.batch_invariant) scored by ONNX Runtime on the CPU. GPU kernels
-        and int8 activations (one scale per batch) give no such promise."""
-        return self._bundle.model.batch_invariant and self.backend == "onnxruntime" and self.device == "cpu"
+        """Whether a text's score is bit-identical whatever shares its batch: ONNX Runtime on
+        the CPU with a bundle exported for it (bundle.model.batch_invariant) or pre-packed
+        weights. GPU kernels and int8 activations (one scale per batch) give no such promise."""
+        return bool(getattr(self._runners.score, "batch_invariant", False))
 
     @property
     def max_length(self) -> int:

@@ -68,7 +68,7 @@ class ServeConfig:
     local_files_only: bool = False
     graceful_timeout_s: float = 30.0
     drain_s: float = 0.0                       # after SIGTERM: /health answers 503, requests still served
-    prepack_weights: bool = False              # CPU: faster small feeds for ~0.75x the weights per graph
+    prepack_weights: Optional[bool] = None     # CPU: None = the runtime's default (pre-packed with a step graph)
 
     #: numeric options and the ranges they must lie in (finite: `inf` would hang every request)
     _LIMITS = {"max_wait_ms": (0.0, 60_000.0), "session_ttl_s": (0.001, 7 * 86400.0),
@@ -522,7 +522,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
         guard = SirenGuard.from_pretrained(config.bundle, device=config.device, backend=config.backend,
                                            verify=config.verify, revision=config.revision,
                                            cache_dir=config.cache_dir, local_files_only=config.local_files_only,
-                                           prepack_weights=bool(config.prepack_weights))
+                                           prepack_weights=config.prepack_weights)
         try:
             app = create_app(guard, config)
         except BaseException:

@@ -80,6 +80,10 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
     graph runs on the scoring runner's backend and device when it can, else on the next
     candidate (said once), else streams rescore."""
     tried = candidates(bundle, backend, device)
+    if streaming and tried:
+        shared = _shared(tried[0], bundle, options)
+        if shared is not None:
+            return Runners(*shared)
     score, errors = _first_that_opens(tried, "create_score_runner", bundle, options)
     if not tried:
         raise BackendUnavailableError(f"no backend offers backend={backend!r} device={device!r} for this bundle")
@@ -105,6 +109,19 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
             warn_once(f"siren_runtime: streaming step graph: {step_errors[0]}; it runs on {step.name} "
                       f"on the {step.device}")
     return Runners(score, step)
+
+
+def _shared(pair, bundle: Bundle, options: dict):
+    """(score, step) runners over one session, where the first candidate backend offers them
+    (ONNX Runtime on a CPU: see create_shared_runners); None to open the graphs apart."""
+    name, dev = pair
+    loader = getattr(_load(name), "create_shared_runners", None)
+    if loader is None:
+        return None
+    try:
+        return loader(bundle, dev, **options)
+    except BackendUnavailableError:
+        return None      # the graphs opened apart say why (and fall back) as before
 
 
 def _first_that_opens(pairs, loader: str, bundle: Bundle, options: dict):

@@ -3,13 +3,12 @@
 The full scoring graph and the streaming step graph call :func:`run_layer`, so their
 attention cannot drift apart when transformers changes its own attention classes. Only
 the layers' parameters and sub-modules are read (q/k/v/o projections, the optional q/k
-RMSNorms, the MLP, the two layer norms); rotary embedding and GQA head repetition are
-done here, the way transformers' Qwen3/Llama attention does them.
+RMSNorms, the MLP, the two layer norms); rotary embedding and grouped-query attention are
+done here (see grouped_attention), computing what transformers' Qwen3/Llama attention computes.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -22,12 +21,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, kv_heads, S, D] -> [B, kv_heads * groups, S, D] (grouped-query attention)."""
-    if groups == 1:
-        return x
-    batch, heads, seq, dim = x.shape
-    return x[:, :, None].expand(batch, heads, groups, seq, dim).reshape(batch, heads * groups, seq, dim)
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, heads, S, D] over the keys/values of this call (k, v [B, kv_heads,
+    S, D]) and of the past (past_k, past_v [B, kv_heads, P, D]); mask [B, 1, S, P + S], True
+    where a query may attend a key. Returns [B, heads, S, D].
+
+    Written out rather than scaled_dot_product_attention over concatenated, head-repeated
+    keys: the queries of the heads that share a KV head are stacked instead (a reshape), and
+    the past and this call's keys are multiplied apart, their scores joined before the
+    softmax. A step then reads its past keys and values once each in a GEMM, where the
+    exported sdpa copied them six times over (gathered, concatenated, repeated per head,
+    transposed, scaled), which made a batched step over long pasts cost what its rows cost
+    one by one."""
+    batch, heads, seq, dim = q.shape
+    groups = heads // k.shape[1]
+    qg = (q * scale).reshape(batch, k.shape[1], groups * seq, dim)                   # [B, kv, g*S, D]
+    scores = qg @ k.transpose(-1, -2)                                                # [B, kv, g*S, S]
+    if past_k is not None:
+        scores = torch.cat([qg @ past_k.transpose(-1, -2), scores], dim=-1)          # [B, kv, g*S, P+S]
+    allowed = mask[:, :, None].expand(batch, 1, groups, seq, mask.shape[-1]).reshape(batch, 1, groups * seq, -1)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    if past_v is None:
+        out = probs @ v
+    else:
+        past = past_v.shape[2]
+        out = probs[..., :past] @ past_v + probs[..., past:] @ v
+    return out.reshape(batch, heads, seq, dim)
 
 
 def run_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -49,11 +69,7 @@ def run_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         q, k = attn.q_norm(q), attn.k_norm(k)
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
-    keys = k if past_k is None else torch.cat([past_k, k], dim=2)
-    values = v if past_v is None else torch.cat([past_v, v], dim=2)
-    groups = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, repeat_heads(keys, groups), repeat_heads(values, groups),
-                                         attn_mask=mask, scale=attn.scaling)
+    out = grouped_attention(q, k, v, mask, attn.scaling, past_k, past_v)
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
     mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden + mlp_out, mlp_out, k, v

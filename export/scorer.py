@@ -85,9 +85,12 @@ class SirenScorer(nn.Module):
         """Run layers 0..deepest selected; returns (per-token features [B, S, F], this call's
         keys/values [layers, 2, B, kv_heads, S, head_dim])."""
         features, presents = [], []
+        # [layers * 2, B, kv_heads, P, D]: one gather per layer's keys or values (indexing the
+        # layer, then k/v, copied the past twice)
+        flat = None if past_kv is None else past_kv.flatten(0, 1)
         for index in range(self.selected[-1] + 1):
-            past_k = None if past_kv is None else past_kv[index, 0]
-            past_v = None if past_kv is None else past_kv[index, 1]
+            past_k = None if flat is None else flat[2 * index]
+            past_v = None if flat is None else flat[2 * index + 1]
             hidden, mlp_out, k, v = run_layer(self.layers[index], hidden, cos, sin, mask, past_k, past_v)
             presents.append(torch.stack([k, v]))
             if self.peaks is not None:

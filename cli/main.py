@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same artifact (int8, bf16 ...) to measure in the same run")
     p.add_argument("--prepack", action="store_true",
-                   help="also measure each bundle with prepack_weights=True (faster small feeds, more memory)")
+                   help="also measure each bundle with prepack_weights=False (weights read in place: the least "
+                        "memory, slower small feeds; the default pre-packs one session)")
     p.set_defaults(func=_cmd_bench)
 
     p = add("triton", help="write a Triton Inference Server model repository from a bundle")

@@ -75,7 +75,7 @@ def measure(score_batch, score_one):
 out = {"import_s": import_s, "variants": {}}
 t0 = time.perf_counter()
 if spec["side"] == "runtime":
-    options = {"prepack_weights": True} if spec.get("prepack") else {}
+    options = {"prepack_weights": False} if spec.get("prepack") else {}
     guard = siren_runtime.SirenGuard.from_pretrained(spec["bundle"], device="cpu", backend=spec.get("backend"),
                                                      **options)
     out["load_s"] = time.perf_counter() - t0
@@ -86,7 +86,7 @@ if spec["side"] == "runtime":
     coding = getattr(guard.runners.score, "int8_coding", None) or (
         "u8 x u8" if spec.get("label") == "int8-dynamic" else None)
     out["variants"]["siren_runtime " + spec.get("label", "") + (" " + coding if coding else "")
-                    + (" prepacked" if spec.get("prepack") else "") + " (" + guard.backend + ")"] = measure(batch, one)
+                    + (" in place (no pre-packing)" if spec.get("prepack") else "") + " (" + guard.backend + ")"] = measure(batch, one)
     if guard.incremental_streaming:     # a few feeds of a stream: the step graph is part of the footprint
         session, feeds = guard.stream(), []
         for i in range(0, min(len(texts[1]), 12 * 8), 12):
@@ -191,7 +191,7 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
               batch: Optional[int] = None, repeat: int = 3, breakdown: bool = False,
               backend: Optional[str] = None, also: Optional[list] = None, prepack: bool = False) -> list[dict]:
     """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run;
-    `prepack`: each runtime bundle also with ``prepack_weights=True``."""
+    `prepack`: each runtime bundle also with ``prepack_weights=False`` (weights read in place)."""
     texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
              if texts_file else default_texts())
     if batch:

@@ -45,19 +45,26 @@ def _edit_manifest(bundle: Path, edit) -> None:
 
 
 # -- 1 and 6: every file a graph reads is one the manifest names and hashes ----------------
-@pytest.mark.parametrize("how", ["null", "removed"])
-def test_graph_weights_the_manifest_does_not_name_are_refused(all_layers, tmp_path, monkeypatch, how):
+@pytest.mark.parametrize("section, how", [("model", "null"), ("model", "removed"), ("streaming", "null")])
+def test_graph_weights_the_manifest_does_not_name_are_refused(all_layers, tmp_path, monkeypatch, section, how):
     from siren_runtime import BundleError, SirenGuard
     bundle = _copy(all_layers.bundle, tmp_path)
-    _edit_manifest(bundle, lambda m: m["model"].__setitem__("external_data", None) if how == "null"
-                   else m["model"].pop("external_data"))
+    def edit(manifest):
+        if how == "null":
+            manifest[section]["external_data"] = None
+        else:
+            manifest[section].pop("external_data")
+        manifest[section].pop("weights", None)     # (old step graphs named no file, only shared bytes)
+    _edit_manifest(bundle, edit)
     # a weights file in the working directory must never be picked up either
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     (elsewhere / "model.onnx.data").write_bytes((bundle / "model.onnx.data").read_bytes())
     monkeypatch.chdir(elsewhere)
-    with pytest.raises(BundleError, match=r"reads its weights from 'model.onnx.data'.*external_data is missing"):
-        SirenGuard.from_pretrained(bundle, device="cpu")
+    graph = "model.onnx" if section == "model" else "step.onnx"
+    with pytest.raises(BundleError, match=rf"{graph} reads its weights from 'model.onnx.data'.*{section}.external_data"):
+        # the scoring graph runs alone without incremental streaming (a CPU guard scores on the step graph)
+        SirenGuard.from_pretrained(bundle, device="cpu", incremental_streaming=section == "streaming")
 
 
 def test_graph_naming_an_unlisted_file_is_a_bundle_error_naming_it(all_layers, tmp_path):
@@ -74,7 +81,7 @@ def test_graph_naming_an_unlisted_file_is_a_bundle_error_naming_it(all_layers, t
     shutil.copy(bundle / "model.onnx.data", bundle / "secret.bin")
     _edit_manifest(bundle, lambda m: m["files"].__setitem__("model.onnx", describe_file(bundle, "model.onnx")))
     with pytest.raises(BundleError, match=r"reads weights from 'secret.bin', which the manifest does not name"):
-        SirenGuard.from_pretrained(bundle, device="cpu")
+        SirenGuard.from_pretrained(bundle, device="cpu", incremental_streaming=False)
 
 
 def test_graph_reference_reader_sees_every_external_tensor(all_layers):

@@ -307,11 +307,14 @@ class OnnxRuntimeStepRunner(_Closable):
         past = max(row.resume for row in rows)
         width = max(len(row.new_ids) for row in rows)
         ids = np.zeros((batch, width), dtype=np.int64)
-        past_kv = np.zeros((s.kv_layers, 2, batch, s.kv_heads, past, s.head_dim), dtype=self._dtype)
+        # each row's past, then zeros to the longest (masked, but must be finite: 0 x NaN is NaN);
+        # only the padding is zeroed, not the whole buffer
+        past_kv = np.empty((s.kv_layers, 2, batch, s.kv_heads, past, s.head_dim), dtype=self._dtype)
         sums = np.empty((batch, s.feature_dim), dtype=np.float32)
         for b, row in enumerate(rows):
             ids[b, :len(row.new_ids)] = row.new_ids
             past_kv[:, :, b, :, :row.resume] = row.state.kv[:, :, :, :row.resume]
+            past_kv[:, :, b, :, row.resume:] = 0
             sums[b] = row.past_sums
         new_lengths = np.asarray([len(r.new_ids) for r in rows], dtype=np.int64)
         past_lengths = np.asarray([r.resume for r in rows], dtype=np.int64)

@@ -95,9 +95,8 @@ def _parse_structure(config: dict, source: str) -> dict:
     task = config.get("task", "content")
     if task == "trajectory":
         raise ArtifactError(
-            f"{source} is a 'trajectory' artifact: it scores agent tool-calling trajectories "
-            "with the Agent-SIREN guard (siren_guard.AgentSirenGuard), not text; this exporter "
-            "handles content guards only")
+            f"{source} is a 'trajectory' artifact (Agent-SIREN): read it with "
+            "siren_export.trajectory.load_trajectory_artifact (`siren export` does)")
     _require(task == "content", source, f"unknown task {task!r} (expected 'content')")
     base = config.get("base_model")
     _require(isinstance(base, dict) and isinstance(base.get("model_id"), str) and base["model_id"],

@@ -32,6 +32,7 @@ from .prefix_head import write_prefix_head
 from .progress import Progress
 from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
+from .trajectory import export_trajectory_bundle, is_trajectory_artifact
 
 MODEL_FILE = "model.onnx"
 STEP_FILE = "step.onnx"
@@ -82,6 +83,13 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     _quiet_transformers(show_progress)
+    if is_trajectory_artifact(artifact, cache_dir=cache_dir, revision=revision):
+        if readout != "runtime":
+            raise ValueError("--readout applies to content guards; a trajectory guard reads one state, unnormed")
+        return export_trajectory_bundle(artifact, output, backbone=backbone, dtype=dtype, overwrite=overwrite,
+                                        parity_tolerance=parity_tolerance, cache_dir=cache_dir,
+                                        show_progress=show_progress, revision=revision,
+                                        backbone_revision=backbone_revision)
     progress = Progress(total_steps=8 if streaming else 7, enabled=show_progress)
 
     progress.start(f"reading SIREN artifact {artifact}")

@@ -296,3 +296,38 @@ def _standardize_first_layer(tensors: dict, backbone: str, layers: list, neurons
     w, b = tensors["network.0.weight"], tensors["network.0.bias"]
     tensors["network.0.weight"] = w / std
     tensors["network.0.bias"] = b - (w / std) @ mean
+
+
+def make_trajectory_head(folder: Path, backbone: str, *, width: int, blocks: int, max_length: int = 512,
+                         threshold: float = 0.5, seed: int = 0, num_layers: Optional[int] = None,
+                         model_id: Optional[str] = None) -> Path:
+    """A synthetic Agent-SIREN artifact in the released format (task "trajectory": the last
+    token's state after `blocks` decoder blocks, a linear readout of `width` weights + a bias),
+    with base_model.model_id pointing at the local backbone folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(width, generator=generator) * (2.0 / width ** 0.5)
+    bias = torch.randn(1, generator=generator) * 0.1
+    save_file({"head.weight": weight.contiguous(), "head.bias": bias.contiguous()}, str(folder / "siren.safetensors"))
+    config = {
+        "task": "trajectory",
+        "base_model": {"model_id": model_id or str(backbone), "revision": None,
+                       **({"num_hidden_layers": num_layers} if num_layers else {})},
+        "siren_module": {"pooling_type": "last", "hidden_state_index": blocks, "early_exit_blocks": blocks},
+        "render": {"tools": "rich", "truncation": "head_tail"},
+        "inference": {"max_length": max_length, "default_threshold": threshold},
+    }
+    (folder / "siren_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def set_chat_template(backbone: Path, template: str) -> None:
+    """Give a backbone folder's tokenizer a chat template (the tiny test tokenizers have none)."""
+    path = Path(backbone) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Torch-free SIREN guard runtime: score text from an exported bundle.
+"""Torch-free SIREN guard runtime: score text, or agent trajectories, from an exported bundle.
 
 Imports neither torch nor transformers; the backends (ONNX Runtime, TensorRT) are
 imported lazily, only when a guard is created with them.
@@ -6,8 +6,12 @@ imported lazily, only when a guard is created with them.
 from .errors import BundleError, BackendUnavailableError
 from .result import ScoreResult
 from .guard import SirenGuard
+from .agent_guard import AgentSirenGuard
+from .trajectory import Trajectory, Turn, from_openai
 from .failsafe import FailClosedGuard
+from .loading import load_guard
 
 __version__ = "0.1.0"
 
-__all__ = ["SirenGuard", "FailClosedGuard", "ScoreResult", "BundleError", "BackendUnavailableError", "__version__"]
+__all__ = ["SirenGuard", "AgentSirenGuard", "load_guard", "Trajectory", "Turn", "from_openai", "FailClosedGuard",
+           "ScoreResult", "BundleError", "BackendUnavailableError", "__version__"]

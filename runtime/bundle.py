@@ -299,6 +299,27 @@ class SignedTwinSpec:
     flip: tuple             # ((offset, length), ...), sorted, disjoint
 
 
+#: guard kinds: a content guard scores text, a trajectory guard an agent's trajectory
+GUARD_KINDS = ("content", "trajectory")
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """Which guard the bundle is and what its graph reads (the manifest's `guard` section;
+    bundles from before it are content guards with mean pooling).
+
+    pooling: "mean" (content: masked mean of selected neurons over the tokens, into an MLP)
+    or "last" (trajectory: the last real token's state into a linear readout); block: the
+    decoder blocks the state is read after (trajectory); norm: whether the final norm is
+    applied to it; chat_template / special_tokens: what a trajectory is rendered with."""
+    kind: str = "content"
+    pooling: str = "mean"
+    block: Optional[int] = None
+    norm: Optional[bool] = None
+    chat_template: Optional[str] = None
+    special_tokens: dict = field(default_factory=dict, compare=False)
+
+
 @dataclass(frozen=True)
 class InferenceSpec:
     max_length: int
@@ -335,6 +356,8 @@ class Bundle:
     signed_twin: Optional[SignedTwinSpec] = field(default=None, compare=False)
     #: hash the files runners load (False: trusted paths, see trusting())
     check_files: bool = field(default=True, compare=False)
+    #: the guard's kind and readout (content guards when the manifest predates the section)
+    guard: GuardSpec = field(default_factory=GuardSpec, compare=False)
     _loaded: "weakref.WeakValueDictionary" = field(default_factory=lambda: weakref.WeakValueDictionary(),
                                                    compare=False, repr=False)
 
@@ -560,10 +583,43 @@ def read_bundle(bundle_dir) -> Bundle:
         streaming = _read_streaming(f, bundle_dir, manifest, version, files, model)
     engines = _read_engines(f, bundle_dir, manifest, files)
     prefix_head = _read_prefix_head(f, bundle_dir, manifest, files, model, streaming, tokenizer)
+    guard = _read_guard(f, bundle_dir, manifest, files, model, tokenizer)
+    if guard.kind == "trajectory" and (streaming is not None or prefix_head is not None):
+        f.fail("guard.kind", "is 'trajectory', but the manifest has a content guard's step graph or prefix head")
     return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
                   tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
                   manifest=manifest, requires=_read_requires(f, manifest), prefix_head=prefix_head,
-                  signed_twin=_read_signed_twin(f, bundle_dir, manifest, files, model, streaming))
+                  signed_twin=_read_signed_twin(f, bundle_dir, manifest, files, model, streaming), guard=guard)
+
+
+def _read_guard(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec, tokenizer: str) -> GuardSpec:
+    section = manifest.get("guard")
+    if section is None:
+        return GuardSpec()
+    if not isinstance(section, dict):
+        f.fail("guard", "is not an object")
+    kind = f.choice(section, "kind", "guard.", GUARD_KINDS)
+    readout = f.section(section, "readout", "guard.")
+    if kind == "content":
+        f.choice(readout, "pooling", "guard.readout.", ("mean",))
+        return GuardSpec()
+    f.choice(readout, "pooling", "guard.readout.", ("last",))
+    block = f.integer(readout, "block", "guard.readout.", 1, 4096)
+    norm = readout.get("norm")
+    if norm is not False:
+        f.fail("guard.readout.norm", f"must be false (the state is read before the final norm), got {_short(norm)}")
+    render = f.section(section, "render", "guard.")
+    f.choice(render, "tools", "guard.render.", ("rich",))
+    f.choice(render, "truncation", "guard.render.", ("head_tail",))
+    template = f.section(section, "chat_template", "guard.")
+    path = f.text(template, "path", "guard.chat_template.")
+    _listed(f, bundle_dir, path, "guard.chat_template.path", files)
+    if path in set(model.files()) | {tokenizer}:
+        f.fail("guard.chat_template.path", f"points at another bundle file {path!r}")
+    special = template.get("special_tokens", {})
+    if not isinstance(special, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in special.items()):
+        f.fail("guard.chat_template.special_tokens", "must map token names to strings")
+    return GuardSpec(kind=kind, pooling="last", block=block, norm=False, chat_template=path, special_tokens=special)
 
 
 def _read_signed_twin(f, bundle_dir: Path, manifest: dict, files: dict, model: GraphSpec,
@@ -732,6 +788,6 @@ def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> 
     return tuple(out)
 
 
-__all__ = ["Bundle", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
+__all__ = ["Bundle", "GuardSpec", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
            "SCORE_IO", "STEP_IO", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
            "write_manifest", "publish", "Staging", "remove_stale_staging", "describe_file", "sha256_file", "safe_relative_path"]

@@ -26,6 +26,36 @@ DEFAULT_STREAM_CACHE = 64
 DEFAULT_STREAM_CACHE_BYTES = 256 * 1024 * 1024
 
 
+def locate_bundle(bundle_dir, *, revision: Optional[str] = None, cache_dir=None, local_files_only: bool = False,
+                  token=None, engines: Optional[bool] = None, backend: Optional[str] = None,
+                  verify: bool = True) -> Bundle:
+    """A bundle folder, or a Hub repo id ("org/name") fetched into the Hub cache; every listed
+    file checked present with its size (each file a runner or the tokenizer loads is hashed
+    as it is read, and those very bytes are used: Bundle.read_verified)."""
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
+    if not Path(bundle_dir).exists() and is_repo_id(str(bundle_dir)):
+        bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token,
+                                 engines=engines if engines is not None else backend in ("tensorrt", "trt"))
+    else:
+        bundle = read_bundle(bundle_dir)
+    bundle.verify(contents=False)
+    return bundle if verify else bundle.trusting()
+
+
+#: the class that loads each guard kind
+GUARD_CLASSES = {"content": "SirenGuard", "trajectory": "AgentSirenGuard"}
+
+
+def check_kind(bundle: Bundle, kind: str) -> None:
+    """Each guard class refuses the other kind's bundle, naming the one that loads it."""
+    if bundle.guard.kind != kind:
+        raise ValueError(f"{bundle.directory} is a {bundle.guard.kind!r} guard bundle: load it with "
+                         f"siren_runtime.{GUARD_CLASSES[bundle.guard.kind]} (or siren_runtime.load_guard), "
+                         f"not {GUARD_CLASSES[kind]}")
+
+
 class SirenGuard:
     """Scores text for harmfulness from an exported SIREN bundle.
 
@@ -42,6 +72,7 @@ class SirenGuard:
                  stream_cache: Optional[StreamCache] = None, max_padding: Optional[float] = None):
         """A guard over runners already opened for `bundle` (``from_pretrained`` opens them;
         tests and embedders inject their own, e.g. a wrapped step runner)."""
+        check_kind(bundle, "content")
         if encoder is None:
             encoder = TextEncoder.for_bundle(bundle)
         self._bundle = bundle
@@ -113,19 +144,9 @@ class SirenGuard:
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
         if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
-        if revision is not None and not isinstance(revision, str):
-            raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
-        if not Path(bundle_dir).exists() and is_repo_id(str(bundle_dir)):
-            bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
-                                     local_files_only=local_files_only, token=token,
-                                     engines=engines if engines is not None else backend in ("tensorrt", "trt"))
-        else:
-            bundle = read_bundle(bundle_dir)
-        # every listed file present with its size now; each file a runner or the tokenizer
-        # loads is hashed as it is read, and those very bytes are used (Bundle.read_verified)
-        bundle.verify(contents=False)
-        if not verify:
-            bundle = bundle.trusting()
+        bundle = locate_bundle(bundle_dir, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               token=token, engines=engines, backend=backend, verify=verify)
+        check_kind(bundle, "content")
         stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
         runners = open_runners(bundle, backend=backend, device=device, streaming=incremental_streaming,
                                **backend_options)

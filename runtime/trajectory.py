@@ -124,6 +124,14 @@ def as_trajectory(obj: Any) -> Trajectory:
         return from_openai(obj["messages"], obj.get("tools"))
     if isinstance(obj, (list, tuple)):
         return from_openai(list(obj), None)
+    if all(hasattr(obj, name) for name in ("turns", "profile", "tools")):     # llm-siren's own Trajectory
+        turns = []
+        for turn in obj.turns:
+            if not all(hasattr(turn, name) for name in ("role", "content", "thought", "action", "tool_name")):
+                raise TypeError(f"cannot read a turn from {type(turn).__name__}")
+            turns.append(Turn(role=turn.role, content=turn.content, thought=turn.thought, action=turn.action,
+                              tool_name=turn.tool_name))
+        return Trajectory(turns=turns, profile=obj.profile, tools=list(obj.tools))
     raise TypeError(f"cannot read a trajectory from {type(obj).__name__}")
 
 

@@ -1,0 +1,253 @@
+"""AgentSirenGuard: llm-siren's trajectory guard over an exported bundle, without torch.
+
+A trajectory (turns, profile, tool schemas) becomes the chat messages the head was fitted on
+(:mod:`siren_runtime.render`), goes through the backbone's own chat template
+(:mod:`siren_runtime.chat_template`, byte-identical to transformers'), is tokenized with the
+tokenizer's default call (special tokens as its post-processor adds them: Llama 3's BOS,
+nothing for Qwen3) and truncated head + tail (the first max_length // 2 ids and the last
+max_length - max_length // 2: the schemas stay at the front, the last action at the anchor).
+The bundle's graph reads the last real token's state after the kept blocks and returns
+sigmoid(state . w + b).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .backends import Runners, open_runners
+from .batching import length_groups
+from .bundle import Bundle
+from .chat_template import ChatTemplate, TemplateError
+from .guard import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET, check_kind, locate_bundle
+from .render import fold_system, messages_of
+from .result import ScoreResult
+from .trajectory import Trajectory, as_trajectory, check_trajectory, from_openai
+from .validation import check_threshold
+
+#: rescored trajectories remembered by score_streaming (rendered ids -> score)
+STREAM_CACHE_SIZE = 256
+
+
+class TrajectoryEncoder:
+    """Rendering and tokenization of trajectories with the bundle's verified files."""
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer
+        from .errors import BundleError
+        spec = bundle.guard
+        try:
+            self._tokenizer = Tokenizer.from_str(bytes(bundle.read_verified(bundle.tokenizer_path)).decode("utf-8"))
+            template = bytes(bundle.read_verified(spec.chat_template)).decode("utf-8")
+        except Exception as e:        # tokenizers raises a bare Exception; bytes that are not UTF-8
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"{bundle.directory}: its tokenizer or chat template does not load "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        try:
+            self._template = ChatTemplate(template, spec.special_tokens)
+        except TemplateError as e:
+            raise BundleError(f"{bundle.directory}: {e}") from None
+        self.max_length = bundle.inference.max_length
+        self.pad_token_id = bundle.inference.pad_token_id
+
+    def render(self, trajectory: Trajectory) -> str:
+        """The chat string (llm-siren's render with rich tools): the template, retried once with
+        the system message folded into the first user turn; a second refusal is a ValueError."""
+        check_trajectory(trajectory)
+        messages = messages_of(trajectory)
+        try:
+            return self._template.render(messages)
+        except TemplateError:
+            try:
+                return self._template.render(fold_system(messages))
+            except TemplateError as e:
+                raise ValueError(f"the backbone's chat template refused this trajectory: {e}") from None
+
+    def ids(self, text: str) -> list:
+        """Token ids of a rendered trajectory, head + tail truncated to max_length."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the trajectory holds a lone surrogate ({text[e.start]!r}); it is not valid Unicode") \
+                from None
+        ids = self._tokenizer.encode(text, add_special_tokens=True).ids
+        if len(ids) <= self.max_length:
+            return ids
+        head = self.max_length // 2
+        return ids[:head] + ids[len(ids) - (self.max_length - head):]
+
+    def pad(self, id_lists: list) -> tuple:
+        width = max(max(len(ids) for ids in id_lists), min(2, self.max_length))
+        input_ids = np.full((len(id_lists), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(id_lists), width), dtype=np.int64)
+        for row, ids in enumerate(id_lists):
+            input_ids[row, :len(ids)], mask[row, :len(ids)] = ids, 1
+        return input_ids, mask
+
+
+class AgentSirenGuard:
+    """Scores agent trajectories from an exported Agent-SIREN bundle (llm-siren's
+    ``AgentSirenGuard`` API: ``score_trajectory``, ``score_batch``, ``score_streaming``,
+    ``__call__``, ``default_threshold``). Thread-safe like SirenGuard; ``close()`` frees it."""
+
+    def __init__(self, bundle: Bundle, runners: Runners, *, max_batch_size: int = DEFAULT_MAX_BATCH,
+                 token_budget: Optional[int] = None):
+        check_kind(bundle, "trajectory")
+        self._bundle = bundle
+        self._runners = runners
+        self._encoder = TrajectoryEncoder(bundle)
+        self._default_threshold = bundle.inference.default_threshold
+        limit = runners.score.limits.max_batch
+        self._max_batch = min(int(max_batch_size), limit) if limit else int(max_batch_size)
+        self._token_budget = int(token_budget or runners.score.limits.max_tokens or DEFAULT_TOKEN_BUDGET)
+        self._max_padding = runners.score.limits.max_padding
+        self._recent: OrderedDict = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
+                        backend: Optional[str] = None, *, verify: bool = True,
+                        max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: Optional[int] = None,
+                        revision: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+                        local_files_only: bool = False, token: Optional[Union[str, bool]] = None,
+                        engines: Optional[bool] = None, **backend_options) -> "AgentSirenGuard":
+        """Load a trajectory bundle made by ``siren export`` (a folder or a Hub repo id); the
+        options are SirenGuard.from_pretrained's."""
+        if not isinstance(bundle_dir, (str, Path)):
+            raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        bundle = locate_bundle(bundle_dir, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               token=token, engines=engines, backend=backend, verify=verify)
+        check_kind(bundle, "trajectory")
+        runners = open_runners(bundle, backend=backend, device=device, streaming=False, **backend_options)
+        try:
+            return cls(bundle, runners, max_batch_size=max_batch_size, token_budget=token_budget)
+        except BaseException:
+            runners.close()
+            raise
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def default_threshold(self) -> float:
+        return self._default_threshold
+
+    @property
+    def base_model_id(self) -> str:
+        return str((self._bundle.manifest.get("backbone") or {}).get("model_id", ""))
+
+    @property
+    def backend(self) -> str:
+        return self._runners.score.name
+
+    @property
+    def device(self) -> str:
+        return self._runners.score.device
+
+    @property
+    def max_length(self) -> int:
+        return self._encoder.max_length
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def batch_invariant(self) -> bool:
+        return bool(getattr(self._runners.score, "batch_invariant", False))
+
+    def close(self) -> None:
+        self._closed = True
+        self._recent.clear()
+        self._runners.close()
+
+    def __enter__(self) -> "AgentSirenGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- scoring ------------------------------------------------------------------------
+    def score_trajectory(self, trajectory: Any = None, *, messages: Optional[list] = None,
+                         tools: Optional[list] = None, threshold: Optional[float] = None) -> ScoreResult:
+        """Score one trajectory: a ``Trajectory``, or ``messages=`` (and ``tools=``)."""
+        if trajectory is not None and messages is not None:
+            raise ValueError("Pass either `trajectory` or `messages`, not both.")
+        if trajectory is None:
+            if messages is None:
+                raise ValueError("Provide `trajectory` or `messages`.")
+            trajectory = from_openai(messages, tools)
+        thr = check_threshold(threshold, self._default_threshold)
+        return self._score([as_trajectory(trajectory)], thr)[0]
+
+    def score_batch(self, trajectories: Sequence[Any], threshold: Optional[float] = None) -> list:
+        """Score several trajectories (padded groups); results in the caller's order."""
+        if isinstance(trajectories, (str, bytes, dict, Trajectory)) or not hasattr(trajectories, "__iter__"):
+            raise TypeError(f"trajectories must be a list of trajectories, got {type(trajectories).__name__}")
+        items = [as_trajectory(t) for t in trajectories]
+        return self._score(items, check_threshold(threshold, self._default_threshold))
+
+    def score_streaming(self, messages: Optional[list] = None, tools: Optional[list] = None,
+                        trajectory: Any = None, threshold: Optional[float] = None) -> ScoreResult:
+        """Score the trajectory so far, after each appended turn and before the next tool call
+        runs (the whole trajectory is scored, as llm-siren does; a trajectory whose rendered ids
+        were scored recently is answered from a bounded cache)."""
+        return self.score_trajectory(trajectory, messages=messages, tools=tools, threshold=threshold)
+
+    def __call__(self, *args, **kwargs) -> ScoreResult:
+        return self.score_trajectory(*args, **kwargs)
+
+    def render(self, trajectory: Any) -> str:
+        """The exact string the head reads for `trajectory` (before tokenizing)."""
+        return self._encoder.render(as_trajectory(trajectory))
+
+    def token_ids(self, trajectory: Any) -> list:
+        """The ids the graph scores for `trajectory` (rendered, head + tail truncated)."""
+        return self._encoder.ids(self.render(trajectory))
+
+    # -- internals ----------------------------------------------------------------------
+    def _score(self, trajectories: list, threshold: float) -> list:
+        if self._closed:
+            raise RuntimeError("this AgentSirenGuard is closed")
+        if not trajectories:
+            return []
+        id_lists = [self._encoder.ids(self._encoder.render(t)) for t in trajectories]   # every check first
+        scores = self.score_token_ids(id_lists)
+        return [ScoreResult(score=float(s), is_harmful=bool(float(s) >= threshold), threshold=threshold)
+                for s in scores]
+
+    def score_token_ids(self, id_lists: list) -> np.ndarray:
+        """Scores of already rendered and truncated trajectories, in padding-aware groups;
+        ids scored recently come from a bounded cache (a streaming agent loop rescoring
+        the same prefix twice pays once)."""
+        scores = np.empty(len(id_lists), dtype=np.float32)
+        todo = []
+        with self._recent_lock:
+            for i, ids in enumerate(id_lists):
+                cached = self._recent.get(tuple(ids))
+                if cached is None:
+                    todo.append(i)
+                else:
+                    scores[i] = cached
+        lengths = [len(id_lists[i]) for i in todo]
+        for group in length_groups(lengths, self._max_batch, self._token_budget, self._max_padding):
+            rows = [todo[g] for g in group]
+            input_ids, mask = self._encoder.pad([id_lists[i] for i in rows])
+            scores[rows] = self._runners.score.run(input_ids, mask)
+        with self._recent_lock:
+            for i in todo:
+                self._recent[tuple(id_lists[i])] = scores[i]
+                self._recent.move_to_end(tuple(id_lists[i]))
+            while len(self._recent) > STREAM_CACHE_SIZE:
+                self._recent.popitem(last=False)
+        return scores
+
+
+__all__ = ["AgentSirenGuard", "TrajectoryEncoder"]

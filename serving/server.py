@@ -38,6 +38,7 @@ from siren_runtime.validation import check_encodable, check_threshold
 from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_model,
                   parse_threshold, require_object, stream_response)
 from .batcher import BatcherClosed, DynamicBatcher
+from .score_memo import ScoreMemo
 from .detectors import (content_detections, detector_error_body, generation_detections, parse_contents,
                         parse_generation, parse_params, require_detector_id)
 from .metrics import ServerMetrics
@@ -130,6 +131,8 @@ class _Service:
         self.sessions = SessionRegistry(guard, config.max_sessions, config.session_ttl_s)
         batching = dict(max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0,
                         enabled=config.dynamic_batching)
+        #: where scores can move with their batch (GPU, int8), one remembered number per text
+        self.decided = None if getattr(guard, "batch_invariant", False) else ScoreMemo()
         self.scorer = DynamicBatcher(self._score_texts, observe=self.metrics.batch_size.labels("score").observe,
                                      name="siren-score", **batching)
         # two lanes: feeds that run many new tokens (a first long delta) get their own engine
@@ -147,7 +150,10 @@ class _Service:
     # -- blocking work, on the batchers' threads ----------------------------------------
     def _score_texts(self, texts: list) -> list:
         ids = [self.guard.token_ids(t) for t in texts]
-        scores = self.guard.score_token_ids(ids)
+        if self.decided is None:        # batch-invariant: a text's number is the same in any batch
+            scores = self.guard.score_token_ids(ids)
+        else:
+            scores = self.decided.scores(ids, self.guard.score_token_ids)
         return [(float(s), len(i)) for s, i in zip(scores, ids)]
 
     def _feed(self, items: list) -> list:

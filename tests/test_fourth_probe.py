@@ -292,3 +292,29 @@ def test_a_body_over_64_mib_gets_a_413_that_clients_see(all_layers):
         assert httpx.post(proc.url + "/v1/moderations", json={"input": "hi"}).status_code == 200
     finally:
         proc.stop()
+
+
+def test_where_scores_move_with_the_batch_every_route_gets_the_first_number(all_layers, tmp_path):
+    """GPU kernels and int8 activations are not batch-invariant: the server then remembers the
+    number it computed per token sequence, so every route decides from it."""
+    from siren_runtime import SirenGuard
+    from siren_serving.score_memo import ScoreMemo
+    from siren_serving.server import ServeConfig, _Service
+    memo = ScoreMemo(entries=3)
+    drifting = lambda id_lists: [0.5 + 1e-7 * len(id_lists) + 1e-3 * ids[0] for ids in id_lists]   # noqa: E731
+    first = memo.scores([[1], [2]], drifting)
+    again = memo.scores([[2], [3], [1], [4]], drifting)          # other companions: the first numbers stay
+    assert again[0] == first[1] and again[2] == first[0] and len(memo) == 3
+    assert memo.scores([[1]], drifting)[0] == first[0]          # still remembered; [2] was the oldest, evicted
+    # the server turns it on exactly where the guard does not promise invariance
+    invariant = SirenGuard.from_pretrained(all_layers.bundle, device="cpu")
+    assert _Service(invariant, ServeConfig(bundle=str(all_layers.bundle)), "m").decided is None
+    old = _copy(all_layers.bundle, tmp_path)          # a bundle from before the promise, scoring graph alone
+    _edit_manifest(old, lambda m: m["model"].pop("batch_invariant"))
+    legacy = SirenGuard.from_pretrained(old, device="cpu", incremental_streaming=False)
+    assert not legacy.batch_invariant
+    service = _Service(legacy, ServeConfig(bundle=str(old)), "m")
+    assert isinstance(service.decided, ScoreMemo)
+    texts = ["hello world", "a longer text about nothing in particular", "hello world"]
+    got = [s for s, _ in service._score_texts(texts)]
+    assert got[0] == got[2] and len(service.decided) == 2

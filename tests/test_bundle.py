@@ -164,14 +164,17 @@ def test_loaded_guard_is_immune_to_later_file_changes(bundle_copy):
     assert proc.returncode == 0 and proc.stdout.strip() == "immune", (proc.returncode, proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("swap_after, mapped", [("model.onnx", False), ("model.onnx.data", False),
-                                                ("step.onnx", False), ("tokenizer.json", False),
-                                                ("model.onnx", True), ("model.onnx.data", True)])
-def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, tmp_path, swap_after, mapped):
+@pytest.mark.parametrize("swap_after, mapped, streaming", [
+    ("step.onnx", False, True), ("model.onnx.data", False, True), ("tokenizer.json", False, True),
+    ("step.onnx", True, True), ("model.onnx.data", True, True),
+    ("model.onnx", False, False), ("model.onnx", True, False), ("model.onnx.data", True, False)])
+def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, tmp_path, swap_after, mapped, streaming):
     """Break 2: the weights file replaced (by rename) with zeros right after another file
     was loaded. Swapped before the weights are read, the load is refused; swapped after,
     the guard runs on the bytes that were checked. mapped: every file read through the
-    private mapped copy (the path of files of 64 MiB or more), as real weights are."""
+    private mapped copy (the path of files of 64 MiB or more), as real weights are.
+    streaming: a CPU guard with a step graph runs on it alone (the step graph, the weights,
+    the tokenizer); without, the scoring graph (the model graph, the weights, the tokenizer)."""
     import os
     from siren_runtime import private_copy
     from siren_runtime.bundle import Bundle
@@ -191,19 +194,16 @@ def test_file_replaced_during_load(bundle_copy, all_layers, monkeypatch, tmp_pat
         return out
     monkeypatch.setattr(Bundle, "read_verified", read_then_swap)
     text = "How do I pick a lock?"
-    if order_of_weights_read_before(swap_after):
-        guard = SirenGuard.from_pretrained(bundle_copy, device="cpu")
+    graph = "step.onnx" if streaming else "model.onnx"
+    if swap_after != graph:                              # read after the weights: harmless
+        guard = SirenGuard.from_pretrained(bundle_copy, device="cpu", incremental_streaming=streaming)
         assert abs(guard.score(text).score - all_layers.reference.score(text).score) <= 1e-5
         assert abs(guard.score_streaming(text).score - all_layers.reference.score(text).score) <= 1e-5
+        assert order[:2] == [graph, "model.onnx.data"]
     else:
         with pytest.raises(BundleError, match="model.onnx.data.*sha256"):
-            SirenGuard.from_pretrained(bundle_copy, device="cpu")
-        assert order == ["model.onnx"]                   # refused while reading the swapped file
-
-
-def order_of_weights_read_before(rel: str) -> bool:
-    """Load order: the model graph, its weights, the step graph, the tokenizer."""
-    return rel != "model.onnx"
+            SirenGuard.from_pretrained(bundle_copy, device="cpu", incremental_streaming=streaming)
+        assert order == [graph]                          # refused while reading the swapped file
 
 
 def test_every_loaded_file_is_listed(bundle_copy):

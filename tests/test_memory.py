@@ -53,10 +53,15 @@ def test_mapped_weights_score_exactly(all_layers, map_everything, prepack):
     guard = SirenGuard.from_pretrained(all_layers.bundle, device="cpu", prepack_weights=prepack)
     with guard:
         _scores_match(guard, all_layers.reference)
-        # both graphs use the one copy (read once, shared while alive)
+        # one session (the step graph) scores whole texts, streams and prefixes: one copy
         runners = guard.runners
-        assert any(b is runners.step.buffers[1] for b in runners.score.buffers)
-        assert _mapped(runners.score.buffers[1])
+        assert runners.score._step is runners.step and guard.batch_invariant
+        assert _mapped(runners.step.buffers[1])
+    alone = SirenGuard.from_pretrained(all_layers.bundle, device="cpu", prepack_weights=prepack,
+                                       incremental_streaming=False)
+    with alone:                     # the scoring graph alone reads the same mapped copy
+        _scores_match(alone, all_layers.reference)
+        assert alone.runners.step is None and _mapped(alone.runners.score.buffers[1])
 
 
 def test_release_pages_keeps_the_bytes(all_layers, map_everything):
@@ -111,8 +116,11 @@ def test_no_room_for_a_private_copy_falls_back_to_memory(all_layers, monkeypatch
 
 def test_cpu_batches_are_token_bounded(all_layers):
     guard = SirenGuard.from_pretrained(all_layers.bundle, device="cpu")
-    with guard:
-        assert guard.runners.score.limits.max_tokens == 512 and guard._token_budget == 512
+    with guard:      # whole texts on the step graph also write their keys and values: half the tokens
+        assert guard.runners.score.limits.max_tokens == 256 and guard._token_budget == 256
+    alone = SirenGuard.from_pretrained(all_layers.bundle, device="cpu", incremental_streaming=False)
+    with alone:
+        assert alone.runners.score.limits.max_tokens == 512 and alone._token_budget == 512
     bigger = SirenGuard.from_pretrained(all_layers.bundle, device="cpu", token_budget=4096)
     with bigger:
         assert bigger._token_budget == 4096

@@ -14,25 +14,7 @@ import resource
 import sys
 import time
 
-RESPONSE = (
-    "Thanks for the question. Here is a detailed overview of how municipal water treatment works, "
-    "from intake to your tap. First, raw water is drawn from rivers, lakes or aquifers and screened to "
-    "remove debris such as leaves, plastic and fish. Next comes coagulation: chemicals like aluminium "
-    "sulfate are added so that tiny suspended particles clump together into larger flocs. During "
-    "flocculation the water is gently stirred so the flocs grow, and in the sedimentation basins they "
-    "settle to the bottom as sludge. The clearer water above then passes through filters made of sand, "
-    "gravel and activated carbon, which remove finer particles, some microorganisms, and compounds that "
-    "affect taste and odour. Disinfection follows, usually with chlorine or chloramine, sometimes with "
-    "ultraviolet light or ozone, to inactivate bacteria and viruses that survived filtration. Operators "
-    "adjust the pH to limit pipe corrosion, and many utilities add fluoride for dental health. Finally "
-    "the treated water is stored in reservoirs and towers and pumped through the distribution network, "
-    "where residual disinfectant keeps it safe until it reaches homes, schools and hospitals. Let me know "
-    "if you would like details about any individual stage, regulations, or testing schedules. Water "
-    "quality is monitored continuously: samples are taken at the plant and throughout the network and "
-    "analysed for turbidity, residual chlorine, coliform bacteria, lead, nitrates and dozens of other "
-    "parameters. Results are reported to regulators, and most utilities publish an annual consumer "
-    "confidence report that lists what was found and how it compares with the legal limits."
-)
+from streaming import RESPONSE  # noqa: E402  (the streaming benchmark's response, same workload)
 WORDS = RESPONSE.split()
 
 

@@ -129,6 +129,22 @@ def load_widened(model_id: str, revision: Optional[str], config, dtype, cache_di
     return model
 
 
+def pad_token_id(tokenizer, model_id: str) -> int:
+    """The id right padding uses: the pad token, else eos (llm-siren's rule)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
+    return int(pad_id)
+
+
+def save_bare_tokenizer(tokenizer, path) -> None:
+    """The fast tokenizer's tokenizer.json without padding or truncation (the runtime sets its own)."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(path))
+
+
 def load_backbone(model_id: str, revision: Optional[str], kept_layers: int, dtype: str = "fp32",
                   config=None, cache_dir: Optional[str] = None) -> LoadedBackbone:
     import torch

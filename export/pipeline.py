@@ -21,8 +21,7 @@ from siren_runtime.tokenization import TextEncoder
 
 from . import __version__
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
-from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
-from .errors import ArtifactError
+from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config, pad_token_id, save_bare_tokenizer
 from siren_runtime.card import model_card
 from .onnx_export import export_scorer, export_step, share_weights
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
@@ -108,19 +107,14 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     trim_heap()          # the freed checkpoint reads and tokenizer parse buffers, before anything sits on top
     scorer = SirenScorer(loaded.model, loaded.num_layers, art, readout=readout).eval()
     tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer, model_id)
     pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
-    if pad_id is None:
-        raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
     progress.done()
     stage = Staging(output)
     staging = stage.path
     try:
         progress.start("writing the tokenizer and measuring activations")
-        backend = tokenizer.backend_tokenizer
-        backend.no_padding()
-        backend.no_truncation()
-        backend.save(str(staging / TOKENIZER_FILE))
+        save_bare_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
         trim_heap()
         texts = calibration_texts()

@@ -23,7 +23,7 @@ from siren_runtime.bundle import MANIFEST_NAME, Staging, describe_file, read_bun
 from siren_runtime.private_copy import trim_heap
 
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, resolve_artifact
-from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config
+from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config, pad_token_id, save_bare_tokenizer
 from .errors import ArtifactError, ParityError
 from .onnx_export import export_scorer
 from .progress import Progress
@@ -203,9 +203,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
     if not isinstance(template, str) or not template:
         raise ArtifactError(f"backbone tokenizer of {model_id!r} has no chat template; a trajectory guard renders "
                             "through the backbone's own template")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ArtifactError(f"backbone tokenizer of {model_id!r} has neither a pad nor an eos token")
+    pad_id = pad_token_id(tokenizer, model_id)
     scorer = trajectory_scorer(loaded.model, art)
     progress.done()
 
@@ -213,10 +211,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
     staging = stage.path
     try:
         progress.start("writing the tokenizer and chat template, tracing the ONNX graph")
-        backend = tokenizer.backend_tokenizer
-        backend.no_padding()
-        backend.no_truncation()
-        backend.save(str(staging / TOKENIZER_FILE))
+        save_bare_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         (staging / TEMPLATE_FILE).write_text(template, encoding="utf-8")
         special = dict(tokenizer.special_tokens_map)
         # the self-check's inputs: rendered by this package's renderer, checked against transformers'

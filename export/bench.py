@@ -253,7 +253,7 @@ def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
                      f"{size_mb(r):>9}")
     lines.append("")
     lines.append(f"x thrpt / x p50: relative to {base['implementation']}; RSS, load and import time are per process "
-                 "(torch variants share the llm-siren process); runtime rows load both graphs (from_pretrained's "
-                 "default), score, then feed a stream 12 characters at a time (feed ms: median); steady: RSS at the "
+                 "(torch variants share the llm-siren process); runtime rows load the guard with from_pretrained's "
+                 "defaults (on a CPU one pre-packed session of the step graph), score, then feed a stream 12 characters at a time (feed ms: median); steady: RSS at the "
                  "end; x weights: peak over the weights file; x ref peak: peak over llm-siren's.")
     return "\n".join(lines)

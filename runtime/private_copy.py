@@ -143,10 +143,8 @@ def release_pages(array: np.ndarray) -> None:
     """Drop `array`'s resident pages when it is a mapped private copy: a session that holds
     its own form of the weights (pre-packed, or on a GPU) no longer reads them, and a page
     read again later comes back from the copy, unchanged. No-op for anything else."""
-    base = array.base
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
-    if isinstance(base, mmap.mmap) and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    base = _mapping(array)
+    if base is not None and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         try:
             base.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):
@@ -187,6 +185,7 @@ class DroppingPages:
 
 
 def _mapping(array) -> Optional[mmap.mmap]:
+    """The mmap an array views (through numpy bases and memoryviews), or None."""
     base = getattr(array, "base", None)
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj

@@ -13,7 +13,6 @@ the model engine's scores, else it is dropped with a warning.
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import sys
 import time
@@ -176,9 +175,7 @@ def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch
     contract.verify()
     for spec, where in ((contract.model, "model."),) + (((contract.streaming.graph, "streaming."),) if step else ()):
         # TensorRT's parser opens every file the graph names: each must be one verify() just hashed
-        external = (posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".")
-                    if spec.external_data else None)
-        check_external_files(contract.path(spec.path).read_bytes(), spec.path, external, where, bundle)
+        check_external_files(contract.path(spec.path).read_bytes(), spec.path, spec.external_name(), where, bundle)
     notes = []
     unverified = reference_unavailable() if verify else None
     if unverified:

@@ -25,6 +25,7 @@ from .chat_template import ChatTemplate, TemplateError
 from .guard import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET, check_kind, locate_bundle
 from .render import fold_system, messages_of
 from .result import ScoreResult
+from .tokenization import pad_right
 from .trajectory import Trajectory, as_trajectory, check_trajectory, from_openai
 from .validation import check_threshold
 
@@ -83,12 +84,7 @@ class TrajectoryEncoder:
         return ids[:head] + ids[len(ids) - (self.max_length - head):]
 
     def pad(self, id_lists: list) -> tuple:
-        width = max(max(len(ids) for ids in id_lists), min(2, self.max_length))
-        input_ids = np.full((len(id_lists), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(id_lists), width), dtype=np.int64)
-        for row, ids in enumerate(id_lists):
-            input_ids[row, :len(ids)], mask[row, :len(ids)] = ids, 1
-        return input_ids, mask
+        return pad_right(id_lists, self.pad_token_id, self.max_length)
 
 
 class AgentSirenGuard:

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -267,6 +268,12 @@ class GraphSpec:
 
     def files(self) -> tuple:
         return tuple(f for f in (self.path, self.external_data) if f)
+
+    def external_name(self) -> Optional[str]:
+        """The weights file's name as the graph refers to it (relative to the graph's folder)."""
+        if not self.external_data:
+            return None
+        return posixpath.relpath(self.external_data, posixpath.dirname(self.path) or ".")
 
 
 @dataclass(frozen=True)

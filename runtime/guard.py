@@ -393,7 +393,7 @@ class SirenGuard:
             raise RuntimeError(f"prefix scores need {missing}; re-export the bundle with `siren export`")
         prepared = []
         for text in items:
-            cleaned, starts, ends = self._cleaned_for_model(text)
+            cleaned, starts, ends = clean_text_with_offsets(self._model_text(text))
             ids, offsets = self._encoder.ids_and_offsets(cleaned)
             prepared.append((text, cleaned, starts, ends, ids, offsets))
         sums: dict = {}
@@ -405,22 +405,20 @@ class SirenGuard:
                              spans=token_spans(offsets, starts, ends, prefix), threshold=thr)
                 for i, (text, _, starts, ends, ids, offsets) in enumerate(prepared)]
 
-    def _cleaned_for_model(self, text: str, cleaner=clean_text_with_offsets):
-        """cleaner(text) (clean_text_with_offsets, or clean_text) of just the part of `text`
-        whose tokens reach the model: a text is cleaned only up to a final cut
-        (text.first_final_cut) whose cleaning holds a settled token prefix, so a 50 MB text
-        costs what its first max_length tokens cost (the character map alone is ~100 bytes a
-        character)."""
+    def _model_text(self, text: str) -> str:
+        """The part of `text` whose tokens reach the model: a prefix ending at a final cut
+        (text.first_final_cut) whose cleaning holds a settled token prefix, so cleaning (and
+        the character map, ~100 bytes a character) costs what the first max_length tokens cost
+        and not what a 50 MB text does; `text` itself when it is short or has no such cut."""
         want = 2 * self._encoder.long_text_chars()
         while want < len(text):
             cut = first_final_cut(text, want)
             if not cut:
                 break
-            cleaned = cleaner(text[:cut])
-            if self._encoder.settled_prefix(cleaned if isinstance(cleaned, str) else cleaned[0]) is not None:
-                return cleaned
+            if self._encoder.settled_prefix(clean_text(text[:cut])) is not None:
+                return text[:cut]
             want = 2 * cut
-        return cleaner(text)
+        return text
 
     def onset(self, text: str, threshold: Optional[float] = None, sustain: int = 1) -> Optional[int]:
         """The character offset of `text` where harm starts (see PrefixScores.onset), or None."""
@@ -445,7 +443,7 @@ class SirenGuard:
     def token_ids(self, text: str) -> list[int]:
         """The token ids the guard scores for `text` (cleaned, truncated to max_length)."""
         check_text(text, "text")
-        return self._encoder.token_ids([self._cleaned_for_model(text, clean_text)])[0]
+        return self._encoder.token_ids([clean_text(self._model_text(text))])[0]
 
     # -- internals --------------------------------------------------------------------
     def score_token_ids(self, id_lists: list[list[int]]) -> np.ndarray:
@@ -473,7 +471,7 @@ class SirenGuard:
         return ScoreResult(score=float(score), is_harmful=bool(float(score) >= threshold), threshold=threshold)
 
     def _scores(self, texts: list[str]) -> np.ndarray:
-        return self.score_token_ids(self._encoder.token_ids([self._cleaned_for_model(t, clean_text) for t in texts]))
+        return self.score_token_ids(self._encoder.token_ids([clean_text(self._model_text(t)) for t in texts]))
 
     def _score_texts(self, texts: list[str], threshold: float) -> list[ScoreResult]:
         if not texts:

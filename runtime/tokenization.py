@@ -272,15 +272,19 @@ class TextEncoder:
         return self.can_resume and any(t >= self.max_length and c < stable_chars for c, t in tokens.splits)
 
     def pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pad to the longest list, and to at least two columns: (input_ids,
-        attention_mask), both int64 [n, L]. A batch of one 1-token row would make every
-        backbone GEMM a one-row product, which ONNX Runtime computes on its GEMV path (a
-        different order of additions), so a 1-token text alone would score a few ulps off its
-        score beside others; a padded column costs one position and changes nothing else."""
-        width = max(max(len(ids) for ids in id_lists), min(2, self.max_length))
-        input_ids = np.full((len(id_lists), width), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(id_lists), width), dtype=np.int64)
-        for row, ids in enumerate(id_lists):
-            input_ids[row, :len(ids)] = ids
-            attention_mask[row, :len(ids)] = 1
-        return input_ids, attention_mask
+        return pad_right(id_lists, self.pad_token_id, self.max_length)
+
+
+def pad_right(id_lists: list, pad_token_id: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest list, and to at least two columns: (input_ids, attention_mask),
+    both int64 [n, L]. A batch of one 1-token row would make every backbone GEMM a one-row
+    product, which ONNX Runtime computes on its GEMV path (a different order of additions), so
+    a 1-token text alone would score a few ulps off its score beside others; a padded column
+    costs one position and changes nothing else."""
+    width = max(max(len(ids) for ids in id_lists), min(2, max_length))
+    input_ids = np.full((len(id_lists), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(id_lists), width), dtype=np.int64)
+    for row, ids in enumerate(id_lists):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    return input_ids, attention_mask

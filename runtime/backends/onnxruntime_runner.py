@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -134,7 +133,7 @@ def open_bundle_session(bundle: Bundle, spec: GraphSpec, device: str, intra_op_t
         log.info("%s: int8 weights coded u8 x s8 (exact and faster with VNNI on this CPU)", spec.path)
     graph_path = twin.graphs[spec.path] if twin else spec.path
     graph = bundle.read_verified(graph_path)
-    name = posixpath.relpath(spec.external_data, posixpath.dirname(spec.path) or ".") if spec.external_data else None
+    name = spec.external_name()
     # every file the graph refers to is one the manifest names: ONNX Runtime would resolve any
     # other against the working directory and read it unhashed
     check_external_files(graph, graph_path, name, "model." if spec is bundle.model else "streaming.",
@@ -208,6 +207,8 @@ class _Closable:
 class OnnxRuntimeRunner(_Closable):
     """The full scoring graph."""
     name = "onnxruntime"
+    #: a text's score does not depend on its batch (set at load: CPU, a bundle exported for it)
+    batch_invariant = False
 
     def __init__(self, session, device: str):
         problem = _signature_error(session, SCORE_IO, "the scoring graph")

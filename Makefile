@@ -21,11 +21,11 @@ $(VENV)/bin/activate:
 
 $(VENV)/.demo-installed: $(VENV)/bin/activate pyproject.toml
 	$(PIP) install --quiet "$(TORCH_PIN)"
-	$(PIP) install --quiet -e ".[demo]"
+	$(PIP) install --quiet --quiet -e ".[demo]"
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.demo-installed pyproject.toml
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --quiet -e ".[test]"
 	touch $@
 
 $(TRITON_HOME)/.ready: pyproject.toml
@@ -35,7 +35,7 @@ $(TRITON_HOME)/.ready: pyproject.toml
 	chmod +x $(TRITON_HOME)/pytriton/tritonserver/bin/tritonserver $(TRITON_HOME)/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
 	$(PYTHON) -m venv $(TRITON_HOME)/venv
 	$(TRITON_HOME)/venv/bin/pip install --quiet "numpy<2" "onnxruntime>=1.18" "tokenizers>=0.20"
-	$(TRITON_HOME)/venv/bin/pip install --quiet --no-deps -e .
+	$(TRITON_HOME)/venv/bin/pip install --quiet --quiet --no-deps -e .
 	rm -rf $(TRITON_HOME)/wheel
 	touch $@
 
@@ -44,7 +44,7 @@ install-test: $(VENV)/.test-installed
 triton-server: $(TRITON_HOME)/.ready
 
 demo: install-demo
-	$(VENV)/bin/siren demo
+	$(VENV)/bin/siren demo --workdir demo
 
 test: install-test triton-server
 	$(PY) -m pytest
@@ -55,4 +55,4 @@ gpu-kit: install-test
 	$(PY) benchmarks/gpu_offline/make_kit.py -o dist/gpu-check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache demo site

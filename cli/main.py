@@ -19,6 +19,9 @@ import sys
 import threading
 from typing import Optional, Sequence
 
+from siren_runtime.settings import GuardSettings
+
+from .options import add_settings, check_environment, settings_from
 from .score import EXIT_ERROR, run_score
 
 #: first module of a missing import -> the extra that provides it
@@ -31,12 +34,8 @@ EXTRA_FOR_MODULE = {
 
 
 def version_text() -> str:
-    from importlib import metadata
-    try:
-        dist = metadata.version("siren-deploy")
-    except metadata.PackageNotFoundError:
-        from siren_runtime import __version__ as dist
-    return f"siren-deploy {dist}"
+    from siren_runtime import package_version
+    return f"siren-deploy {package_version()}"
 
 
 def _cmd_export(args) -> int:
@@ -52,7 +51,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_demo(args) -> int:
     from siren_export.demo import run_demo
-    return run_demo(args.workdir)
+    return run_demo(args.workdir, rebuild=args.rebuild)
 
 
 def _cmd_bench(args) -> int:
@@ -74,39 +73,42 @@ def _cmd_triton(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from siren_serving.server import ServeConfig, serve
-    config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port, threshold=args.threshold,
-                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         dynamic_batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
-                         max_inputs=args.max_inputs, max_sessions=args.max_sessions,
-                         session_ttl_s=args.session_ttl, model_name=args.model_name, device=args.device,
-                         backend=args.backend, verify=not args.no_verify, revision=args.revision,
-                         cache_dir=args.cache_dir, local_files_only=args.offline, drain_s=args.drain_s,
-                         graceful_timeout_s=args.graceful_timeout, prepack_weights=args.prepack_weights)
-    return serve(config, log_level="warning" if args.quiet else "info")
+    from siren_serving.server import serve
+    from siren_serving.settings import ServeConfig
+    return serve(settings_from(args, ServeConfig), log_level="warning" if args.quiet else "info")
 
 
 def _cmd_score_corpus(args) -> int:
     from siren_ray.cluster import prefer_loopback
+    from siren_runtime.settings import GuardSettings
+    guard = settings_from(args, GuardSettings)
+    guard.check_guard()
     if args.address is None:
         prefer_loopback()
     from siren_ray.corpus import CorpusOptions, run_corpus
-    options = CorpusOptions(bundle=args.bundle, inputs=args.inputs, out_dir=args.output, fmt=args.format,
+    more = {k: v for k, v in guard.guard_options().items()
+            if k not in ("device", "backend", "verify") and v not in (None, False)}
+    options = CorpusOptions(bundle=guard.bundle, inputs=args.inputs, out_dir=args.output, fmt=args.format,
                             address=args.address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                             gpus_per_actor=args.gpus_per_actor, rows_per_shard=args.rows_per_shard,
                             batch_size=args.batch_size, threshold=args.threshold, onset=args.onset,
                             sustain=args.sustain, errors=args.errors, overwrite=args.overwrite,
-                            device=args.device, backend=args.backend, verify=not args.no_verify)
+                            device=guard.device, backend=guard.backend, verify=guard.verify, guard_options=more)
     run_corpus(options, out=open(os.devnull, "w") if args.quiet else sys.stderr)
     return 0
 
 
 def _cmd_serve_ray(args) -> int:
+    from siren_ray.settings import ReplicaSettings
+    from siren_serving.settings import ServeConfig
+    config, replicas = settings_from(args, ServeConfig), settings_from(args, ReplicaSettings)
+    config.check_all()               # before any cluster starts
+    replicas.check_replicas()
     from siren_ray.cluster import prefer_loopback
-    if args.address is None:
+    if replicas.address is None:
         prefer_loopback()
     from siren_ray.serve_cli import run_serve_ray
-    return run_serve_ray(args)
+    return run_serve_ray(config, replicas)
 
 
 def _cmd_build(args) -> int:
@@ -169,15 +171,13 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _add_source_options(p) -> None:
-    """Where a bundle comes from: a folder, or a Hub repo id (owner/name)."""
-    p.add_argument("--revision", help="Hub bundle: branch, tag or commit (default: main)")
-    p.add_argument("--cache-dir", help="Hub bundle: Hugging Face cache directory (default: HF_HOME's)")
-    p.add_argument("--offline", action="store_true", help="Hub bundle: use the local cache only")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip hashing the bundle's files (trusted, read-only bundles only)")
-    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], help="default: best available")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable")
+def _add_serving_options(p) -> None:
+    """`siren serve` and `siren serve-ray` take the same serving and guard options, from the
+    same settings classes, each also from its SIREN_... environment variable."""
+    from siren_runtime.settings import GuardSettings
+    from siren_serving.settings import ServeSettings
+    add_settings(p, GuardSettings, "the guard", environment=True)
+    add_settings(p, ServeSettings, "serving", environment=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,16 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = add("score", help="score texts with a bundle (torch-free)",
-            description="Exit status: 0 done, 1 something flagged with --fail-on-harmful, 2 error.")
-    p.add_argument("bundle", help="bundle folder or Hub repo id (owner/name)")
+            description="Texts come from the arguments, --prompt/--response, --input FILE.jsonl, or standard "
+                        "input (one per line). Options may come before or after the texts. Output: one line per "
+                        "text, tab-separated: score, verdict (HARMFUL or ok), [onset,] id ('-' when the input "
+                        "gave none), text; --json: one object per line. Exit status: 0 done, 1 something "
+                        "flagged with --fail-on-harmful, 2 error.")
+    add_settings(p, GuardSettings, "the guard", only=["bundle"])
     p.add_argument("texts", nargs="*", default=[], metavar="TEXT",
                    help="texts to score (default: one per line from stdin; blank lines are skipped)")
-    p.add_argument("--prompt")
-    p.add_argument("--response")
+    p.add_argument("--prompt", help="a prompt, scored joined with --response as the guard was trained "
+                                    "(either may be given alone)")
+    p.add_argument("--response", help="a model's response to --prompt")
     p.add_argument("--input", metavar="FILE.jsonl",
                    help='JSON Lines: {"id", "text" | "prompt"/"response", "threshold"?} per line ("-": stdin)')
-    p.add_argument("--threshold", type=float, help="default: the bundle's")
-    p.add_argument("--json", action="store_true", help="one JSON object per line (ids passed through)")
+    p.add_argument("--threshold", type=float, help="flag at or above this score (default: the bundle's)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: the input's fields, score, is_harmful, threshold")
     p.add_argument("--fail-on-harmful", action="store_true", help="exit 1 when any text is flagged")
     p.add_argument("--onset", action="store_true",
                    help="also print where harm starts: the character offset of the first token whose prefix "
@@ -234,36 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="records read and scored per group (default 64)")
     p.add_argument("--errors", choices=["fail", "skip"], default="fail",
                    help="a bad input line (not UTF-8, bad JSON record): fail naming it (default) or skip it")
-    _add_source_options(p)
-    p.set_defaults(func=run_score)
+    add_settings(p, GuardSettings, "loading the guard", positional=False)
+    p.set_defaults(func=run_score, intermixed=True)
 
-    p = add("serve", help="HTTP server: OpenAI /v1/moderations, /classify, streams, /metrics (torch-free)")
-    p.add_argument("bundle", help="bundle folder or Hub repo id (owner/name)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threshold", type=float, help="server default threshold (default: the bundle's)")
-    p.add_argument("--model-name", help="model name reported in responses (default: the bundle folder's name)")
-    p.add_argument("--max-batch", type=int, default=32, help="texts per dynamic batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch (default 2)")
-    p.add_argument("--no-batching", action="store_true", help="score each request on its own")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--max-inputs", type=int, default=256, help="most texts in one request (default 256)")
-    p.add_argument("--max-sessions", type=int, default=1024, help="most open stream sessions (default 1024)")
-    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds before a session is closed")
-    p.add_argument("--drain-s", type=float, default=0.0,
-                   help="after SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="after the drain, seconds in-flight requests get to finish (default 30)")
-    p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="ONNX Runtime on a CPU: re-lay the weights for the GEMM (feeds of a few tokens ~1.7x "
-                        "faster). Default: on for bundles with a step graph (one session, one copy of the "
-                        "weights); --no-prepack-weights reads the mapped weights in place (least memory)")
-    _add_source_options(p)
+    p = add("serve", help="HTTP server: OpenAI /v1/moderations, /classify, streams, detectors, /metrics "
+                          "(torch-free)",
+            description="Every option is also read from its SIREN_... environment variable (the command line "
+                        "wins). Exit status: 0 stopped cleanly, 2 error (a bad option, a taken port, a bundle "
+                        "that does not load).")
+    _add_serving_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = add("score-corpus", help="score a whole corpus on Ray Data: JSON Lines / Parquet in, a folder of parts out "
                                  "(each row once, resumable; the ray extra)")
-    p.add_argument("bundle", help="bundle folder or Hub repo id (every Ray node must reach it)")
+    add_settings(p, GuardSettings, "the guard", only=["bundle"])
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help='JSON Lines or Parquet files, or folders of them: {"id", "text" | "prompt"/"response", '
                         '"threshold"?} per record')
@@ -283,50 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records per score_batch call (default: the whole shard, so length grouping sees all of it)")
     p.add_argument("--threshold", type=float, help="default: the bundle's (a record's own threshold wins)")
     p.add_argument("--onset", action="store_true", help="also write onset: where harm starts (null: never)")
-    p.add_argument("--sustain", type=int, default=1, help="--onset: tokens the prefix score must stay up")
+    p.add_argument("--sustain", type=int, default=1, help="--onset: tokens the prefix score must stay up (default 1)")
     p.add_argument("--errors", choices=["fail", "skip"], default="fail",
                    help="a bad record: stop naming it (default; parts written so far are kept) or skip it")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run's output in --output")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU when usable, else CPU")
-    p.add_argument("--backend", help="runtime backend (default: best available)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    add_settings(p, GuardSettings, "loading the guard (on every actor)", positional=False)
     p.set_defaults(func=_cmd_score_corpus)
 
-    p = add("serve-ray", help="siren serve's HTTP API on Ray Serve replicas (the ray extra)")
-    p.add_argument("bundle", help="bundle folder or Hub repo id (every Ray node must reach it)")
-    p.add_argument("--address", help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
-    p.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, help="fixed number of guard replicas (default 1)")
-    p.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas instead")
-    p.add_argument("--target-ongoing-requests", type=float,
-                   help="--autoscale: requests in flight per replica it aims at (default 2 x --max-batch)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
-    p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime CPU threads per replica")
-    p.add_argument("--no-spin", action="store_true",
-                   help="ONNX Runtime on a CPU: idle threads sleep instead of spinning (they then leave the "
-                        "cores to Ray's own threads)")
-    p.add_argument("--threshold", type=float, help="server default threshold (default: the bundle's)")
-    p.add_argument("--model-name", help="model name reported in responses (default: the bundle folder's name)")
-    p.add_argument("--max-batch", type=int, default=32, help="texts per dynamic batch in a replica (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch (default 2)")
-    p.add_argument("--max-sessions", type=int, default=1024, help="most open stream sessions (default 1024)")
-    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds before a stream is closed")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--backend")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    p = add("serve-ray", help="siren serve's HTTP API on Ray Serve replicas (the ray extra)",
+            description="Takes every `siren serve` option (the same names, defaults and SIREN_... variables) "
+                        "plus where the replicas run.")
+    _add_serving_options(p)
+    from siren_ray.settings import ReplicaSettings
+    add_settings(p, ReplicaSettings, "replicas (Ray Serve)")
     p.set_defaults(func=_cmd_serve_ray)
 
     p = add("bench", help="throughput, latency, RSS and import time vs llm-siren on the same weights")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="the bundle to measure (a folder)")
     p.add_argument("--reference", help="the SIREN artifact the bundle came from: also run llm-siren on it")
     p.add_argument("--texts", help="file with one text per line (default: 12 texts of 4-160 words)")
     p.add_argument("--batch", type=int, help="repeat/trim the texts to this many per score_batch call")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
-    p.add_argument("--backend", help="runtime backend (default: best available)")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], help="runtime backend (default: best available)")
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same artifact (int8, bf16 ...) to measure in the same run")
     p.add_argument("--prepack", action="store_true",
@@ -335,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = add("triton", help="write a Triton Inference Server model repository from a bundle")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="the bundle folder the repository's models load")
     p.add_argument("-o", "--output", required=True, help="model repository directory to create")
     p.add_argument("--scorer", choices=["python", "onnxruntime", "tensorrt"], default="python",
                    help="python: siren_runtime on ONNX Runtime (CPU servers); onnxruntime: onnxruntime_onnx; "
@@ -344,20 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the scorer instances run (auto: GPU for tensorrt, Triton's choice otherwise)")
     p.add_argument("--streaming", action="store_true",
                    help="add siren_stream: a sequence-batched model for incremental streaming")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--instances", type=int, default=1)
-    p.add_argument("--name", default="siren_guard", help="ensemble model name")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-batch", type=int, default=32, help="Triton's max_batch_size for the models (default 32)")
+    p.add_argument("--instances", type=int, default=1, help="scorer model instances Triton runs (default 1)")
+    p.add_argument("--name", default="siren_guard", help="ensemble model name clients call (default siren_guard)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository folder")
     p.set_defaults(func=_cmd_triton)
 
     p = add("build", help="build TensorRT engines into a bundle (needs TensorRT and an NVIDIA GPU)")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="the bundle folder the engines are written into")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="must match the bundle's export dtype (precision lives in the graph)")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-seq", type=int, help="default: the bundle's max_length")
-    p.add_argument("--opt-batch", type=int)
-    p.add_argument("--opt-seq", type=int)
+    p.add_argument("--max-batch", type=int, default=32, help="most rows the scoring engine takes (default 32)")
+    p.add_argument("--max-seq", type=int, help="most tokens per row (default: the bundle's max_length)")
+    p.add_argument("--opt-batch", type=int, help="rows TensorRT tunes the kernels for (default: 8, at most --max-batch)")
+    p.add_argument("--opt-seq", type=int, help="tokens per row TensorRT tunes for (default: 256, at most --max-seq)")
     p.add_argument("--workspace", type=float, help="builder workspace limit in GiB")
     p.add_argument("--timing-cache", help="timing cache file (default: BUNDLE/engines/timing.cache)")
     p.add_argument("--no-streaming", action="store_true", help="skip the streaming step engine")
@@ -365,22 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-bundle", help="fp32 export to verify an fp16/bf16 engine against")
     p.set_defaults(func=_cmd_build)
 
-    p = add("verify", help="parity gate: a backend vs the fp32 graph on ONNX Runtime CPU")
-    p.add_argument("bundle")
-    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="onnxruntime")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    p = add("verify", help="parity gate: a backend vs the fp32 graph on ONNX Runtime CPU",
+            description="Exit status: 0 passed, 1 parity failed, 2 error.")
+    p.add_argument("bundle", help="the bundle to check")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="onnxruntime",
+                   help="the backend checked (default onnxruntime)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where it runs (default: a GPU when usable)")
     p.add_argument("--reference-bundle", help="fp32 bundle of the same artifact (default: BUNDLE when it is fp32)")
     p.add_argument("--texts", help="texts to compare on, one per line (default: the calibration set; for int8 "
                                    "bundles the gate's 56 texts)")
     p.add_argument("--max-mean-diff", type=float, help="int8 bundles: the gate's bound on mean |Δscore| (default 0.01)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_cmd_verify)
 
     p = add("quantize", help="int8-weight bundle for CPUs (needs the quantize extra: onnx + onnxruntime)",
             description="Exit status: 0 written, 1 refused by the decision gate (nothing written), 2 error.")
     p.add_argument("bundle", help="fp32, fp16 or bf16 bundle")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    p.add_argument("--weights", choices=["int8"], default="int8")
+    p.add_argument("--weights", choices=["int8"], default="int8", help="weight precision (int8, the only one)")
     p.add_argument("--scheme", choices=["auto", "dynamic", "blockwise"], default="auto",
                    help="auto (default): try the plans fastest first (dynamic; dynamic with outlier channels in "
                         "fp32 at two ratios; blockwise with them) and keep the first that passes the gate; "
@@ -402,11 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mean-diff", type=float,
                    help="the gate's bound on mean |Δscore| vs fp32 (default 0.01); decisions "
                         "more than 0.02 from a threshold must agree regardless")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle")
     p.set_defaults(func=_cmd_quantize)
 
     p = add("demo", help="build a tiny random model, export it and score it (no network)")
-    p.add_argument("--workdir", help="where to build (default: a new temporary directory)")
+    p.add_argument("--workdir", default="demo",
+                   help="where to build; a later run reuses the bundle there (default: ./demo)")
+    p.add_argument("--rebuild", action="store_true", help="export the bundle again even when one is there")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -443,7 +417,8 @@ def missing_extra_hint(error: ModuleNotFoundError, command: str = "") -> Optiona
     extra = extra or EXTRA_FOR_MODULE.get(root)
     if extra is None:
         return None
-    return f"this needs the `{root}` package: pip install \"siren-deploy[{extra}]\""
+    from siren_runtime.errors import install_hint
+    return f"this needs the `{root}` package: {install_hint(extra)}"
 
 
 class Terminated(BaseException):
@@ -454,9 +429,28 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, with a command's texts allowed after its options (`siren score
+    BUNDLE --threshold 0.3 "text"`): argparse's positional matching stops at the first
+    option, so the words it leaves over are that command's texts, in order."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        options = [word for word in extra if word.startswith("-") and word != "-"]
+        if options or not getattr(args, "intermixed", False):
+            parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+        args.texts = list(args.texts) + extra
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     configure_output(args.quiet, args.verbose)
+    try:
+        check_environment(args)
+    except ValueError as e:
+        print(f"siren {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     if sys.stdout is None and args.command != "serve":      # `siren score ... >&-`
         print(f"siren {args.command}: error: standard output is closed, so no result could be written",
               file=sys.stderr)

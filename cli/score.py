@@ -35,15 +35,17 @@ _NO_ONSET = object()
 
 
 def format_row(record: Record, score, as_json: bool, onset=_NO_ONSET) -> str:
-    """One output line; `onset` (with --onset): the character offset where harm starts, or None."""
+    """One output line; `onset` (with --onset): the character offset where harm starts, or None.
+    Plain lines always have the same columns: score, verdict, [onset,] id ("-" when the
+    input gave none), the text (shortened, newlines and tabs escaped)."""
     if as_json:
         extra = {} if onset is _NO_ONSET else {"onset": onset}
         return json.dumps({**record.echo, **score.to_dict(), **extra}, ensure_ascii=False)
-    shown = record.text.replace("\n", "\\n")
+    shown = record.text.replace("\n", "\\n").replace("\t", "\\t")
     shown = shown if len(shown) <= 70 else shown[:67] + "..."
-    label = f"{record.echo['id']}\t" if "id" in record.echo else ""
+    label = str(record.echo["id"]).replace("\t", " ") if "id" in record.echo else "-"
     where = "" if onset is _NO_ONSET else f"onset={'-' if onset is None else onset}\t"
-    return f"{score.score:.6f}\t{'HARMFUL' if score.is_harmful else 'ok'}\t{where}{label}{shown}"
+    return f"{score.score:.6f}\t{'HARMFUL' if score.is_harmful else 'ok'}\t{where}{label}\t{shown}"
 
 
 def score_records(guard, records: Iterable[Record], threshold: Optional[float], batch_size: int,
@@ -75,8 +77,16 @@ def _file_records(path: str, errors: str) -> Iterator[Record]:
         yield from read_records(source, jsonl=True, errors=errors)
 
 
+#: what `siren score` says when it waits on a terminal for texts
+STDIN_HINT = "siren score: reading texts from standard input, one per line; end with Ctrl-D (or pass TEXT arguments)"
+
+
 def run_score(args) -> int:
-    from siren_runtime import SirenGuard
+    from siren_runtime.settings import GuardSettings
+
+    from .options import settings_from
+    settings = settings_from(args, GuardSettings)
+    settings.check_guard()
 
     if args.texts and (args.prompt is not None or args.response is not None):
         raise ValueError("give TEXT arguments or --prompt/--response, not both")
@@ -95,11 +105,10 @@ def run_score(args) -> int:
     elif args.input is not None and args.input != "-":
         records = _file_records(args.input, args.errors)
     else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            print(STDIN_HINT, file=sys.stderr, flush=True)
         records = read_records(sys.stdin.buffer, jsonl=args.input == "-", errors=args.errors)
-    guard = SirenGuard.from_pretrained(args.bundle, device=args.device, backend=args.backend,
-                                       verify=not args.no_verify, revision=args.revision, cache_dir=args.cache_dir,
-                                       local_files_only=args.offline)
-    with guard:
+    with settings.load_content_guard() as guard:
         if args.onset and not guard.prefix_scores_available:
             raise ValueError("--onset needs a bundle with a streaming step graph and a prefix head "
                              "(re-export it with `siren export`)")

@@ -7,6 +7,8 @@ import signal
 import threading
 from typing import Optional
 
+from siren_runtime.errors import install_hint
+
 #: Ray advertises a Linux node by its outward address even when told 127.0.0.1; this switch
 #: (Ray's own, meant for laptops) keeps a private local cluster on the loopback interface
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -24,13 +26,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
     try:
         import ray
     except ImportError:
-        raise ImportError("the Ray paths need Ray: pip install 'siren-deploy[ray]'") from None
+        raise ImportError(f"the Ray paths need Ray: {install_hint('ray')}") from None
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     main = threading.current_thread() is threading.main_thread()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     if address is None:
+        # a private cluster on the loopback: Ray's notice that it enabled token auth is not the
+        # user's to act on (it only cluttered each run)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     else:
         ray.init(address=address, **quiet)

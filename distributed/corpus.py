@@ -65,6 +65,25 @@ class CorpusOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be a number in [0, 1024], got {value!r}")
         if not self.inputs:
             raise ValueError("name at least one input file or folder")
+        if self.threshold is not None:
+            from siren_runtime.validation import check_threshold
+            check_threshold(self.threshold, 0.5)
+        self._check_bundle()
+
+    def _check_bundle(self) -> None:
+        """A local bundle is read here, before Ray starts: a wrong path, or --onset on a bundle
+        without prefix scores, is one line rather than every actor's traceback."""
+        from siren_runtime.bundle import read_bundle
+        from siren_runtime.hub import is_repo_id
+        if not Path(self.bundle).exists() and is_repo_id(self.bundle):
+            return          # a Hub bundle: each node fetches it (and says so if it cannot)
+        bundle = read_bundle(self.bundle)
+        if bundle.guard.kind != "content":
+            raise ValueError(f"{self.bundle} is a {bundle.guard.kind!r} guard bundle; score-corpus scores text "
+                             "with content guards")
+        if self.onset and (bundle.prefix_head is None or bundle.streaming is None):
+            raise ValueError("--onset needs a bundle with a streaming step graph and a prefix head "
+                             "(re-export it with `siren export`)")
 
     def settings(self, files: list[Path]) -> dict:
         """What a rerun must match to continue this run's output."""
@@ -204,6 +223,7 @@ def _run_on_ray(options: CorpusOptions, out_dir: Path, todo: list[Shard], progre
     started_here = connect(options.address)
     try:
         import ray.data
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # "progress bars disabled"
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

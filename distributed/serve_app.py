@@ -23,8 +23,11 @@ from ray import serve
 
 from siren_runtime.result import ScoreResult
 from siren_serving.api import ApiError
-from siren_serving.server import ServeConfig, create_app, unknown_session
+from siren_serving.server import create_app, unknown_session
 from siren_serving.sessions import new_session_id
+from siren_serving.settings import ServeConfig
+
+from .settings import PROXY_OPTIONS
 
 #: the Serve application and deployment names (one fact: the CLI and tests use them)
 APP_NAME = "siren"
@@ -214,15 +217,9 @@ class GuardReplica:
     """One guard and `siren serve`'s app over it."""
 
     def __init__(self, store, config: dict, guard_options: Optional[dict] = None):
-        from siren_runtime import SirenGuard
-
         self.config = ServeConfig(**config)
-        self.config.check()
-        c = self.config
-        guard = SirenGuard.from_pretrained(c.bundle, device=c.device, backend=c.backend, verify=c.verify,
-                                           revision=c.revision, cache_dir=c.cache_dir,
-                                           local_files_only=c.local_files_only,
-                                           prepack_weights=c.prepack_weights, **(guard_options or {}))
+        self.config.check_all()
+        guard = self.config.load_content_guard(**(guard_options or {}))
         try:
             self.siren_app = create_app(guard, self.config, streams=lambda service: SharedStreams(service, store))
         except BaseException:
@@ -242,8 +239,9 @@ def build_app(args: dict) -> Any:
     bundle (required), replicas (default 1) or min_replicas/max_replicas (autoscaling, with
     target_ongoing_requests), cpus_per_replica (default 1), gpus_per_replica (default 0),
     intra_op_threads, guard_options (more ``from_pretrained`` options, e.g. {"spinning": false}),
-    and any `siren serve` option by its ServeConfig name (threshold,
-    max_batch, max_wait_ms, max_sessions, session_ttl_s, model_name, device, backend, ...)."""
+    and any `siren serve` option by its ServeConfig name (threshold, max_batch, max_wait_ms,
+    max_sessions, session_ttl_s, model_name, device, backend, graceful_timeout_s (Serve's
+    graceful shutdown), ...) except host, port and drain_s (Serve's proxy and the CLI's)."""
     args = dict(args)
     if not args.get("bundle"):
         raise ValueError("build_app needs args['bundle'] (a bundle folder or Hub repo id)")
@@ -256,13 +254,15 @@ def build_app(args: dict) -> Any:
     guard_options = dict(args.pop("guard_options", None) or {})
     if threads is not None:
         guard_options["intra_op_threads"] = int(threads)
-    fields = set(ServeConfig.__dataclass_fields__) - {"host", "port", "graceful_timeout_s", "drain_s"}
+    fields = set(ServeConfig.__dataclass_fields__) - set(PROXY_OPTIONS)
     unknown = sorted(set(args) - fields)
     if unknown:
-        raise ValueError(f"unknown option(s) for the Ray Serve app: {', '.join(unknown)}")
+        raise ValueError(f"unknown option(s) for the Ray Serve app: {', '.join(unknown)} (host and port are "
+                         "Serve's http_options)")
     config = ServeConfig(**args)
-    config.check()
-    options: dict = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
+    config.check_all()
+    options: dict = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+                     "graceful_shutdown_timeout_s": float(config.graceful_timeout_s)}
     if low is not None or high is not None:
         if replicas is not None:
             raise ValueError("give replicas, or min_replicas/max_replicas (autoscaling), not both")

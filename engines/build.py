@@ -22,6 +22,7 @@ from typing import Optional
 
 from siren_runtime.backends.cuda_env import gpu_info, gpu_problem, tensorrt_version
 from siren_runtime.bundle import describe_file, read_bundle, write_manifest
+from siren_runtime.errors import install_hint
 from siren_runtime.graph_refs import check_external_files
 
 from . import EngineUnavailableError
@@ -38,7 +39,7 @@ def require_tensorrt() -> tuple[object, str, dict]:
     """(tensorrt module, version, gpu info), or one clear EngineUnavailableError."""
     version = tensorrt_version()
     if version is None:
-        raise EngineUnavailableError("TensorRT is not installed: pip install 'siren-deploy[tensorrt]' on an NVIDIA "
+        raise EngineUnavailableError(f"TensorRT is not installed: {install_hint('tensorrt')} on an NVIDIA "
                                      "GPU machine (Jetson: use JetPack's TensorRT 10.x)")
     if _version_tuple(version) < MIN_TENSORRT:
         raise EngineUnavailableError(f"TensorRT {version} is too old; 10.12 or newer is needed")

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from siren_runtime.decisions import decision_report, format_decisions, gate_texts
+from siren_runtime.errors import install_hint
 
 
 def reference_unavailable() -> Optional[str]:
@@ -21,8 +22,8 @@ def reference_unavailable() -> Optional[str]:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return ("ONNX Runtime is not installed, and the fp32 reference runs on it: pip install "
-                "'siren-deploy[onnxruntime]' and run `siren verify`")
+        return ("ONNX Runtime is not installed, and the fp32 reference runs on it: "
+                f"{install_hint('onnxruntime')}, then run `siren verify`")
     return None
 
 

@@ -8,6 +8,7 @@ batching, and the engine.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -147,7 +148,9 @@ def _run_worker(spec: dict, env: Optional[dict] = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(spec), capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec['side']} benchmark process failed:\n{proc.stderr.strip()[-2000:]}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else f"exit status {proc.returncode}, nothing on stderr"
+        raise RuntimeError(f"{spec['side']} benchmark process failed: {last}\n{proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -192,6 +195,9 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
               backend: Optional[str] = None, also: Optional[list] = None, prepack: bool = False) -> list[dict]:
     """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run;
     `prepack`: each runtime bundle also with ``prepack_weights=False`` (weights read in place)."""
+    if reference is not None and importlib.util.find_spec("llm_siren") is None:
+        raise ModuleNotFoundError("--reference runs llm-siren, which is not installed here: "
+                                  "pip install llm-siren==0.2.0 (or drop --reference)", name="llm_siren")
     texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
              if texts_file else default_texts())
     if batch:

@@ -7,9 +7,9 @@ torch-free runtime in a separate process where importing torch or transformers f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,20 +55,54 @@ def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_demo(workdir: Optional[str] = None) -> int:
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="siren-demo-"))
+#: where `siren demo` (and `make demo`) builds, under the working directory (ignored by git)
+DEFAULT_WORKDIR = "demo"
+
+
+def shown_path(path: Path) -> str:
+    """A path as a user types it: relative to the working directory when under it."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def siren_command() -> str:
+    """How to run `siren` in a new shell: the script beside this interpreter (a virtual
+    environment's bin/, not on PATH until activated), else plain `siren`."""
+    script = Path(sys.executable).parent / "siren"
+    return shown_path(script) if script.is_file() else "siren"
+
+
+def reusable_bundle(bundle: Path) -> bool:
+    """An earlier demo's bundle, whole and unmodified (every file hashed)."""
+    from siren_runtime.bundle import read_bundle
+    try:
+        read_bundle(bundle).verify()
+        return True
+    except Exception:
+        return False
+
+
+def run_demo(workdir: Optional[str] = None, rebuild: bool = False) -> int:
+    root = Path(workdir or DEFAULT_WORKDIR)
     root.mkdir(parents=True, exist_ok=True)
-    print(f"siren demo: working in {root}  (RANDOM WEIGHTS: the scores below mean nothing)")
-    started = time.perf_counter()
-    backbone = make_backbone(root / "tiny-qwen3", num_layers=4, hidden_size=64, intermediate_size=128)
-    artifact = make_head(root / "tiny-siren-head", backbone, num_layers=4, width=64,
-                         selected_layers=[0, 1, 2, 3], max_length=128)
-    print(f"built a random 4-layer Qwen3 backbone and a synthetic SIREN head in {time.perf_counter() - started:.1f}s")
-    started = time.perf_counter()
-    bundle = export_bundle(str(artifact), root / "bundle", overwrite=True)
-    export_seconds = time.perf_counter() - started
-    size_mb = _directory_size(bundle) / 1e6
-    print(f"exported {bundle} in {export_seconds:.1f}s ({size_mb:.1f} MB)")
+    print(f"siren demo: working in {shown_path(root)}/  (RANDOM WEIGHTS: the scores below mean nothing)")
+    bundle = root / "bundle"
+    if not rebuild and reusable_bundle(bundle):
+        print(f"reusing the bundle an earlier run exported to {shown_path(bundle)} (--rebuild: export it again)")
+    else:
+        started = time.perf_counter()
+        backbone = make_backbone(root / "tiny-qwen3", num_layers=4, hidden_size=64, intermediate_size=128)
+        artifact = make_head(root / "tiny-siren-head", backbone, num_layers=4, width=64,
+                             selected_layers=[0, 1, 2, 3], max_length=128)
+        print(f"built a random 4-layer Qwen3 backbone and a synthetic SIREN head in "
+              f"{time.perf_counter() - started:.1f}s")
+        started = time.perf_counter()
+        bundle = export_bundle(str(artifact), bundle, overwrite=True)
+        print(f"exported {shown_path(bundle)} in {time.perf_counter() - started:.1f}s "
+              f"({_directory_size(bundle) / 1e6:.1f} MB)")
 
     scored = score_torch_free(bundle, DEMO_TEXTS)
     print(f"\nScored by siren_runtime on {scored['backend']} ({scored['device']}) in a process where torch "
@@ -79,5 +113,5 @@ def run_demo(workdir: Optional[str] = None) -> int:
         shown = text.replace("\n", "\\n")
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         print(f"{result['score']:8.4f}  {str(result['is_harmful']):>7}  {shown}")
-    print(f"\nNext: siren score {bundle} \"your text\"")
+    print(f"\nNext, in any shell from this folder: {siren_command()} score {shown_path(bundle)} \"your text\"")
     return 0

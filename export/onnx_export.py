@@ -69,9 +69,12 @@ def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Pat
     for p in (path, path.parent / (path.name + ".data")):
         if p.exists():
             os.remove(p)
-    program.save(str(path), external_data=True)
-    del program
-    release_exporter_state()
+    with warnings.catch_warnings():
+        # torch's own deprecation, raised while the exporter walks its modules: not the user's to act on
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
+        program.save(str(path), external_data=True)
+        del program
+        release_exporter_state()
     if progress is not None:
         progress.note(f"wrote {path.name} and its weights")
     data_name = path.name + ".data"

@@ -13,5 +13,14 @@ from .loading import load_guard
 
 __version__ = "0.1.0"
 
+
+def package_version() -> str:
+    """The installed distribution's version (the one `pip` reports), else this module's."""
+    from importlib import metadata
+    try:
+        return metadata.version("siren-deploy")
+    except metadata.PackageNotFoundError:
+        return __version__
+
 __all__ = ["SirenGuard", "AgentSirenGuard", "load_guard", "Trajectory", "Turn", "from_openai", "FailClosedGuard",
-           "ScoreResult", "BundleError", "BackendUnavailableError", "__version__"]
+           "ScoreResult", "BundleError", "BackendUnavailableError", "__version__", "package_version"]

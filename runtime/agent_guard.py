@@ -152,6 +152,13 @@ class AgentSirenGuard:
         return self._encoder.max_length
 
     @property
+    def limits(self) -> dict:
+        """What one engine call takes at most (rows, padded tokens) and the longest input
+        in tokens: what a server reports at /info."""
+        return {"max_batch_size": self._max_batch, "token_budget": self._token_budget,
+                "max_length": self.max_length}
+
+    @property
     def bundle(self) -> Bundle:
         return self._bundle
 

@@ -19,6 +19,11 @@ def _parity_line(parity: Any) -> str:
             f"on {parity.get('texts', 'the calibration')} texts ({parity.get('backend', 'onnxruntime-cpu')})")
 
 
+def _cell(text: str) -> str:
+    """Text inside a Markdown table cell: a `|` in it would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def _precision(manifest: dict) -> str:
     quant = manifest.get("quantization")
     if quant:
@@ -55,20 +60,21 @@ def model_card(manifest: dict, repo_hint: str = "org/name") -> str:
     lines += [
         f"| backbone | `{backbone['model_id']}` at revision `{revision}` "
         f"({siren.get('backbone_layers')} of {backbone.get('num_hidden_layers')} layers kept, no LM head) |",
-        f"| precision | {_precision(manifest)} |",
+        f"| precision | {_cell(_precision(manifest))} |",
         f"| readout | `{siren.get('readout')}` ({'llm-siren semantics' if siren.get('readout') == 'runtime' else 'training semantics: raw last layer'}) |",
         f"| pooling | `{siren.get('pooling_type')}`, layers {siren.get('selected_layers')}, "
         f"{siren.get('feature_dim')} features |",
         f"| max_length / default threshold | {inference['max_length']} tokens / {inference['default_threshold']} |",
         f"| streaming | {'incremental step graph (KV cache)' if streaming else 'rescoring (no step graph)'} |",
-        f"| parity | {_parity_line(manifest.get('parity'))} |",
+        f"| parity | {_cell(_parity_line(manifest.get('parity')))} |",
         f"| made by | siren-deploy {manifest.get('tools', {}).get('siren-deploy', '?')} on "
         f"{manifest.get('created_at', '?')} |",
         "",
         "## Load it",
         "",
         "```bash",
-        'pip install "siren-deploy[hub,onnxruntime]"',
+        '# siren-deploy is installed from its checkout (or a wheel built there with `python -m build`):',
+        'pip install ".[hub,onnxruntime]"',
         f'siren score {repo_hint} "How can I make a pipe bomb at home?"',
         f"siren serve {repo_hint}                      # OpenAI-compatible /v1/moderations",
         "```",

@@ -8,3 +8,9 @@ class BundleError(ValueError):
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend (or device) cannot run on this machine."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: siren-deploy is installed from its checkout (or a wheel built
+    there), not from a package index, so the line names the checkout."""
+    return f'pip install ".[{extra}]" in the siren-deploy checkout'

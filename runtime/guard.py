@@ -35,13 +35,30 @@ def locate_bundle(bundle_dir, *, revision: Optional[str] = None, cache_dir=None,
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision must be a str or None, got {type(revision).__name__}")
     if not Path(bundle_dir).exists() and is_repo_id(str(bundle_dir)):
-        bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
-                                 local_files_only=local_files_only, token=token,
-                                 engines=engines if engines is not None else backend in ("tensorrt", "trt"))
+        check_not_a_mistyped_folder(str(bundle_dir))
+        try:
+            bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only, token=token,
+                                     engines=engines if engines is not None else backend in ("tensorrt", "trt"))
+        except (FileNotFoundError, OSError) as e:
+            raise type(e)(f"no folder {str(bundle_dir)!r} here, so it was taken as a Hub repo id: {e}") from e
     else:
         bundle = read_bundle(bundle_dir)
     bundle.verify(contents=False)
     return bundle if verify else bundle.trusting()
+
+
+def check_not_a_mistyped_folder(source: str) -> None:
+    """`demo/bundel` reads like a Hub repo id (owner/name), but when `demo/` is a folder here
+    it is a mistyped path: say so at once instead of asking the Hub (retries, then a Hub
+    error that never mentions the folder)."""
+    parent = Path(source.split("/")[0])
+    if parent.is_dir():
+        near = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+        raise FileNotFoundError(f"no bundle folder {source!r}: the folder {str(parent)!r} exists but holds no "
+                                f"{source.split('/', 1)[1]!r}" + (f" (it holds: {', '.join(near)})" if near else "")
+                                + f"; a Hub repo id of that name would be fetched from a working directory "
+                                  f"without a {str(parent)!r} folder")
 
 
 #: the class that loads each guard kind
@@ -196,6 +213,13 @@ class SirenGuard:
     @property
     def max_length(self) -> int:
         return self._encoder.max_length
+
+    @property
+    def limits(self) -> dict:
+        """What one engine call takes at most (rows, padded tokens) and the longest input
+        in tokens: what a server reports at /info."""
+        return {"max_batch_size": self._max_batch, "token_budget": self._token_budget,
+                "max_length": self.max_length}
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .bundle import MANIFEST_NAME, Bundle, read_bundle
+from .errors import install_hint
 
 #: owner/name as the Hub spells repo ids (a path that exists locally always wins)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -29,8 +30,8 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError:
-        raise ModuleNotFoundError("bundles from the Hugging Face Hub need huggingface_hub: "
-                                  "pip install \"siren-deploy[hub]\"", name="huggingface_hub") from None
+        raise ModuleNotFoundError("bundles from the Hugging Face Hub need huggingface_hub: " + install_hint("hub"),
+                                  name="huggingface_hub") from None
     return huggingface_hub
 
 

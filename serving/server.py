@@ -21,7 +21,6 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +31,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from siren_runtime import package_version
 from siren_runtime.text import join_prompt_response
-from siren_runtime.validation import check_encodable, check_threshold
+from siren_runtime.validation import check_encodable
 
 from .api import (ApiError, classify_response, moderation_response, parse_delta, parse_inputs, parse_model,
                   parse_threshold, require_object, stream_response)
@@ -42,58 +42,11 @@ from .score_memo import ScoreMemo
 from .detectors import (content_detections, detector_error_body, generation_detections, parse_contents,
                         parse_generation, parse_params, require_detector_id)
 from .metrics import ServerMetrics
+from .openapi import openapi_document
 from .sessions import SessionLimitError, SessionRegistry, UnknownSessionError
+from .settings import ServeConfig, option_name  # noqa: F401 (ServeConfig re-exported)
 
 log = logging.getLogger("siren_serving.server")
-
-
-@dataclass
-class ServeConfig:
-    bundle: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threshold: Optional[float] = None          # server default (None: the bundle's)
-    max_batch: int = 32                        # texts per dynamic batch
-    max_wait_ms: float = 2.0                   # longest a request waits for its batch to fill
-    dynamic_batching: bool = True
-    max_body_bytes: int = 1 << 20
-    max_inputs: int = 256
-    max_sessions: int = 1024
-    session_ttl_s: float = 300.0
-    model_name: Optional[str] = None
-    device: Optional[str] = None
-    backend: Optional[str] = None
-    verify: bool = True
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
-    local_files_only: bool = False
-    graceful_timeout_s: float = 30.0
-    drain_s: float = 0.0                       # after SIGTERM: /health answers 503, requests still served
-    prepack_weights: Optional[bool] = None     # CPU: None = the runtime's default (pre-packed with a step graph)
-
-    #: numeric options and the ranges they must lie in (finite: `inf` would hang every request)
-    _LIMITS = {"max_wait_ms": (0.0, 60_000.0), "session_ttl_s": (0.001, 7 * 86400.0),
-               "graceful_timeout_s": (0.0, 3600.0), "drain_s": (0.0, 3600.0)}
-
-    def check(self) -> None:
-        for name in ("max_batch", "max_body_bytes", "max_inputs", "max_sessions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_option(name)} must be an integer of at least 1, got {value!r}")
-        if not 1 <= self.port <= 65535 and self.port != 0:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name, (low, high) in self._LIMITS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"{_option(name)} must be a number in [{low:g}, {high:g}], got {value!r}")
-        if self.threshold is not None:
-            check_threshold(self.threshold, 0.5)
-
-
-def _option(name: str) -> str:
-    """A config field as its command-line option is spelled."""
-    return "--" + {"session_ttl_s": "session-ttl", "graceful_timeout_s": "graceful-timeout",
-                   "drain_s": "drain-s"}.get(name, name.replace("_", "-"))
 
 
 #: a feed running more new tokens than this takes the bulk lane (its own engine calls)
@@ -146,6 +99,7 @@ class _Service:
         self.draining = False           # SIGTERM seen: /health says 503, requests are still served
         self._sweeper: Optional[asyncio.Task] = None
         self.streams = (streams or LocalStreams)(self)
+        self.started = int(time.time())
 
     # -- blocking work, on the batchers' threads ----------------------------------------
     def _score_texts(self, texts: list) -> list:
@@ -473,6 +427,43 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         service.metrics.observe_verdicts([score], [score >= threshold])
         return JSONResponse(generation_detections(score, threshold))
 
+    def model_card(name: str) -> dict:
+        """A guard as OpenAI's model object describes one (plus its kind)."""
+        return {"id": name, "object": "model", "created": service.started, "owned_by": "siren-deploy",
+                "kind": guard.bundle.guard.kind}
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card(service.model)]})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != service.model:
+            error = ApiError(404, f"no model {name!r} here; this server holds {service.model!r}", param="model",
+                             code="model_not_found")
+            return JSONResponse(error.body(), status_code=404)
+        return JSONResponse(model_card(name))
+
+    async def info(request: Request) -> Response:
+        bundle = guard.bundle
+        return JSONResponse({
+            "model": service.model, "kind": bundle.guard.kind, "backend": guard.backend, "device": guard.device,
+            "dtype": bundle.model.dtype, "quantization": (bundle.manifest.get("quantization") or {}).get("scheme"),
+            "base_model": (bundle.manifest.get("backbone") or {}).get("model_id"),
+            "threshold": service.threshold, "incremental_streaming": guard.incremental_streaming,
+            "prefix_scores": bool(getattr(guard, "prefix_scores_available", False)),
+            "batch_invariant": bool(getattr(guard, "batch_invariant", False)),
+            "limits": {**guard.limits, "max_inputs": config.max_inputs, "max_body_bytes": config.max_body_bytes,
+                       "max_sessions": config.max_sessions, "session_ttl_s": config.session_ttl_s,
+                       "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
+                       "dynamic_batching": config.dynamic_batching},
+            "version": package_version()})
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"name": "siren-deploy", "version": package_version()})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(package_version()))
+
     async def health(request: Request) -> Response:
         stopping = service.closing or service.draining
         return JSONResponse({"status": "shutting_down" if stopping else "ok", "model": service.model,
@@ -509,26 +500,56 @@ def create_app(guard, config: Optional[ServeConfig] = None, model_name: Optional
         Route("/v1/streams/{session_id}", delete_stream, methods=["DELETE"]),
         Route("/api/v1/text/contents", detect_contents, methods=["POST"]),
         Route("/api/v1/text/generation", detect_generation, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.service = service
+    if config.log_requests:
+        app.add_middleware(AccessLog)
     return app
+
+
+class AccessLog:
+    """ASGI middleware for --log-requests: one line per request (client, method, path,
+    status, milliseconds) on the `siren_serving.access` logger, at INFO."""
+
+    logger = logging.getLogger("siren_serving.access")
+
+    def __init__(self, app):
+        self.app = app
+        if not self.logger.isEnabledFor(logging.INFO):     # asked for: shown even under -q
+            self.logger.setLevel(logging.INFO)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_seen(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_seen)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            self.logger.info("%s %s %s %d %.1f ms", client[0], scope["method"], scope["path"], status[0],
+                             (time.perf_counter() - started) * 1000.0)
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> int:
     """Load the bundle (errors surface before the port opens), then serve until SIGINT/SIGTERM;
     in-flight requests finish, queued batches are answered, then the guard is closed."""
-    from siren_runtime import SirenGuard
-
-    config.check()
+    config.check_all()
     sock = bind_listener(config.host, config.port)     # a taken port or a bad host: before any loading
     try:
-        guard = SirenGuard.from_pretrained(config.bundle, device=config.device, backend=config.backend,
-                                           verify=config.verify, revision=config.revision,
-                                           cache_dir=config.cache_dir, local_files_only=config.local_files_only,
-                                           prepack_weights=config.prepack_weights)
+        guard = config.load_content_guard()
         try:
             app = create_app(guard, config)
         except BaseException:

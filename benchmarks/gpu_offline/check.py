@@ -218,7 +218,7 @@ def tensorrt_check(bundle_dir: Path, work: Path) -> dict:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return {"ran": False, "why": "TensorRT is not installed (pip install 'siren-deploy[tensorrt-cu12]' or -cu13)"}
+        return {"ran": False, "why": "TensorRT is not installed (the tensorrt-cu12 or -cu13 extra)"}
     from siren_engines.build import build_engines
     from siren_runtime import SirenGuard
     target = work / "trt-bundle"

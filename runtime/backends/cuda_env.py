@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Optional
 
 #: cuda-python / TensorRT wheels come in pairs per CUDA major version (README "TensorRT").
-INSTALL_PAIRS = ("CUDA 12 driver (R525+): pip install 'siren-deploy[tensorrt-cu12]'; "
-                 "CUDA 13 driver (R580+): pip install 'siren-deploy[tensorrt-cu13]'")
+INSTALL_PAIRS = ("in the siren-deploy checkout, for a CUDA 12 driver (R525+): pip install \".[tensorrt-cu12]\"; "
+                 "for a CUDA 13 driver (R580+): pip install \".[tensorrt-cu13]\"")
 
 
 class CudaError(RuntimeError):

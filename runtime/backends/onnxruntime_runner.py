@@ -21,6 +21,7 @@ from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
 from .ort_cuda_probe import CUDA_PROVIDER, cuda_provider_problem
+from ..errors import install_hint
 from ..private_copy import DroppingPages, release_pages
 
 log = logging.getLogger("siren_runtime.backends")
@@ -42,8 +43,8 @@ def _import_ort():
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(
-            "onnxruntime is not installed (pip install 'siren-deploy[onnxruntime]', "
-            "or onnxruntime-gpu for CUDA)") from e
+            f"onnxruntime is not installed ({install_hint('onnxruntime')}, or an onnxruntime-gpu extra for "
+            "CUDA)") from e
     return ort
 
 

@@ -18,10 +18,12 @@ import os
 from importlib import resources
 from typing import Optional
 
+from ..errors import install_hint
+
 CUDA_PROVIDER = "CUDAExecutionProvider"
 #: onnxruntime-gpu 1.27+ are CUDA 13 builds (driver R580+); earlier ones CUDA 12 (R525+)
 DRIVER_HINT = ("onnxruntime-gpu 1.27 and newer need CUDA 13 (driver R580+): on an older driver install "
-               "'siren-deploy[onnxruntime-gpu-cu12]'; CUDA 12 builds need driver R525+, cuDNN 9 and cuBLAS 12 "
+               "the onnxruntime-gpu-cu12 extra (pip install \".[onnxruntime-gpu-cu12]\" in the checkout); CUDA 12 builds need driver R525+, cuDNN 9 and cuBLAS 12 "
                "(pip install 'onnxruntime-gpu[cuda,cudnn]' brings both)")
 
 
@@ -57,7 +59,7 @@ def cuda_provider_problem() -> Optional[str]:
     try:
         import onnxruntime as ort
     except ImportError:
-        return "onnxruntime is not installed (pip install 'siren-deploy[onnxruntime-gpu]')"
+        return f"onnxruntime is not installed ({install_hint('onnxruntime-gpu')})"
     offered = ort.get_available_providers()
     if CUDA_PROVIDER not in offered:
         return (f"this onnxruntime ({ort.__version__}) has no {CUDA_PROVIDER} (it offers {', '.join(offered)}); "

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphIO
 from ..engine_compat import engine_gpu_warning, engine_incompatibility, pick_profile
-from ..errors import BackendUnavailableError, BundleError
+from ..errors import BackendUnavailableError, BundleError, install_hint
 from .base import RunnerLimits
 from .cuda_env import CudaError, cudart, gpu_info, gpu_problem, tensorrt_version
 from .cuda_memory import CudaStream, DeviceBuffer
@@ -194,11 +194,11 @@ def _require(device: str) -> None:
     if device != "cuda":
         raise BackendUnavailableError(f"TensorRT runs on a GPU; device={device!r} was asked for")
     if tensorrt_version() is None:
-        raise BackendUnavailableError("TensorRT is not installed (pip install 'siren-deploy[tensorrt-cu12]' or "
-                                      "'[tensorrt-cu13]', matching the driver's CUDA)")
+        raise BackendUnavailableError(f"TensorRT is not installed ({install_hint('tensorrt-cu12')}, or the "
+                                      "tensorrt-cu13 extra: the one matching the driver's CUDA)")
     if cudart() is None:
-        raise BackendUnavailableError("cuda-python is not installed (pip install 'siren-deploy[tensorrt-cu12]' "
-                                      "or '[tensorrt-cu13]', matching the driver's CUDA)")
+        raise BackendUnavailableError(f"cuda-python is not installed ({install_hint('tensorrt-cu12')}, or the "
+                                      "tensorrt-cu13 extra: the one matching the driver's CUDA)")
 
 
 def _open(make, bundle: Bundle, graph: str):

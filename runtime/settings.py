@@ -57,7 +57,7 @@ def check_choice(value, choices, option: str) -> None:
 @dataclass
 class GuardSettings:
     """Where a guard comes from and how it is loaded (`SirenGuard.from_pretrained`'s options)."""
-    bundle: str = setting("", "bundle folder or Hub repo id (owner/name)", kind="positional", metavar="BUNDLE")
+    bundle: str = setting("", "bundle folder or Hub repo id (owner/name)", kind="positional")
     revision: Optional[str] = setting(None, "Hub bundle: branch, tag or commit (default: main)", kind="str")
     cache_dir: Optional[str] = setting(None, "Hub bundle: Hugging Face cache directory (default: HF_HOME's)",
                                        kind="str")

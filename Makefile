@@ -13,7 +13,7 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_HOME ?= .cache/tritonserver
 PYTRITON ?= nvidia-pytriton==0.7.0
 
-.PHONY: demo test install-demo install-test triton-server gpu-kit clean
+.PHONY: demo test docs install-demo install-test triton-server gpu-kit clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,12 @@ triton-server: $(TRITON_HOME)/.ready
 demo: install-demo
 	$(VENV)/bin/siren demo --workdir demo
 
-test: install-test triton-server
+# The docs site: reference pages generated from the code, then a strict build (a broken link fails).
+docs: install-test
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: install-test triton-server docs
 	$(PY) -m pytest
 
 # The offline GPU check's kit (benchmarks/gpu_offline): wheels + a tiny bundle, under 60 MiB,

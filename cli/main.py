@@ -24,6 +24,18 @@ from siren_runtime.settings import GuardSettings
 from .options import add_settings, check_environment, settings_from
 from .score import EXIT_ERROR, run_score
 
+#: what `siren` exits with (the CLI reference prints this table)
+EXIT_STATUSES = (
+    (0, "done"),
+    (1, "a gate said no: `score --fail-on-harmful` flagged a text, `build`/`verify` parity failed, "
+        "`quantize` refused (nothing written)"),
+    (2, "an error: usage, input, bundle, a taken port, a bad SIREN_... variable (one line on stderr; a missing "
+        "optional dependency names the extra to install; standard output closed)"),
+    (130, "interrupted (^C)"),
+    (141, "the output pipe closed (`siren score ... | head -1`)"),
+    (143, "terminated (SIGTERM; export and quantize remove their staging folder first)"),
+)
+
 #: first module of a missing import -> the extra that provides it
 EXTRA_FOR_MODULE = {
     "torch": "export", "transformers": "export", "onnx": "export", "onnxscript": "export",

@@ -69,8 +69,12 @@ def shown_path(path: Path) -> str:
 
 
 def siren_command() -> str:
-    """How to run `siren` in a new shell: the script beside this interpreter (a virtual
-    environment's bin/, not on PATH until activated), else plain `siren`."""
+    """How to run `siren` in a new shell: as it was typed when that was a path (make demo's
+    `.venv/bin/siren`), else the script beside this interpreter (a virtual environment's
+    bin/ is not on PATH until activated), else plain `siren`."""
+    typed = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if typed is not None and typed.name == "siren" and "/" in sys.argv[0] and typed.is_file():
+        return sys.argv[0]
     script = Path(sys.executable).parent / "siren"
     return shown_path(script) if script.is_file() else "siren"
 

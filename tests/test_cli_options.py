@@ -8,9 +8,11 @@ import argparse
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +199,42 @@ def test_score_on_a_terminal_says_it_reads_standard_input(all_layers):
     assert proc.returncode == 0, err
     assert "reading texts from standard input, one per line; end with Ctrl-D" in err
     assert out.rstrip("\n").endswith("\thello")
+
+
+# -- findings 1 and 6: install lines that work, a README that is a front page ---------------
+
+INSTALL_FROM_INDEX = re.compile(r"pip install [\"']?siren-deploy\[")
+
+
+def test_no_install_line_names_a_package_that_is_not_on_the_index(all_layers):
+    from siren_runtime.bundle import read_bundle
+    from siren_runtime.card import model_card
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    sources += [p for folder in ("runtime", "serving", "cli", "export", "engines", "quantize", "distributed")
+                for p in sorted((root / folder).rglob("*.py"))]
+    offending = [str(p.relative_to(root)) for p in sources if INSTALL_FROM_INDEX.search(p.read_text(encoding="utf-8"))]
+    assert not offending, offending
+    card = model_card(read_bundle(all_layers.bundle).raw(), "org/name")
+    assert not INSTALL_FROM_INDEX.search(card) and 'pip install ".[hub,onnxruntime]"' in card
+
+
+def test_the_model_card_table_keeps_two_columns(all_layers):
+    from siren_runtime.bundle import read_bundle
+    from siren_runtime.card import model_card
+    manifest = read_bundle(all_layers.bundle).raw()
+    manifest["parity"] = {"checked": True, "max_abs_diff": 1.5e-7, "texts": 8, "backend": "onnxruntime-cpu"}
+    rows = [line for line in model_card(manifest).splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows and all(len(re.split(r"(?<!\\)\|", row)) == 4 for row in rows), rows
+    assert any("max \\|Δscore\\|" in row for row in rows)
+
+
+def test_the_readme_is_a_front_page():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 250
+    first_screen = "\n".join(readme.splitlines()[:60])
+    assert "make demo" in first_screen and "make test" in first_screen
+    assert 'pip install ".[serve]"' in first_screen        # how to install from the clone
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (root / link).is_file(), link

@@ -301,14 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve_ray)
 
     p = add("bench", help="throughput, latency, RSS and import time vs llm-siren on the same weights")
-    p.add_argument("bundle", help="the bundle to measure (a folder)")
+    add_settings(p, GuardSettings, "the guard", only=["bundle"])
     p.add_argument("--reference", help="the SIREN artifact the bundle came from: also run llm-siren on it")
     p.add_argument("--texts", help="file with one text per line (default: 12 texts of 4-160 words)")
     p.add_argument("--batch", type=int, help="repeat/trim the texts to this many per score_batch call")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the torch module (truncated; padded vs length-grouped) to split the gain")
-    p.add_argument("--backend", choices=["tensorrt", "onnxruntime"], help="runtime backend (default: best available)")
+    add_settings(p, GuardSettings, "loading the guard", only=["backend"], positional=False)
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same artifact (int8, bf16 ...) to measure in the same run")
     p.add_argument("--prepack", action="store_true",

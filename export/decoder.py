@@ -50,26 +50,69 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(batch, heads, seq, dim)
 
 
+class TokenPacking:
+    """The real tokens of a right-padded [B, S] batch, packed into one row of N tokens.
+
+    Everything in a decoder layer but attention works token by token, so it runs on the
+    packed tokens only: a batch of streams whose new tokens differ in number (1 to 8 in a
+    round of chunked feeds) computes its projections and MLP on its real tokens, not on B x
+    the longest. Attention unpacks to [B, heads, S, D] (padding zero) and packs its output
+    back. Packed tensors keep a leading axis of 1 ([1, N, ...]), so the projections trace
+    to the very MatMuls (and weight layouts) of the scoring graph, whose weights file the
+    step graph shares. The first two positions always run, so a projection is never a
+    one-row GEMM (ONNX Runtime's GEMV path adds in another order: see SirenScorer)."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.batch, self.seq = valid.shape
+        flat = valid.flatten() | (torch.arange(valid.numel(), device=valid.device) < 2)
+        self.index = torch.nonzero(flat).squeeze(1)                                 # [N]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [1, N, ...]"""
+        return x.flatten(0, 1).index_select(0, self.index)[None]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] -> [B, S, ...], zero where nothing was packed."""
+        rest = x.shape[2:]
+        full = x.new_zeros((self.batch * self.seq, *rest)).index_copy(0, self.index, x[0])
+        return full.view(self.batch, self.seq, *rest)
+
+
 def run_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-              past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
+              past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None,
+              packing: TokenPacking | None = None):
     """One pre-norm decoder layer.
 
     mask: boolean [B, 1, S, past + S], True where a query may attend a key.
+    hidden [B, S, H] and cos/sin [B, S, D]; with `packing`, hidden [1, N, H] and cos/sin
+    [1, N, D] (the packed real tokens), and the hidden/MLP outputs come back packed too.
     Returns (hidden out, MLP output, this call's keys, this call's values), keys/values
     as [B, kv_heads, S, head_dim] after RoPE (what a KV cache stores)."""
     attn = layer.self_attn
-    batch, seq, _ = hidden.shape
     head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)
-    shape = (batch, seq, -1, head_dim)
+    shape = (*x.shape[:-1], -1, head_dim)                  # [B, S, heads, D] or [1, N, heads, D]
     q = attn.q_proj(x).view(shape)
     k = attn.k_proj(x).view(shape)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape)
     if getattr(attn, "q_norm", None) is not None:       # Qwen3 norms q/k per head; Llama does not
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q = apply_rotary(q.transpose(1, 2), cos, sin)
-    k = apply_rotary(k.transpose(1, 2), cos, sin)
+    if packing is None:
+        batch, seq = hidden.shape[:2]
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+    else:
+        batch, seq = packing.batch, packing.seq
+        q, k, v = (packing.unpack(t).transpose(1, 2) for t in (apply_rotary_packed(q, cos, sin),
+                                                               apply_rotary_packed(k, cos, sin), v))
     out = grouped_attention(q, k, v, mask, attn.scaling, past_k, past_v)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    out = out.transpose(1, 2).reshape(batch, seq, -1)
+    hidden = hidden + attn.o_proj(out if packing is None else packing.pack(out))
     mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden + mlp_out, mlp_out, k, v
+
+
+def apply_rotary_packed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary on packed tokens: x [1, N, heads, D], cos/sin [1, N, D]."""
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]

@@ -151,6 +151,11 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             gc.collect()
             trim_heap()
             sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
+            if sharing["shared_bytes"] and sharing["own_bytes"]:
+                # a graph names one weights file in the manifest: never publish one reading two
+                raise RuntimeError(f"the step graph shares {sharing['shared_bytes']} bytes of weights with "
+                                   f"{MODEL_FILE} but stores {sharing['own_bytes']} of its own (the two graphs "
+                                   "traced the weights differently); this is an exporter bug, please report it")
             if not (staging / (STEP_FILE + ".data")).exists():    # every weight is in the model's file
                 step_graph["external_data"] = graph["external_data"] if sharing["shared_bytes"] else None
             streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}

@@ -81,9 +81,10 @@ class SirenScorer(nn.Module):
         return self.selected_neurons(index, hidden, mlp_out) * self.layer_weights[index]
 
     def walk(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-             past_kv: torch.Tensor | None = None):
+             past_kv: torch.Tensor | None = None, packing=None):
         """Run layers 0..deepest selected; returns (per-token features [B, S, F], this call's
-        keys/values [layers, 2, B, kv_heads, S, head_dim])."""
+        keys/values [layers, 2, B, kv_heads, S, head_dim]). packing (decoder.TokenPacking):
+        hidden and cos/sin hold the packed real tokens; the features come back unpacked."""
         features, presents = [], []
         # [layers * 2, B, kv_heads, P, D]: one gather per layer's keys or values (indexing the
         # layer, then k/v, copied the past twice)
@@ -91,13 +92,14 @@ class SirenScorer(nn.Module):
         for index in range(self.selected[-1] + 1):
             past_k = None if flat is None else flat[2 * index]
             past_v = None if flat is None else flat[2 * index + 1]
-            hidden, mlp_out, k, v = run_layer(self.layers[index], hidden, cos, sin, mask, past_k, past_v)
+            hidden, mlp_out, k, v = run_layer(self.layers[index], hidden, cos, sin, mask, past_k, past_v, packing)
             presents.append(torch.stack([k, v]))
             if self.peaks is not None:
                 self.peaks.append(float(torch.stack([hidden.abs().max(), mlp_out.abs().max()]).max()))
             if index in self.layer_weights:
                 features.append(self.features_of(index, hidden, mlp_out))
-        return torch.cat(features, dim=-1), torch.stack(presents)
+        features = torch.cat(features, dim=-1)
+        return (features if packing is None else packing.unpack(features)), torch.stack(presents)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         valid = attention_mask.bool()[:, :, None]                     # [B, S, 1]

@@ -8,12 +8,15 @@ Same numerics and the same decoder walk as :class:`SirenScorer`.
 
 Rows are independent streams: row b has ``past_lengths[b]`` valid past positions (its past
 KV right-padded to the longest row) and ``new_lengths[b]`` valid new tokens (right-padded
-to the longest row). Tensor names and shapes: ``siren_runtime.bundle.STEP_IO``.
+to the longest row). Tensor names and shapes: ``siren_runtime.bundle.STEP_IO``. Only the
+real new tokens go through the projections and MLPs (decoder.TokenPacking), so a batch pays
+for its tokens, not for rows x the longest.
 """
 from __future__ import annotations
 
 import torch
 
+from .decoder import TokenPacking
 from .scorer import SirenScorer
 
 
@@ -22,18 +25,20 @@ class SirenStepScorer(SirenScorer):
         batch, new = input_ids.shape
         past = past_kv.shape[4]
         device = input_ids.device
-        hidden = self.embed_tokens(input_ids)
         offsets = torch.arange(new, device=device)
-        cos, sin = self.rotary_emb(hidden, past_lengths[:, None] + offsets[None, :])
+        valid_tokens = offsets[None, :] < new_lengths[:, None]                              # [B, new]
+        packing = TokenPacking(valid_tokens)       # per-token work on the real tokens only
+        hidden = self.embed_tokens(packing.pack(input_ids))                                # [1, N, H]
+        cos, sin = self.rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))  # [1, N, D]
         # a query sees its row's valid past and the new tokens up to itself (padding rows
         # still see themselves, so no softmax is empty)
         past_keys = torch.arange(past, device=device)[None, :] < past_lengths[:, None]      # [B, P]
         new_keys = offsets[None, :] <= offsets[:, None]                                      # [new, new]
         mask = torch.cat([past_keys[:, None, :].expand(batch, new, past),
                           new_keys[None].expand(batch, new, new)], dim=-1)[:, None]          # [B, 1, new, P+new]
-        features, new_kv = self.walk(hidden, cos, sin, mask, past_kv)
+        features, new_kv = self.walk(hidden, cos, sin, mask, past_kv, packing)
 
-        valid = (offsets[None, :] < new_lengths[:, None])[:, :, None]                       # [B, new, 1]
+        valid = valid_tokens[:, :, None]                                                    # [B, new, 1]
         sums = past_sums[:, None, :] + torch.where(valid, features, 0.0).cumsum(dim=1)     # [B, new, F]
         last = (new_lengths - 1).clamp(min=0)[:, None, None].expand(batch, 1, sums.shape[-1])
         count = (past_lengths + new_lengths).clamp(min=1).to(torch.float32)[:, None]

@@ -195,9 +195,9 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
               backend: Optional[str] = None, also: Optional[list] = None, prepack: bool = False) -> list[dict]:
     """`also`: more bundles of the same artifact (int8, bf16 ...) measured in the same run;
     `prepack`: each runtime bundle also with ``prepack_weights=False`` (weights read in place)."""
-    if reference is not None and importlib.util.find_spec("llm_siren") is None:
+    if reference is not None and importlib.util.find_spec("siren_guard") is None:
         raise ModuleNotFoundError("--reference runs llm-siren, which is not installed here: "
-                                  "pip install llm-siren==0.2.0 (or drop --reference)", name="llm_siren")
+                                  "pip install llm-siren==0.2.0 (or drop --reference)", name="siren_guard")
     texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
              if texts_file else default_texts())
     if batch:

@@ -28,7 +28,8 @@ class SirenStepScorer(SirenScorer):
         offsets = torch.arange(new, device=device)
         valid_tokens = offsets[None, :] < new_lengths[:, None]                              # [B, new]
         packing = TokenPacking(valid_tokens)       # per-token work on the real tokens only
-        hidden = self.embed_tokens(packing.pack(input_ids))                                # [1, N, H]
+        # the embedding's Gather reads input_ids itself (how siren quantize finds the table)
+        hidden = packing.pack(self.embed_tokens(input_ids))                                # [1, N, H]
         cos, sin = self.rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))  # [1, N, D]
         # a query sees its row's valid past and the new tokens up to itself (padding rows
         # still see themselves, so no softmax is empty)

@@ -156,9 +156,9 @@ def test_score_corpus_refuses_a_bad_threshold_before_ray(all_layers, tmp_path):
 
 
 def test_bench_without_llm_siren_says_so(all_layers):
-    script = ("BLOCKED = ('llm_siren',)" + BLOCKER_TEMPLATE
+    script = ("BLOCKED = ('siren_guard',)" + BLOCKER_TEMPLATE
               + "import importlib.util\n_find = importlib.util.find_spec\n"
-                "importlib.util.find_spec = lambda name, *a: None if name == 'llm_siren' else _find(name, *a)\n"
+                "importlib.util.find_spec = lambda name, *a: None if name == 'siren_guard' else _find(name, *a)\n"
                 "from siren_cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "bench", str(all_layers.bundle), "--reference",
                            str(all_layers.artifact)], capture_output=True, text=True, timeout=300)

@@ -88,7 +88,7 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         return export_trajectory_bundle(artifact, output, backbone=backbone, dtype=dtype, overwrite=overwrite,
                                         parity_tolerance=parity_tolerance, cache_dir=cache_dir,
                                         show_progress=show_progress, revision=revision,
-                                        backbone_revision=backbone_revision)
+                                        backbone_revision=backbone_revision, streaming=streaming)
     progress = Progress(total_steps=8 if streaming else 7, enabled=show_progress)
 
     progress.start(f"reading SIREN artifact {artifact}")

@@ -25,10 +25,11 @@ from siren_runtime.private_copy import trim_heap
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, resolve_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config, pad_token_id, save_bare_tokenizer
 from .errors import ArtifactError, ParityError
-from .onnx_export import export_scorer
+from .onnx_export import export_scorer, export_step, share_weights
 from .progress import Progress
 
 MODEL_FILE = "model.onnx"
+STEP_FILE = "step.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 TEMPLATE_FILE = "chat_template.jinja"
 #: fp32 graph vs its torch module on the calibration trajectories
@@ -140,6 +141,88 @@ def trajectory_scorer(backbone, artifact: TrajectoryArtifact):
     return TrajectoryScorer().eval()
 
 
+def trajectory_step_scorer(backbone, artifact: TrajectoryArtifact):
+    """The step graph's torch module (names and shapes: siren_runtime.bundle.STEP_IO): each
+    stream's new tokens after its past, through the kept blocks, packed to the real tokens
+    (decoder.TokenPacking). Per new token it returns the readout's logit (the `sums` output,
+    one feature), so a stream resumed at any token has that prefix's verdict at hand; the
+    score is the sigmoid of the last real token's logit (a row without new tokens keeps its
+    past logit, `past_sums`)."""
+    import torch
+    from torch import nn
+    from .decoder import TokenPacking, run_layer
+
+    class TrajectoryStepScorer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = backbone.embed_tokens
+            self.rotary_emb = backbone.rotary_emb
+            self.layers = backbone.layers
+            self.register_buffer("head_weight", artifact.weight.reshape(-1, 1).clone())
+            self.head_bias = artifact.bias
+
+        def forward(self, input_ids, new_lengths, past_lengths, past_kv, past_sums):
+            batch, new = input_ids.shape
+            past = past_kv.shape[4]
+            device = input_ids.device
+            offsets = torch.arange(new, device=device)
+            valid = offsets[None, :] < new_lengths[:, None]                                   # [B, new]
+            packing = TokenPacking(valid)
+            hidden = packing.pack(self.embed_tokens(input_ids))                               # [1, N, H]
+            cos, sin = self.rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))
+            past_keys = torch.arange(past, device=device)[None, :] < past_lengths[:, None]
+            new_keys = offsets[None, :] <= offsets[:, None]
+            mask = torch.cat([past_keys[:, None, :].expand(batch, new, past),
+                              new_keys[None].expand(batch, new, new)], dim=-1)[:, None]
+            flat = past_kv.flatten(0, 1)
+            presents = []
+            for index, layer in enumerate(self.layers):
+                hidden, _, k, v = run_layer(layer, hidden, cos, sin, mask, flat[2 * index], flat[2 * index + 1],
+                                            packing)
+                presents.append(torch.stack([k, v]))
+            state = hidden[0].to(torch.float32)                                                # [N, H]
+            logits = packing.unpack((state @ self.head_weight)[None] + self.head_bias)         # [B, new, 1]
+            last = (new_lengths - 1).clamp(min=0)[:, None, None]
+            final = torch.where(new_lengths[:, None] > 0, logits.gather(1, last)[:, 0, :], past_sums)
+            return torch.sigmoid(final[:, 0]), torch.stack(presents), logits
+    return TrajectoryStepScorer().eval()
+
+
+def check_step_graph(path: Path, id_lists: list, expected: list, spec: dict, tolerance: float) -> dict:
+    """The step graph on ONNX Runtime, fed each calibration trajectory in three pieces (all
+    rows stepped together), against the torch module's whole-trajectory scores."""
+    import numpy as np
+    import onnxruntime as ort
+    from siren_runtime.bundle import STEP_IO
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    rows = len(id_lists)
+    cuts = [[0, len(ids) // 3, 2 * len(ids) // 3, len(ids)] for ids in id_lists]
+    kv = [np.zeros((spec["kv_layers"], 2, spec["kv_heads"], 0, spec["head_dim"]), np.float32) for _ in id_lists]
+    logit = np.zeros((rows, 1), np.float32)
+    score = None
+    for piece in range(3):
+        parts = [ids[c[piece]:c[piece + 1]] or ids[-1:] for ids, c in zip(id_lists, cuts)]
+        starts = [c[piece] if c[piece] < c[piece + 1] else len(ids) - 1 for ids, c in zip(id_lists, cuts)]
+        width, past = max(len(p) for p in parts), max(starts)
+        input_ids = np.zeros((rows, max(width, 2)), np.int64)
+        past_kv = np.zeros((spec["kv_layers"], 2, rows, spec["kv_heads"], past, spec["head_dim"]), np.float32)
+        for b, (part, start) in enumerate(zip(parts, starts)):
+            input_ids[b, :len(part)] = part
+            past_kv[:, :, b, :, :start] = kv[b][:, :, :, :start]
+        score, new_kv, logits = session.run(list(STEP_IO.outputs), dict(zip(STEP_IO.inputs, (
+            input_ids, np.asarray([len(p) for p in parts], np.int64), np.asarray(starts, np.int64), past_kv, logit))))
+        for b, (part, start) in enumerate(zip(parts, starts)):
+            kv[b] = np.concatenate([kv[b][:, :, :, :start], new_kv[:, :, b, :, :len(part)]], axis=3)
+            logit[b] = logits[b, len(part) - 1]
+    diff = float(np.max(np.abs(np.asarray(score, np.float64) - np.asarray(expected))))
+    if not diff <= tolerance:
+        raise ParityError(f"the step graph differs from the torch module by {diff:.2e} (> {tolerance:.0e})")
+    return {"backend": "onnxruntime-cpu", "checked": True, "max_abs_diff": diff, "trajectories": rows, "pieces": 3}
+
+
 def calibration_trajectories() -> list:
     """A few varied trajectories for the export's self-check (tools, calls, observations)."""
     from siren_runtime.trajectory import from_openai
@@ -166,8 +249,10 @@ def calibration_trajectories() -> list:
 def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[str] = None, dtype: str = "fp32",
                              overwrite: bool = False, parity_tolerance: Optional[float] = None,
                              cache_dir: Optional[str] = None, show_progress: bool = True,
-                             revision: Optional[str] = None, backbone_revision: Optional[str] = None) -> Path:
-    """Export a trajectory artifact into the bundle directory `output` (see the module doc)."""
+                             revision: Optional[str] = None, backbone_revision: Optional[str] = None,
+                             streaming: bool = True) -> Path:
+    """Export a trajectory artifact into the bundle directory `output` (see the module doc);
+    streaming: also the step graph that scores an appended turn's tokens only."""
     import numpy as np
     import torch
     from siren_runtime.chat_template import ChatTemplate
@@ -179,7 +264,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-    progress = Progress(total_steps=5, enabled=show_progress)
+    progress = Progress(total_steps=6 if streaming else 5, enabled=show_progress)
     progress.start(f"reading Agent-SIREN artifact {artifact}")
     art = load_trajectory_artifact(artifact, cache_dir=cache_dir, revision=revision)
     model_id = backbone or art.base_model_id
@@ -205,6 +290,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
                             "through the backbone's own template")
     pad_id = pad_token_id(tokenizer, model_id)
     scorer = trajectory_scorer(loaded.model, art)
+    stepper = trajectory_step_scorer(loaded.model, art) if streaming else None
     progress.done()
 
     stage = Staging(output)
@@ -238,6 +324,24 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
         trim_heap()
         progress.done()
 
+        streaming_meta = None
+        if stepper is not None:
+            progress.start("tracing the streaming step graph (KV cache, a logit per token)")
+            attn = loaded.model.layers[0].self_attn
+            kv = {"kv_layers": art.blocks, "kv_heads": int(config.num_key_value_heads),
+                  "head_dim": int(attn.head_dim), "kv_dtype": dtype, "feature_dim": 1}
+            step_graph = export_step(stepper, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
+                                     1, getattr(torch, TORCH_DTYPES[dtype]), progress)
+            gc.collect()
+            trim_heap()
+            sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
+            if sharing["own_bytes"]:
+                raise RuntimeError(f"the step graph stores {sharing['own_bytes']} bytes of weights of its own (the "
+                                   "two graphs traced the weights differently); this is an exporter bug")
+            step_graph["external_data"] = graph["external_data"]
+            streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
+            progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
+
         progress.start("checking the ONNX graph with ONNX Runtime against the torch module")
         width = max(len(ids) for ids in id_lists)
         input_ids = np.full((len(id_lists), width), pad_id, dtype=np.int64)
@@ -248,7 +352,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
             expected = [float(scorer(torch.tensor(input_ids[i:i + 1, :len(ids)]),
                                      torch.tensor(mask[i:i + 1, :len(ids)]))[0][0])
                         for i, ids in enumerate(id_lists)]
-        scorer = loaded.model = None
+        scorer = stepper = loaded.model = None
         gc.collect()
         parity = {"backend": "onnxruntime-cpu", "checked": False}
         if dtype == "fp32":
@@ -264,13 +368,22 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
                 raise ParityError(f"ONNX graph differs from the torch module by {diff:.2e} (> {tolerance:.0e})")
             parity = {"backend": "onnxruntime-cpu", "checked": True, "max_abs_diff": diff, "trajectories": len(expected)}
             session = None
-            progress.done(f"max |Δscore| {diff:.2e}")
+            detail = f"max |Δscore| {diff:.2e}"
+            if streaming_meta is not None:
+                streaming_meta["parity"] = check_step_graph(staging / STEP_FILE, id_lists, expected, streaming_meta,
+                                                            tolerance)
+                detail += f"; streaming max |Δscore| {streaming_meta['parity']['max_abs_diff']:.2e}"
+            progress.done(detail)
         else:
             parity["reason"] = f"{dtype} is checked on a GPU (`siren verify --reference-bundle`)"
+            if streaming_meta is not None:
+                streaming_meta["parity"] = dict(parity)
             progress.done(f"not checked: {parity['reason']}")
 
         progress.start("writing the manifest")
         files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE, TEMPLATE_FILE]
+        if streaming_meta is not None:
+            files.append(STEP_FILE)
         for name in files:
             os.chmod(staging / name, 0o644)
         manifest = {
@@ -290,6 +403,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
                           "pad_token_id": int(pad_id), "padding_side": "right"},
             "model": {"path": MODEL_FILE, "dtype": dtype, **graph, "batch_invariant": True},
             "tokenizer": {"path": TOKENIZER_FILE},
+            **({"streaming": streaming_meta} if streaming_meta is not None else {}),
             "files": {name: describe_file(staging, name) for name in files},
             "tools": {"siren-deploy": __version__},
             "parity": parity,
@@ -304,4 +418,5 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
     return output
 
 
-__all__ = ["export_trajectory_bundle", "load_trajectory_artifact", "is_trajectory_artifact", "trajectory_scorer"]
+__all__ = ["export_trajectory_bundle", "load_trajectory_artifact", "is_trajectory_artifact", "trajectory_scorer",
+           "trajectory_step_scorer"]

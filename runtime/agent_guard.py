@@ -22,11 +22,14 @@ from .backends import Runners, open_runners
 from .batching import length_groups
 from .bundle import Bundle
 from .chat_template import ChatTemplate, TemplateError
-from .guard import DEFAULT_MAX_BATCH, DEFAULT_TOKEN_BUDGET, check_kind, locate_bundle
+from .guard import (DEFAULT_MAX_BATCH, DEFAULT_STREAM_CACHE, DEFAULT_STREAM_CACHE_BYTES, DEFAULT_TOKEN_BUDGET,
+                    check_kind, locate_bundle)
 from .render import fold_system, messages_of
 from .result import ScoreResult
+from .streaming import IncrementalScorer, StreamCache, common_prefix
 from .tokenization import pad_right
 from .trajectory import Trajectory, as_trajectory, check_trajectory, from_openai
+from .trajectory_stream import TrajectorySession, as_tokens
 from .validation import check_threshold
 
 #: rescored trajectories remembered by score_streaming (rendered ids -> score)
@@ -93,7 +96,7 @@ class AgentSirenGuard:
     ``__call__``, ``default_threshold``). Thread-safe like SirenGuard; ``close()`` frees it."""
 
     def __init__(self, bundle: Bundle, runners: Runners, *, max_batch_size: int = DEFAULT_MAX_BATCH,
-                 token_budget: Optional[int] = None):
+                 token_budget: Optional[int] = None, stream_cache: Optional[StreamCache] = None):
         check_kind(bundle, "trajectory")
         self._bundle = bundle
         self._runners = runners
@@ -106,6 +109,12 @@ class AgentSirenGuard:
         self._recent: OrderedDict = OrderedDict()
         self._recent_lock = threading.Lock()
         self._closed = False
+        #: turn-by-turn scoring on the step graph (None: the bundle has none, or it was turned off)
+        self._incremental = None
+        if runners.step is not None and bundle.streaming is not None:
+            self._incremental = IncrementalScorer(runners.step, bundle.streaming.feature_dim, self._max_batch,
+                                                  self._token_budget)
+        self._stream_cache = stream_cache if stream_cache is not None else StreamCache()
 
     @classmethod
     def from_pretrained(cls, bundle_dir: Union[str, Path], device: Optional[str] = None,
@@ -113,9 +122,14 @@ class AgentSirenGuard:
                         max_batch_size: int = DEFAULT_MAX_BATCH, token_budget: Optional[int] = None,
                         revision: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
                         local_files_only: bool = False, token: Optional[Union[str, bool]] = None,
-                        engines: Optional[bool] = None, **backend_options) -> "AgentSirenGuard":
+                        engines: Optional[bool] = None, incremental_streaming: bool = True,
+                        stream_cache_size: int = DEFAULT_STREAM_CACHE,
+                        stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES,
+                        **backend_options) -> "AgentSirenGuard":
         """Load a trajectory bundle made by ``siren export`` (a folder or a Hub repo id); the
-        options are SirenGuard.from_pretrained's."""
+        options are SirenGuard.from_pretrained's. incremental_streaming: sessions and
+        score_streaming run only the ids after what a stream already holds (the bundle's
+        step graph); False rescores every trajectory whole."""
         if not isinstance(bundle_dir, (str, Path)):
             raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -123,9 +137,13 @@ class AgentSirenGuard:
         bundle = locate_bundle(bundle_dir, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                token=token, engines=engines, backend=backend, verify=verify)
         check_kind(bundle, "trajectory")
-        runners = open_runners(bundle, backend=backend, device=device, streaming=False, **backend_options)
+        stream_cache = StreamCache(stream_cache_size, stream_cache_bytes)
+        runners = open_runners(bundle, backend=backend, device=device,
+                               streaming=bool(incremental_streaming) and bundle.streaming is not None,
+                               **backend_options)
         try:
-            return cls(bundle, runners, max_batch_size=max_batch_size, token_budget=token_budget)
+            return cls(bundle, runners, max_batch_size=max_batch_size, token_budget=token_budget,
+                       stream_cache=stream_cache)
         except BaseException:
             runners.close()
             raise
@@ -166,9 +184,15 @@ class AgentSirenGuard:
     def batch_invariant(self) -> bool:
         return bool(getattr(self._runners.score, "batch_invariant", False))
 
+    @property
+    def incremental_streaming(self) -> bool:
+        """Whether sessions and score_streaming run only new ids (a step graph is loaded)."""
+        return self._incremental is not None
+
     def close(self) -> None:
         self._closed = True
         self._recent.clear()
+        self._stream_cache.clear()
         self._runners.close()
 
     def __enter__(self) -> "AgentSirenGuard":
@@ -200,9 +224,80 @@ class AgentSirenGuard:
     def score_streaming(self, messages: Optional[list] = None, tools: Optional[list] = None,
                         trajectory: Any = None, threshold: Optional[float] = None) -> ScoreResult:
         """Score the trajectory so far, after each appended turn and before the next tool call
-        runs (the whole trajectory is scored, as llm-siren does; a trajectory whose rendered ids
-        were scored recently is answered from a bounded cache)."""
-        return self.score_trajectory(trajectory, messages=messages, tools=tools, threshold=threshold)
+        runs: the same value as ``score_trajectory``. With a step graph, a trajectory whose
+        ids extend (or share an opening with) one scored recently runs only the ids after the
+        common prefix (recent states in a bounded LRU cache, as content streams); without one,
+        the whole trajectory is scored, as llm-siren does."""
+        if self._incremental is None:
+            return self.score_trajectory(trajectory, messages=messages, tools=tools, threshold=threshold)
+        if trajectory is not None and messages is not None:
+            raise ValueError("Pass either `trajectory` or `messages`, not both.")
+        if trajectory is None:
+            if messages is None:
+                raise ValueError("Provide `trajectory` or `messages`.")
+            trajectory = from_openai(messages, tools)
+        thr = check_threshold(threshold, self._default_threshold)
+        tokens = as_tokens(self._ids_of(as_trajectory(trajectory)))
+        self._check_open()
+        cached, extends = self._stream_cache.checkout(tokens.text)
+        new_state = None
+        try:
+            base = cached
+            if cached is not None and not extends:
+                # another run's entry sharing an opening: copy the shared ids, leave it be
+                keep = min(common_prefix(cached.ids, tokens.ids), len(tokens.ids) - 1)
+                base = self._incremental.fork(cached, keep) if keep > 0 else None
+            score, new_state = self._incremental.advance(base, tokens)
+        finally:
+            if cached is not None and (new_state is None or new_state.kv is not cached.kv):
+                self._stream_cache.store(cached)     # still valid: a failed step changes nothing
+        self._stream_cache.store(new_state)
+        return ScoreResult(score=float(score), is_harmful=bool(float(score) >= thr), threshold=thr)
+
+    def session(self, tools: Optional[list] = None, threshold: Optional[float] = None) -> TrajectorySession:
+        """A per-run session: ``session.append(*messages)`` returns the verdict of the whole run
+        so far, running only the ids the append added (plus any earlier turn whose render
+        changed); many sessions step together in ``feed_batch``."""
+        if tools is not None and (isinstance(tools, (str, bytes, dict)) or not isinstance(tools, (list, tuple))):
+            raise TypeError(f"tools must be a list of tool schemas or None, got {type(tools).__name__}")
+        thr = None if threshold is None else check_threshold(threshold, self._default_threshold)
+        self._check_open()
+        return TrajectorySession(self, tools, thr)
+
+    def feed_batch(self, sessions: Sequence[TrajectorySession], appended: Sequence[list]) -> list:
+        """Append ``appended[i]`` (a list of messages) to ``sessions[i]`` and score every run,
+        stepping them together (groups under the runner's limits). Every argument is checked
+        first: a rejected call changes no session. If an engine call fails, sessions of the
+        groups already run are advanced, the rest untouched, and the error propagates."""
+        if isinstance(sessions, (str, bytes, TrajectorySession)) or not hasattr(sessions, "__iter__"):
+            raise TypeError(f"sessions must be a list of trajectory sessions, got {type(sessions).__name__}")
+        sessions, appended = list(sessions), list(appended)
+        if len(sessions) != len(appended):
+            raise ValueError(f"got {len(sessions)} sessions and {len(appended)} lists of messages")
+        seen = set()
+        prepared = []
+        for i, (session, messages) in enumerate(zip(sessions, appended)):
+            if not isinstance(session, TrajectorySession) or session.guard is not self:
+                raise ValueError(f"sessions[{i}] is not a trajectory session of this guard")
+            if id(session) in seen:
+                raise ValueError(f"sessions[{i}] appears twice in one feed_batch")
+            seen.add(id(session))
+            if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)):
+                raise TypeError(f"appended[{i}] must be a list of messages, got {type(messages).__name__}")
+            prepared.append(session._prepare(list(messages)))
+        self._check_open()
+        results: list = [None] * len(sessions)
+        if self._incremental is None:         # no step graph: each run rescored whole
+            scores = self.score_token_ids([ids for _, ids in prepared])
+            for i, (session, (messages, _)) in enumerate(zip(sessions, prepared)):
+                results[i] = session._commit(messages, None, float(scores[i]))
+            return results
+
+        def commit(i: int, score: float, state) -> None:
+            results[i] = sessions[i]._commit(prepared[i][0], state, score)
+        self._incremental.advance_many([(s._held.state, as_tokens(ids)) for s, (_, ids) in zip(sessions, prepared)],
+                                       commit)
+        return results
 
     def __call__(self, *args, **kwargs) -> ScoreResult:
         return self.score_trajectory(*args, **kwargs)
@@ -216,9 +311,16 @@ class AgentSirenGuard:
         return self._encoder.ids(self.render(trajectory))
 
     # -- internals ----------------------------------------------------------------------
-    def _score(self, trajectories: list, threshold: float) -> list:
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this AgentSirenGuard is closed")
+
+    def _ids_of(self, trajectory: Trajectory) -> list:
+        """Rendered, tokenized and truncated: every input check a score makes."""
+        return self._encoder.ids(self._encoder.render(trajectory))
+
+    def _score(self, trajectories: list, threshold: float) -> list:
+        self._check_open()
         if not trajectories:
             return []
         id_lists = [self._encoder.ids(self._encoder.render(t)) for t in trajectories]   # every check first
@@ -253,4 +355,4 @@ class AgentSirenGuard:
         return scores
 
 
-__all__ = ["AgentSirenGuard", "TrajectoryEncoder"]
+__all__ = ["AgentSirenGuard", "TrajectoryEncoder", "TrajectorySession"]

@@ -591,8 +591,12 @@ def read_bundle(bundle_dir) -> Bundle:
     engines = _read_engines(f, bundle_dir, manifest, files)
     prefix_head = _read_prefix_head(f, bundle_dir, manifest, files, model, streaming, tokenizer)
     guard = _read_guard(f, bundle_dir, manifest, files, model, tokenizer)
-    if guard.kind == "trajectory" and (streaming is not None or prefix_head is not None):
-        f.fail("guard.kind", "is 'trajectory', but the manifest has a content guard's step graph or prefix head")
+    if guard.kind == "trajectory" and prefix_head is not None:
+        f.fail("guard.kind", "is 'trajectory', but the manifest has a content guard's prefix head")
+    if guard.kind == "trajectory" and streaming is not None and streaming.feature_dim != 1:
+        # a trajectory step graph carries one value per token, the readout's logit
+        f.fail("streaming.feature_dim", f"is {streaming.feature_dim}; a trajectory guard's step graph has 1 "
+                                        "(the readout's logit per token)")
     return Bundle(directory=bundle_dir, format_version=version, inference=spec, model=model,
                   tokenizer_path=tokenizer, streaming=streaming, files=files, engines=engines,
                   manifest=manifest, requires=_read_requires(f, manifest), prefix_head=prefix_head,

@@ -235,6 +235,82 @@ def test_bad_input_is_a_clear_error(qwen_guard):
     assert 0.0 <= qwen_guard.score_trajectory(messages=[{"role": "user", "content": "still fine"}]).score <= 1.0
 
 
+# -- turn by turn: sessions and the drop-in cache run only the new ids -------------------------
+
+def _appended_one_by_one(guard, reference, messages, tools):
+    """Append each message to a session; every verdict equals llm-siren's on that prefix, and
+    each append ran exactly the ids after the common prefix with what the session held."""
+    from siren_runtime.streaming import common_prefix
+    session = guard.session(tools=tools)
+    previous, ran = (), []
+    for end in range(1, len(messages) + 1):
+        result = session.append(messages[end - 1])
+        want = reference.score_streaming(messages[:end], tools).score
+        assert abs(result.score - want) <= TOL, (end, messages[end - 1])
+        ids = tuple(guard.token_ids({"messages": messages[:end], "tools": tools}))
+        state = session._held.state
+        assert state.ids == ids and state.start == min(common_prefix(previous, ids), len(ids) - 1)
+        ran.append(len(ids) - state.start)
+        previous = ids
+    assert session.messages == messages and session.result.score == result.score
+    return ran
+
+
+@pytest.mark.parametrize("backbone", ["qwen", "llama"])
+def test_sessions_append_turn_by_turn_equal_llm_siren(backbone, request):
+    from siren_runtime import AgentSirenGuard
+    bundle, reference = request.getfixturevalue(backbone)
+    with AgentSirenGuard.from_pretrained(bundle, device="cpu") as guard:
+        assert guard.incremental_streaming
+        for index, (messages, tools) in enumerate(trajectories()):
+            ran = _appended_one_by_one(guard, reference, messages, tools)
+            if index == len(trajectories()) - 1:        # over budget: a turn runs at most the kept tail
+                assert max(ran[1:]) <= guard.max_length - guard.max_length // 2
+
+
+def test_many_sessions_step_together(qwen, qwen_guard):
+    _, reference = qwen
+    runs = trajectories()
+    sessions = [qwen_guard.session(tools=t) for _, t in runs]
+    calls = []
+    runner = qwen_guard._incremental.runner
+    step = runner.step
+    runner.step = lambda rows: calls.append(len(rows)) or step(rows)
+    try:
+        for turn in range(max(len(m) for m, _ in runs)):
+            live = [(s, m) for s, (m, _) in zip(sessions, runs) if turn < len(m)]
+            results = qwen_guard.feed_batch([s for s, _ in live], [[m[turn]] for _, m in live])
+            for (session, messages), result in zip(live, results):
+                tools = runs[sessions.index(session)][1]
+                assert abs(result.score - reference.score_streaming(messages[:turn + 1], tools).score) <= TOL
+    finally:
+        runner.step = step
+    assert max(calls) > 1          # rows of several runs in one engine call
+
+
+def test_a_refused_append_changes_nothing(qwen, qwen_guard):
+    _, reference = qwen
+    messages, tools = trajectories()[0]
+    session = qwen_guard.session(tools=tools)
+    session.append(*messages[:2])
+    before = (session.messages, session.result, session._held.state)
+    bad = [("unknown role", ({"role": "robot", "content": "x"},), ValueError, "unknown message role"),
+           ("a string", ("hello",), TypeError, "must be"),
+           ("content type", ({"role": "user", "content": 5},), TypeError, "content must be"),
+           ("lone surrogate", ({"role": "user", "content": "\ud800"},), ValueError, "surrogate")]
+    for name, appended, kind, message in bad:
+        with pytest.raises(kind, match=message):
+            session.append(*appended)
+        assert (session.messages, session.result, session._held.state) == before, name
+    with pytest.raises(TypeError):
+        qwen_guard.feed_batch([session], ["not a list"])
+    with pytest.raises(ValueError, match="appears twice"):
+        qwen_guard.feed_batch([session, session], [[messages[2]], [messages[2]]])
+    assert (session.messages, session.result, session._held.state) == before
+    result = session.append(*messages[2:])
+    assert abs(result.score - reference.score_streaming(messages, tools).score) <= TOL
+
+
 def test_the_agent_guard_is_torch_free(qwen):
     from siren_guard import from_openai
     _, reference = qwen
@@ -244,10 +320,13 @@ def test_the_agent_guard_is_torch_free(qwen):
         "import json\nfrom siren_runtime import load_guard\n"
         f"guard = load_guard({str(qwen[0])!r}, device='cpu')\n"
         f"run = json.loads({json.dumps(json.dumps({'messages': messages, 'tools': tools}))})\n"
-        "print(guard(messages=run['messages'], tools=run['tools']).score)\n")
+        "print(guard(messages=run['messages'], tools=run['tools']).score)\n"
+        "session = guard.session(tools=run['tools'])\n"
+        "print(session.append(*run['messages']).score, guard.incremental_streaming)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert abs(float(out.stdout.strip().splitlines()[-1]) - want) <= TOL
+    whole, (streamed, incremental) = out.stdout.strip().splitlines()[-2:][0], out.stdout.strip().splitlines()[-1].split()
+    assert abs(float(whole) - want) <= TOL and abs(float(streamed) - want) <= TOL and incremental == "True"
 
 
 def test_export_refuses_other_contracts_by_name(tmp_path, qwen):

@@ -163,3 +163,80 @@ def test_device_streams_equal_llm_siren_on_every_copy_path(all_layers, monkeypat
     assert standin.gpu.live_bytes() == 0 and not standin.gpu.pinned and standin.gpu.streams == set()
     batched = standin.gpu.calls["cudaMemcpyBatchAsync"]
     assert (batched > 0) == knobs.get("batch_copy", True)
+
+
+def _bf16_cast_step_graph(path, layers: int, heads: int, head_dim: int, features: int) -> None:
+    """A step graph of STEP_IO's signature that only moves a bf16 KV cache: each new token's
+    keys/values are its id (cast to bf16), the score is the sum of the past it was handed
+    (cast back to fp32). ONNX Runtime's CPU provider runs Cast on bf16, not the real graph."""
+    import onnx
+    from onnx import TensorProto, helper
+    ones = helper.make_tensor("ones", TensorProto.FLOAT, [layers, 2, 1, heads, 1, head_dim],
+                              [1.0] * (layers * 2 * heads * head_dim))
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["ids_f", "kv_axes"], ["ids_kv"]),           # [1, 1, B, 1, new, 1]
+        helper.make_node("Mul", ["ids_kv", "ones"], ["new_f"]),
+        helper.make_node("Cast", ["new_f"], ["new_kv"], to=TensorProto.BFLOAT16),
+        helper.make_node("Cast", ["past_kv"], ["past_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["past_f", "sum_axes"], ["score"], keepdims=0),
+        helper.make_node("Unsqueeze", ["ids_f", "two"], ["ids_col"]),             # [B, new, 1]
+        helper.make_node("Mul", ["ids_col", "zero"], ["zeros"]),
+        helper.make_node("Unsqueeze", ["past_sums", "one"], ["sums_row"]),        # [B, 1, F]
+        helper.make_node("Add", ["sums_row", "zeros"], ["sums"]),
+    ]
+    consts = [ones, helper.make_tensor("kv_axes", TensorProto.INT64, [4], [0, 1, 3, 5]),
+              helper.make_tensor("sum_axes", TensorProto.INT64, [5], [0, 1, 3, 4, 5]),
+              helper.make_tensor("two", TensorProto.INT64, [1], [2]), helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]
+    graph = helper.make_graph(nodes, "bf16_kv", [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new"]),
+        helper.make_tensor_value_info("new_lengths", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("past_lengths", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("past_kv", TensorProto.BFLOAT16, [layers, 2, "batch", heads, "past", head_dim]),
+        helper.make_tensor_value_info("past_sums", TensorProto.FLOAT, ["batch", features])], [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info("new_kv", TensorProto.BFLOAT16, [layers, 2, "batch", heads, "new", head_dim]),
+        helper.make_tensor_value_info("sums", TensorProto.FLOAT, ["batch", "new", features])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def test_bf16_kv_streams_through_onnxruntime_io_binding(tmp_path, monkeypatch):
+    """A bf16 KV cache is bound by ONNX element type (onnxruntime >= 1.20): each stream's past,
+    gathered from device memory as 2-byte elements, is exactly the ids it was fed."""
+    from trt_standin import StandIn
+    from siren_runtime.backends.base import StepRow
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, bind_type, open_session
+    from siren_runtime.bundle import STEP_IO, GraphSpec, StreamingSpec
+    layers, heads, head_dim, features = 3, 2, 4, 2
+    _bf16_cast_step_graph(tmp_path / "step.onnx", layers, heads, head_dim, features)
+    spec = StreamingSpec(graph=GraphSpec(path="step.onnx", external_data=None, dtype="bf16", io=STEP_IO),
+                         kv_layers=layers, kv_heads=heads, head_dim=head_dim, kv_dtype="bf16", feature_dim=features)
+    assert bind_type("bf16") == 16
+    standin = StandIn().install(monkeypatch)
+    session = open_session(tmp_path / "step.onnx", "cpu", spinning=False)
+    runner = OnnxRuntimeDeviceStepRunner(session, spec, 64, standin.cudart, memory="cpu", max_batch=8)
+    fed = [[3, 5], [7], [11, 13, 17]]
+    states = [runner.new_state() for _ in fed]
+    sums = np.zeros(features, np.float32)
+    runner.step([StepRow(s, 0, ids, sums) for s, ids in zip(states, fed)])
+    more = [[19], [23, 29], [31]]
+    out = runner.step([StepRow(s, len(ids), extra, sums) for s, ids, extra in zip(states, fed, more)])
+    per_token = layers * 2 * heads * head_dim
+    assert [o.score for o in out] == [float(sum(ids) * per_token) for ids in fed]
+    out = runner.step([StepRow(s, len(a) + len(b), [2], sums) for s, a, b in zip(states, fed, more)])
+    assert [o.score for o in out] == [float((sum(a) + sum(b)) * per_token) for a, b in zip(fed, more)]
+    runner.close()
+    assert standin.gpu.live_bytes() == 0
+
+
+def test_bf16_binding_is_refused_by_name_before_onnxruntime_1_20(monkeypatch):
+    import onnxruntime
+    from siren_runtime.backends.onnxruntime_runner import bind_type
+    from siren_runtime.errors import BackendUnavailableError
+    monkeypatch.setattr(onnxruntime, "__version__", "1.19.2")
+    with pytest.raises(BackendUnavailableError, match=r"onnxruntime 1\.20 added \(installed: 1\.19\.2\)"):
+        bind_type("bf16")
+    assert bind_type("fp16") is np.float16

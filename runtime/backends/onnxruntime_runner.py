@@ -382,12 +382,9 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
         problem = _signature_error(session, STEP_IO, "the streaming step graph")
         if problem:
             raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
-        if spec.kv_dtype not in _NUMPY_KV:
-            raise BackendUnavailableError(f"ONNX Runtime's IO binding takes numpy element types; a {spec.kv_dtype} "
-                                          "KV cache streams on TensorRT")
+        kv = bind_type(spec.kv_dtype)
         self._session = session
         self._memory = memory
-        kv = _NUMPY_KV[spec.kv_dtype]
         self._types = {"input_ids": np.int64, "new_lengths": np.int64, "past_lengths": np.int64, "past_kv": kv,
                        "past_sums": np.float32, "score": np.float32, "new_kv": kv, "sums": np.float32}
         super().__init__(rt, spec, max_length, max_batch)
@@ -404,6 +401,29 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
     def _release_engine(self) -> None:
         self._session = None
         self.buffers = ()
+
+
+#: ONNX's element type number for bfloat16 (onnx.TensorProto.BFLOAT16), which IO binding takes
+#: from onnxruntime 1.20 on where numpy has no bf16 type
+_ONNX_BFLOAT16 = 16
+BF16_BINDING_SINCE = (1, 20)
+
+
+def bind_type(kv_dtype: str):
+    """The element type IO binding takes for a KV cache: a numpy type, or for bf16 ONNX's
+    type number (onnxruntime >= 1.20; older releases refused by name)."""
+    if kv_dtype in _NUMPY_KV:
+        return _NUMPY_KV[kv_dtype]
+    if kv_dtype != "bf16":
+        raise BackendUnavailableError(f"ONNX Runtime cannot bind a {kv_dtype} KV cache")
+    ort = _import_ort()
+    have = parse_version(ort.__version__)
+    if have is not None and have < BF16_BINDING_SINCE:
+        raise BackendUnavailableError(
+            f"a bf16 KV cache is bound by ONNX element type, which onnxruntime "
+            f"{'.'.join(map(str, BF16_BINDING_SINCE))} added (installed: {ort.__version__}); upgrade onnxruntime-gpu "
+            "or stream this bundle on TensorRT")
+    return _ONNX_BFLOAT16
 
 
 def check_version(bundle: Bundle) -> None:
@@ -445,7 +465,7 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
     # A step runs a handful of tokens: thread-pool spinning costs more than it saves.
     session, buffers, coding = open_bundle_session(bundle, bundle.streaming.graph, device, intra_op_threads,
                                                    spinning=False, prepack_weights=prepack_weights)
-    if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in _NUMPY_KV:
+    if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in (*_NUMPY_KV, "bf16"):
         try:
             runner = OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
         except CudaError as e:

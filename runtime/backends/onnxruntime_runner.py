@@ -290,20 +290,14 @@ class OnnxRuntimeStepRunner(_Closable):
             np.zeros((batch, s.feature_dim), dtype=np.float32)))), self._run_options)
         return np.asarray(score, dtype=np.float32).reshape(-1)
 
-    def score_in_pieces(self, input_ids: np.ndarray, attention_mask: np.ndarray, piece: int) -> np.ndarray:
-        """score_whole's scores, computed `piece` tokens at a time through stream states of
-        this call's own (each row's running sums carried from one piece to the next)."""
+    def score_in_pieces(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """score_whole's scores for texts longer than a piece: through stream states of this
+        call's own, so step() runs them WHOLE_TEXT_PIECE tokens at a time."""
         lengths = np.asarray(attention_mask, dtype=np.int64).sum(axis=1).tolist()
-        states = [self.new_state() for _ in lengths]
-        sums = [np.zeros(self._spec.feature_dim, dtype=np.float32) for _ in lengths]
-        scores = np.zeros(len(lengths), dtype=np.float32)
-        for start in range(0, max(lengths), piece):
-            live = [b for b, n in enumerate(lengths) if n > start]
-            outputs = self.step([StepRow(states[b], start, input_ids[b, start:min(lengths[b], start + piece)].tolist(),
-                                         sums[b]) for b in live])
-            for b, out in zip(live, outputs):
-                sums[b], scores[b] = out.sums[-1], out.score
-        return scores
+        zeros = np.zeros(self._spec.feature_dim, dtype=np.float32)
+        outputs = self.step([StepRow(self.new_state(), 0, input_ids[b, :n].tolist(), zeros)
+                             for b, n in enumerate(lengths)])
+        return np.asarray([out.score for out in outputs], dtype=np.float32)
 
     def _empty(self, capacity: int) -> np.ndarray:
         s = self._spec
@@ -323,6 +317,33 @@ class OnnxRuntimeStepRunner(_Closable):
         if not rows:
             return []
         check_rows(self, rows, HostKVState, self._max_length)
+        if max(len(row.new_ids) for row in rows) <= WHOLE_TEXT_PIECE:
+            return self._step_once(session, rows)
+        return self._step_in_pieces(session, rows)
+
+    def _step_in_pieces(self, session, rows: Sequence[StepRow]) -> list[StepOutput]:
+        """Rows with many new tokens (a long first feed, a whole text) run WHOLE_TEXT_PIECE
+        tokens at a time, each piece a step over the ones before: attention costs piece x past,
+        not length x length. A failure leaves every row's state at its resume point (its prefix
+        intact), as a failed single step does."""
+        resumes = [row.resume for row in rows]
+        scores, pieces, sums = [0.0] * len(rows), [[] for _ in rows], [row.past_sums for row in rows]
+        try:
+            for start in range(0, max(len(row.new_ids) for row in rows), WHOLE_TEXT_PIECE):
+                live = [i for i, row in enumerate(rows) if len(row.new_ids) > start]
+                outputs = self._step_once(session, [
+                    StepRow(rows[i].state, rows[i].resume + start, rows[i].new_ids[start:start + WHOLE_TEXT_PIECE],
+                            sums[i]) for i in live])
+                for i, out in zip(live, outputs):
+                    scores[i], sums[i] = out.score, out.sums[-1]
+                    pieces[i].append(out.sums)
+        except BaseException:
+            for row, resume in zip(rows, resumes):
+                row.state.length = resume
+            raise
+        return [StepOutput(score=score, sums=np.concatenate(parts, axis=0)) for score, parts in zip(scores, pieces)]
+
+    def _step_once(self, session, rows: Sequence[StepRow]) -> list[StepOutput]:
         s = self._spec
         batch = len(rows)
         past = max(row.resume for row in rows)
@@ -347,7 +368,8 @@ class OnnxRuntimeStepRunner(_Closable):
             end = row.resume + len(row.new_ids)
             state = row.state
             if end > state.kv.shape[3]:
-                bigger = self._empty(min(self._max_length, max(end, 2 * state.kv.shape[3], 16)))
+                # doubling, with room past a long first feed (its next step must not copy it all)
+                bigger = self._empty(min(self._max_length, max(end + end // 4, 2 * state.kv.shape[3], 16)))
                 bigger[:, :, :, :row.resume] = state.kv[:, :, :, :row.resume]
                 grown.append(bigger)
             else:
@@ -381,16 +403,16 @@ class StepGraphScoreRunner:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         if input_ids.shape[1] <= WHOLE_TEXT_PIECE:
             return self._step.score_whole(input_ids, attention_mask)
-        return self._step.score_in_pieces(input_ids, attention_mask, WHOLE_TEXT_PIECE)
+        return self._step.score_in_pieces(input_ids, attention_mask)
 
     def close(self) -> None:
         self._step.close()
 
 
-#: whole texts longer than this many tokens are scored on the step graph in pieces of it, each
-#: piece a step over the ones before (chunked prefill): attention then costs piece x past
-#: instead of a full length x length matrix (a 3,900-token trajectory at mid dims: 3.5 s in
-#: pieces of 256, 8.6 s whole; scores within 1e-7)
+#: a step (or a whole text) of more new tokens than this runs in pieces of it, each piece a
+#: step over the ones before (chunked prefill): attention then costs piece x past instead of a
+#: full length x length matrix (a 3,900-token trajectory at mid dims: 3.5 s in pieces of 256,
+#: 8.6 s in one; scores within 1e-7)
 WHOLE_TEXT_PIECE = 256
 
 

@@ -199,4 +199,5 @@ def test_missing_extra_names_the_install(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        'siren export: error: this needs the `torch` package: pip install "siren-deploy[export]"')
+        'siren export: error: this needs the `torch` package: pip install ".[export]" in the siren-deploy '
+        'checkout')

@@ -55,9 +55,11 @@ test: install-test triton-server docs
 	$(PY) -m pytest
 
 # The offline GPU check's kit (benchmarks/gpu_offline): wheels + a tiny bundle, under 60 MiB,
-# for a CUDA box without network. Copy dist/gpu-check there and run `bash run.sh`.
+# for a CUDA box without network (its Python: KIT_PYTHON). Copy dist/gpu-check there and run
+# `bash run.sh`.
+KIT_PYTHON ?= 3.12
 gpu-kit: install-test
-	$(PY) benchmarks/gpu_offline/make_kit.py -o dist/gpu-check
+	$(PY) benchmarks/gpu_offline/make_kit.py -o dist/gpu-check --python $(KIT_PYTHON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .cache demo site

@@ -23,8 +23,9 @@ BOX = ("torch", "transformers", "huggingface_hub", "safetensors", "numpy")
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-kit") / "kit"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offline" / "make_kit.py"), "-o", str(out)],
-                          capture_output=True, text=True, timeout=1200)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"          # the only Python this machine has
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offline" / "make_kit.py"), "-o", str(out),
+                           "--python", here], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-2500:]
     return out, proc.stdout
 
@@ -74,11 +75,24 @@ def test_kit_is_small_and_complete(kit):
     assert "MiB" in said
 
 
+def box_python(tmp_path: Path) -> Path:
+    """The GPU box's python3 as it is there: itself a virtual environment, torch and the rest
+    installed in it (here: its site-packages points at this environment's copies)."""
+    import venv
+    root = tmp_path / "box-venv"
+    venv.EnvBuilder(with_pip=True).create(root)
+    python = root / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "box_packages.pth").write_text(str(torch_box(tmp_path / "box")) + "\n")
+    return python
+
+
 def test_cpu_substitute_runs_end_to_end_from_the_kit_alone(kit, tmp_path):
     folder, _ = kit
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
-    env.update(PYTHONPATH=str(torch_box(tmp_path / "box")), PYTHON=sys._base_executable,
-               SIREN_CHECK_VENV=str(tmp_path / "venv"), PIP_NO_INDEX="1", HF_HUB_OFFLINE="1")
+    python = box_python(tmp_path)
+    env.update(PYTHON=str(python), SIREN_CHECK_SITE=str(tmp_path / "site"), PIP_NO_INDEX="1", HF_HUB_OFFLINE="1")
     out = tmp_path / "result.json"
     proc = subprocess.run(["bash", str(folder / "run.sh"), "--cpu-substitute", "--json", str(out)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
@@ -95,11 +109,30 @@ def test_cpu_substitute_runs_end_to_end_from_the_kit_alone(kit, tmp_path):
     trt = result["tensorrt"]          # the stand-in's TensorRT: built, gated, timed
     assert trt["ran"] and trt["passed"] and trt["engines"] == ["model", "streaming"] and len(trt["rows"]) == 3
     assert result["passed"] and "| 64 streams, 6 feeds |" in proc.stdout and "PASS in" in proc.stdout
-    # installed from the kit, not from this checkout
-    import_path = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c",
-                                  "import siren_runtime; print(siren_runtime.__file__)"],
-                                 env=env, capture_output=True, text=True, cwd=tmp_path).stdout
-    assert str(tmp_path / "venv") in import_path
+    # installed from the kit, beside the box's packages: not from this checkout, not over the box
+    import_path = subprocess.run([str(python), "-c", "import siren_runtime, torch; print(siren_runtime.__file__); "
+                                  "print(torch.__file__)"], env={**env, "PYTHONPATH": str(tmp_path / "site")},
+                                 capture_output=True, text=True, cwd=tmp_path).stdout.splitlines()
+    assert import_path[0].startswith(str(tmp_path / "site")) and not import_path[1].startswith(str(tmp_path / "site"))
+
+
+def test_the_default_kit_is_for_the_boxs_python_312(tmp_path):
+    """`make gpu-kit` builds for Python 3.12 (the box we are lent), from a 3.11 machine: every
+    wheel installs on CPython 3.12 manylinux x86_64, and what the box has is left out by name
+    (this machine's torch is a +cpu build that does not exist for the box)."""
+    out = tmp_path / "kit"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_offline" / "make_kit.py"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-2500:]
+    recorded = json.loads((out / "kit.json").read_text())
+    assert recorded["python"] == "3.12" and {"torch", "numpy", "transformers"} <= set(recorded["left_out"])
+    for wheel in (out / "wheels").iterdir():
+        python_tag, abi_tag, platform = wheel.name[:-len(".whl")].split("-")[-3:]
+        pythons = python_tag.split(".")
+        assert "py3" in pythons or "cp312" in pythons or (abi_tag == "abi3" and any(
+            p.startswith("cp3") and int(p[3:]) <= 12 for p in pythons)), wheel.name
+        assert platform == "any" or ("manylinux" in platform and platform.endswith("x86_64")), wheel.name
+    assert "Python 3.12" in proc.stdout
 
 
 def test_without_a_gpu_it_refuses_clearly(kit):

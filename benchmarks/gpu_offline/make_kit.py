@@ -1,14 +1,15 @@
 """Make the offline GPU check kit: one folder to copy to a CUDA box that has torch+CUDA (and
 cuda-bindings) but no network, no TensorRT and no onnxruntime-gpu.
 
-    python benchmarks/gpu_offline/make_kit.py [-o dist/gpu-check] [--python 3.11]     (make gpu-kit)
+    python benchmarks/gpu_offline/make_kit.py [-o dist/gpu-check] [--python 3.12]     (make gpu-kit)
 
 The kit holds the wheels such a box lacks (this project, ONNX Runtime's CPU wheel, tokenizers,
-llm-siren and their small dependencies, for one Python version), a tiny random-weight
-streaming bundle, check.py, run.sh and the CPU stand-in for cuda-bindings (for
---cpu-substitute). What an ML image with torch already has is left out: torch, transformers,
-huggingface_hub, safetensors, numpy and what they pull in (run.sh checks they import). It must
-stay under 60 MiB; the size is printed.
+llm-siren and their small dependencies, for one Python version: the box's, 3.12 by default,
+whatever this machine runs), a tiny random-weight streaming bundle, check.py, run.sh and the CPU
+stand-in for cuda-bindings (for --cpu-substitute). What an ML image with torch already has is
+left out **by name**, whatever versions the box has: torch, transformers, huggingface_hub,
+safetensors, numpy and what they pull in (run.sh checks they import). It must stay under 60 MiB;
+the size is printed.
 On the box: `bash run.sh` (see check.py for what it checks).
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LIMIT_MIB = 60
+#: the Python of the GPU box the kit is made for (its python3 is a virtual environment with torch)
+BOX_PYTHON = "3.12"
 #: what the kit installs, pinned to the versions this checkout is tested with
 WANTED = ("onnxruntime", "tokenizers", "llm-siren")
 #: what an ML image with torch has (these and what they pull in are left out of the kit)
@@ -55,7 +58,8 @@ def dependency_wheels(wheels: Path, python: str) -> tuple[list[str], list[str]]:
     """Download the wheels of WANTED and their dependencies, less what the box has;
     returns (kept, left out)."""
     wanted = resolve([f"{name}=={metadata.version(name)}" for name in WANTED], python)
-    box = set(resolve([f"{name}=={metadata.version(name)}" for name in ON_THE_BOX], python))
+    # by name: this machine's builds (e.g. torch's +cpu) need not exist for the box's Python
+    box = set(resolve(list(ON_THE_BOX), python))
     box -= {_norm(name) for name in WANTED}
     keep = sorted(f"{n}=={v}" for n, v in wanted.items() if n not in box and not n.startswith("nvidia-"))
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels),
@@ -80,8 +84,8 @@ def size_mib(folder: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default=str(ROOT / "dist" / "gpu-check"))
-    parser.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}",
-                        help="the box's Python (default: this one's)")
+    parser.add_argument("--python", default=BOX_PYTHON,
+                        help=f"the box's Python, MAJOR.MINOR (default {BOX_PYTHON}, the GPU box we are lent)")
     args = parser.parse_args()
     kit = Path(args.out)
     if kit.exists():

@@ -2,13 +2,15 @@
 # The offline GPU check, from its kit (make gpu-kit), on a box with torch+CUDA, cuda-bindings,
 # transformers and numpy (an ML image) but no network:
 #   bash run.sh [--cpu-substitute] [--full] [--json OUT]
-# Makes a virtual environment that sees the box's own packages (torch stays the box's),
-# installs only from the kit's wheels (never the network), and runs check.py.
+# Installs the kit's wheels beside what the box has, never over it and never in a nested
+# environment: `pip install --target` into the kit's own folder, put first on PYTHONPATH for
+# check.py alone (on such boxes python3 is often itself a virtual environment holding torch; a
+# venv made from it would not see torch). Nothing comes from the network (--no-index).
 # PYTHON picks the interpreter (default python3; the kit's wheels are for kit.json's Python).
 set -euo pipefail
 KIT="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-python3}"
-VENV="${SIREN_CHECK_VENV:-$KIT/.venv}"
+SITE="${SIREN_CHECK_SITE:-$KIT/site}"
 want="$(sed -n 's/.*"python": "\([0-9.]*\)".*/\1/p' "$KIT/kit.json")"
 have="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 if [[ "$want" != "$have" ]]; then
@@ -18,7 +20,11 @@ fi
 "$PY" -c 'import torch, numpy, transformers, safetensors' 2>/dev/null || {
   echo "run.sh: this check needs torch, numpy, transformers and safetensors on the box ($PY cannot import them all)" >&2
   exit 2; }
-"$PY" -m venv --system-site-packages "$VENV"
-"$VENV/bin/python" -m pip install --quiet --no-index --find-links "$KIT/wheels" \
-  siren-deploy onnxruntime tokenizers llm-siren
-exec "$VENV/bin/python" "$KIT/check.py" --kit "$KIT" "$@"
+if [[ ! -f "$SITE/.installed" ]]; then
+  rm -rf "$SITE"
+  "$PY" -m pip install --quiet --quiet --no-index --no-deps --disable-pip-version-check --target "$SITE" \
+    "$KIT"/wheels/*.whl
+  touch "$SITE/.installed"
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" "$KIT/check.py" --kit "$KIT" "$@"

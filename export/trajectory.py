@@ -105,11 +105,12 @@ def load_trajectory_artifact(source: str, cache_dir: Optional[str] = None,
                                            WEIGHTS_NAME: sha256_file(Path(weights_path))})
 
 
-def trajectory_scorer(backbone, artifact: TrajectoryArtifact):
-    """The torch module the graph is traced from: ids + mask -> (score, logit)."""
+def trajectory_scorer(backbone, artifact: TrajectoryArtifact, step: bool = False):
+    """The torch module the graph is traced from: ids + mask -> (score, logit); step: the
+    step graph's (see trajectory_step_scorer)."""
     import torch
     from torch import nn
-    from .decoder import run_layer
+    from .decoder import TokenPacking, run_layer
 
     class TrajectoryScorer(nn.Module):
         def __init__(self):
@@ -138,29 +139,8 @@ def trajectory_scorer(backbone, artifact: TrajectoryArtifact):
             # two copies of the rows: never a one-row GEMM (ONNX Runtime's GEMV adds in another order)
             logit = (torch.cat([state, state]) @ self.head_weight)[:rows] + self.head_bias
             return torch.sigmoid(logit[:, 0]), logit
-    return TrajectoryScorer().eval()
 
-
-def trajectory_step_scorer(backbone, artifact: TrajectoryArtifact):
-    """The step graph's torch module (names and shapes: siren_runtime.bundle.STEP_IO): each
-    stream's new tokens after its past, through the kept blocks, packed to the real tokens
-    (decoder.TokenPacking). Per new token it returns the readout's logit (the `sums` output,
-    one feature), so a stream resumed at any token has that prefix's verdict at hand; the
-    score is the sigmoid of the last real token's logit (a row without new tokens keeps its
-    past logit, `past_sums`)."""
-    import torch
-    from torch import nn
-    from .decoder import TokenPacking, run_layer
-
-    class TrajectoryStepScorer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed_tokens = backbone.embed_tokens
-            self.rotary_emb = backbone.rotary_emb
-            self.layers = backbone.layers
-            self.register_buffer("head_weight", artifact.weight.reshape(-1, 1).clone())
-            self.head_bias = artifact.bias
-
+    class TrajectoryStepScorer(TrajectoryScorer):
         def forward(self, input_ids, new_lengths, past_lengths, past_kv, past_sums):
             batch, new = input_ids.shape
             past = past_kv.shape[4]
@@ -185,7 +165,17 @@ def trajectory_step_scorer(backbone, artifact: TrajectoryArtifact):
             last = (new_lengths - 1).clamp(min=0)[:, None, None]
             final = torch.where(new_lengths[:, None] > 0, logits.gather(1, last)[:, 0, :], past_sums)
             return torch.sigmoid(final[:, 0]), torch.stack(presents), logits
-    return TrajectoryStepScorer().eval()
+    return (TrajectoryStepScorer if step else TrajectoryScorer)().eval()
+
+
+def trajectory_step_scorer(backbone, artifact: TrajectoryArtifact):
+    """The step graph's torch module (names and shapes: siren_runtime.bundle.STEP_IO): each
+    stream's new tokens after its past, through the kept blocks, packed to the real tokens
+    (decoder.TokenPacking). Per new token it returns the readout's logit (the `sums` output,
+    one feature), so a stream resumed at any token has that prefix's verdict at hand; the
+    score is the sigmoid of the last real token's logit (a row without new tokens keeps its
+    past logit, `past_sums`)."""
+    return trajectory_scorer(backbone, artifact, step=True)
 
 
 def check_step_graph(path: Path, id_lists: list, expected: list, spec: dict, tolerance: float) -> dict:

@@ -205,14 +205,9 @@ class AgentSirenGuard:
     def score_trajectory(self, trajectory: Any = None, *, messages: Optional[list] = None,
                          tools: Optional[list] = None, threshold: Optional[float] = None) -> ScoreResult:
         """Score one trajectory: a ``Trajectory``, or ``messages=`` (and ``tools=``)."""
-        if trajectory is not None and messages is not None:
-            raise ValueError("Pass either `trajectory` or `messages`, not both.")
-        if trajectory is None:
-            if messages is None:
-                raise ValueError("Provide `trajectory` or `messages`.")
-            trajectory = from_openai(messages, tools)
+        trajectory = _one_trajectory(trajectory, messages, tools)
         thr = check_threshold(threshold, self._default_threshold)
-        return self._score([as_trajectory(trajectory)], thr)[0]
+        return self._score([trajectory], thr)[0]
 
     def score_batch(self, trajectories: Sequence[Any], threshold: Optional[float] = None) -> list:
         """Score several trajectories (padded groups); results in the caller's order."""
@@ -230,14 +225,9 @@ class AgentSirenGuard:
         the whole trajectory is scored, as llm-siren does."""
         if self._incremental is None:
             return self.score_trajectory(trajectory, messages=messages, tools=tools, threshold=threshold)
-        if trajectory is not None and messages is not None:
-            raise ValueError("Pass either `trajectory` or `messages`, not both.")
-        if trajectory is None:
-            if messages is None:
-                raise ValueError("Provide `trajectory` or `messages`.")
-            trajectory = from_openai(messages, tools)
+        trajectory = _one_trajectory(trajectory, messages, tools)
         thr = check_threshold(threshold, self._default_threshold)
-        tokens = as_tokens(self._ids_of(as_trajectory(trajectory)))
+        tokens = as_tokens(self._ids_of(trajectory))
         self._check_open()
         cached, extends = self._stream_cache.checkout(tokens.text)
         new_state = None
@@ -353,6 +343,18 @@ class AgentSirenGuard:
             while len(self._recent) > STREAM_CACHE_SIZE:
                 self._recent.popitem(last=False)
         return scores
+
+
+def _one_trajectory(trajectory: Any, messages: Optional[list], tools: Optional[list]) -> Trajectory:
+    """A ``Trajectory``, or ``messages`` (and ``tools``) in OpenAI's shape: llm-siren's two
+    ways to name one run, and its refusals."""
+    if trajectory is not None and messages is not None:
+        raise ValueError("Pass either `trajectory` or `messages`, not both.")
+    if trajectory is None:
+        if messages is None:
+            raise ValueError("Provide `trajectory` or `messages`.")
+        trajectory = from_openai(messages, tools)
+    return as_trajectory(trajectory)
 
 
 __all__ = ["AgentSirenGuard", "TrajectoryEncoder", "TrajectorySession"]

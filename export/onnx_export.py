@@ -154,6 +154,32 @@ def _digest(f, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
+#: the graphs' file names in a bundle (the exporters of both guard kinds write these)
+MODEL_FILE = "model.onnx"
+STEP_FILE = "step.onnx"
+
+
+def export_shared_step(module, staging: Path, kv: dict, torch_dtype, model_graph: dict, progress=None) -> dict:
+    """The step graph beside the scoring graph, its weights pointed into the scoring graph's
+    weights file (share_weights): the manifest's streaming section, but its parity. A graph
+    that would read from two weights files is refused (the manifest names one per graph)."""
+    import gc
+    from siren_runtime.private_copy import trim_heap
+
+    step_graph = export_step(module, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
+                             kv["feature_dim"], torch_dtype, progress)
+    gc.collect()
+    trim_heap()
+    sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
+    if sharing["shared_bytes"] and sharing["own_bytes"]:
+        raise RuntimeError(f"the step graph shares {sharing['shared_bytes']} bytes of weights with {MODEL_FILE} but "
+                           f"stores {sharing['own_bytes']} of its own (the two graphs traced the weights differently); "
+                           "this is an exporter bug, please report it")
+    if not (staging / (STEP_FILE + ".data")).exists():    # every weight is in the model's file
+        step_graph["external_data"] = model_graph["external_data"] if sharing["shared_bytes"] else None
+    return {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
+
+
 def share_weights(primary: Path, secondary: Path) -> dict:
     """Point `secondary`'s initializers at identical tensors already stored in `primary`'s
     external data file, so the streaming graph does not duplicate the backbone on disk.

@@ -23,7 +23,7 @@ from . import __version__
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, check_against_backbone, load_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config, pad_token_id, save_bare_tokenizer
 from siren_runtime.card import model_card
-from .onnx_export import export_scorer, export_step, share_weights
+from .onnx_export import MODEL_FILE, STEP_FILE, export_scorer, export_shared_step
 from .parity import (activation_peak, check_fp16_range, check_onnx_against_module,
                      check_step_against_module, check_tokenizer, cpu_unrunnable_reason,
                      module_expectations)
@@ -33,8 +33,6 @@ from .scorer import READOUTS, SirenScorer
 from .step_scorer import SirenStepScorer
 from .trajectory import export_trajectory_bundle, is_trajectory_artifact
 
-MODEL_FILE = "model.onnx"
-STEP_FILE = "step.onnx"
 PREFIX_HEAD_FILE = "prefix_head.npz"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -146,19 +144,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
             kv = {"kv_layers": kept, "kv_heads": int(config.num_key_value_heads), "head_dim": int(attn.head_dim),
                   "kv_dtype": dtype, "feature_dim": art.feature_dim}
             import torch
-            step_graph = export_step(step, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
-                                     art.feature_dim, getattr(torch, TORCH_DTYPES[dtype]), progress)
-            gc.collect()
-            trim_heap()
-            sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
-            if sharing["shared_bytes"] and sharing["own_bytes"]:
-                # a graph names one weights file in the manifest: never publish one reading two
-                raise RuntimeError(f"the step graph shares {sharing['shared_bytes']} bytes of weights with "
-                                   f"{MODEL_FILE} but stores {sharing['own_bytes']} of its own (the two graphs "
-                                   "traced the weights differently); this is an exporter bug, please report it")
-            if not (staging / (STEP_FILE + ".data")).exists():    # every weight is in the model's file
-                step_graph["external_data"] = graph["external_data"] if sharing["shared_bytes"] else None
-            streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
+            streaming_meta = export_shared_step(step, staging, kv, getattr(torch, TORCH_DTYPES[dtype]), graph, progress)
+            sharing = streaming_meta["weights"]
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
         progress.start("scoring the calibration texts with the torch module, then freeing it")

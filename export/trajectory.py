@@ -25,11 +25,9 @@ from siren_runtime.private_copy import trim_heap
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, resolve_artifact
 from .backbone import TORCH_DTYPES, load_backbone, load_backbone_config, pad_token_id, save_bare_tokenizer
 from .errors import ArtifactError, ParityError
-from .onnx_export import export_scorer, export_step, share_weights
+from .onnx_export import MODEL_FILE, STEP_FILE, export_scorer, export_shared_step
 from .progress import Progress
 
-MODEL_FILE = "model.onnx"
-STEP_FILE = "step.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 TEMPLATE_FILE = "chat_template.jinja"
 #: fp32 graph vs its torch module on the calibration trajectories
@@ -320,16 +318,9 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
             attn = loaded.model.layers[0].self_attn
             kv = {"kv_layers": art.blocks, "kv_heads": int(config.num_key_value_heads),
                   "head_dim": int(attn.head_dim), "kv_dtype": dtype, "feature_dim": 1}
-            step_graph = export_step(stepper, staging / STEP_FILE, kv["kv_layers"], kv["kv_heads"], kv["head_dim"],
-                                     1, getattr(torch, TORCH_DTYPES[dtype]), progress)
-            gc.collect()
-            trim_heap()
-            sharing = share_weights(staging / MODEL_FILE, staging / STEP_FILE)
-            if sharing["own_bytes"]:
-                raise RuntimeError(f"the step graph stores {sharing['own_bytes']} bytes of weights of its own (the "
-                                   "two graphs traced the weights differently); this is an exporter bug")
-            step_graph["external_data"] = graph["external_data"]
-            streaming_meta = {"path": STEP_FILE, **kv, **step_graph, "weights": sharing}
+            streaming_meta = export_shared_step(stepper, staging, kv, getattr(torch, TORCH_DTYPES[dtype]), graph,
+                                                progress)
+            sharing = streaming_meta["weights"]
             progress.done(f"{sharing['shared_bytes'] / 1e6:.1f} MB of weights shared with {MODEL_FILE}")
 
         progress.start("checking the ONNX graph with ONNX Runtime against the torch module")
@@ -373,7 +364,7 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
         progress.start("writing the manifest")
         files = [MODEL_FILE, graph["external_data"], TOKENIZER_FILE, TEMPLATE_FILE]
         if streaming_meta is not None:
-            files.append(STEP_FILE)
+            files += [f for f in (STEP_FILE, streaming_meta["external_data"]) if f and f not in files]
         for name in files:
             os.chmod(staging / name, 0o644)
         manifest = {

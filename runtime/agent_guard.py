@@ -26,7 +26,7 @@ from .guard import (DEFAULT_MAX_BATCH, DEFAULT_STREAM_CACHE, DEFAULT_STREAM_CACH
                     check_kind, locate_bundle)
 from .render import fold_system, messages_of
 from .result import ScoreResult
-from .streaming import IncrementalScorer, StreamCache, common_prefix
+from .streaming import IncrementalScorer, StreamCache, advance_through_cache
 from .tokenization import pad_right
 from .trajectory import Trajectory, as_trajectory, check_trajectory, from_openai
 from .trajectory_stream import TrajectorySession, as_tokens
@@ -229,19 +229,7 @@ class AgentSirenGuard:
         thr = check_threshold(threshold, self._default_threshold)
         tokens = as_tokens(self._ids_of(trajectory))
         self._check_open()
-        cached, extends = self._stream_cache.checkout(tokens.text)
-        new_state = None
-        try:
-            base = cached
-            if cached is not None and not extends:
-                # another run's entry sharing an opening: copy the shared ids, leave it be
-                keep = min(common_prefix(cached.ids, tokens.ids), len(tokens.ids) - 1)
-                base = self._incremental.fork(cached, keep) if keep > 0 else None
-            score, new_state = self._incremental.advance(base, tokens)
-        finally:
-            if cached is not None and (new_state is None or new_state.kv is not cached.kv):
-                self._stream_cache.store(cached)     # still valid: a failed step changes nothing
-        self._stream_cache.store(new_state)
+        score = advance_through_cache(self._stream_cache, self._incremental, tokens.text, lambda cached: tokens)
         return ScoreResult(score=float(score), is_harmful=bool(float(score) >= thr), threshold=thr)
 
     def session(self, tools: Optional[list] = None, threshold: Optional[float] = None) -> TrajectorySession:

@@ -15,7 +15,7 @@ from .private_copy import trim_heap
 from .prefixes import PrefixHead, PrefixScores, check_sustain, first_sustained, token_spans
 from .result import ScoreResult
 from .streaming import (Fed, IncrementalScorer, PreparedFeed, StreamCache, StreamSession, StreamState,
-                        common_prefix)
+                        advance_through_cache)
 from .text import StreamText, clean_text, clean_text_with_offsets, first_final_cut, join_prompt_response
 from .tokenization import TextEncoder, Tokenized
 from .validation import check_text, check_texts, check_threshold
@@ -273,20 +273,8 @@ class SirenGuard:
         if self._incremental is None:
             return self._score_texts([response_so_far], thr)[0]
         cleaned = clean_text(response_so_far)
-        cached, extends = self._stream_cache.checkout(cleaned)
-        new_state = None
-        try:
-            tokens = self._encoder.tokenize_resuming(cleaned, cached.tokens if cached is not None else None)
-            base = cached
-            if cached is not None and not extends:
-                # another stream's entry sharing an opening: copy the shared tokens, leave it be
-                keep = min(common_prefix(cached.ids, tokens.ids), len(tokens.ids) - 1)
-                base = self._incremental.fork(cached, keep) if keep > 0 else None
-            score, new_state = self._incremental.advance(base, tokens)
-        finally:
-            if cached is not None and (new_state is None or new_state.kv is not cached.kv):
-                self._stream_cache.store(cached)     # still valid: a failed step changes nothing
-        self._stream_cache.store(new_state)
+        score = advance_through_cache(self._stream_cache, self._incremental, cleaned, lambda cached: (
+            self._encoder.tokenize_resuming(cleaned, cached.tokens if cached is not None else None)))
         return self._result(score, thr)
 
     def stream(self, threshold: Optional[float] = None, *, keep_text: bool = True) -> StreamSession:

@@ -128,6 +128,28 @@ class IncrementalScorer:
                                                      tokens=tokens))
 
 
+def advance_through_cache(cache: "StreamCache", scorer: IncrementalScorer, key: str,
+                          tokenize: Callable[[Optional[StreamState]], Tokenized]) -> float:
+    """score_streaming's engine half, for both guards: check out the cached state sharing
+    the longest prefix with `key`, tokenize (knowing that state), run only what is new, and
+    put the states back. A state another stream's entry only shares an opening with is
+    copied, not taken over; a failed step changes no cached state."""
+    cached, extends = cache.checkout(key)
+    new_state = None
+    try:
+        tokens = tokenize(cached)
+        base = cached
+        if cached is not None and not extends:
+            keep = min(common_prefix(cached.ids, tokens.ids), len(tokens.ids) - 1)
+            base = scorer.fork(cached, keep) if keep > 0 else None
+        score, new_state = scorer.advance(base, tokens)
+    finally:
+        if cached is not None and (new_state is None or new_state.kv is not cached.kv):
+            cache.store(cached)
+    cache.store(new_state)
+    return score
+
+
 #: a stream that held this many characters trims the heap when it ends
 _TRIM_AFTER_CHARS = 1 << 20
 

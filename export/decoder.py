@@ -78,6 +78,28 @@ class TokenPacking:
         return full.view(self.batch, self.seq, *rest)
 
 
+def step_inputs(embed_tokens, rotary_emb, input_ids: torch.Tensor, new_lengths: torch.Tensor,
+                past_lengths: torch.Tensor, past: int):
+    """What every step graph starts from (STEP_IO's rows: right-padded new tokens after each
+    row's own past): (packing of the real new tokens, their embeddings [1, N, H], cos/sin
+    [1, N, D] at their positions, the attention mask [B, 1, new, past + new], valid [B, new]).
+    A query sees its row's valid past and the new tokens up to itself (padding rows still see
+    themselves, so no softmax is empty). The embedding's Gather reads input_ids itself (how
+    siren quantize finds the table)."""
+    batch, new = input_ids.shape
+    device = input_ids.device
+    offsets = torch.arange(new, device=device)
+    valid = offsets[None, :] < new_lengths[:, None]                                          # [B, new]
+    packing = TokenPacking(valid)
+    hidden = packing.pack(embed_tokens(input_ids))                                           # [1, N, H]
+    cos, sin = rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))    # [1, N, D]
+    past_keys = torch.arange(past, device=device)[None, :] < past_lengths[:, None]           # [B, P]
+    new_keys = offsets[None, :] <= offsets[:, None]                                           # [new, new]
+    mask = torch.cat([past_keys[:, None, :].expand(batch, new, past),
+                      new_keys[None].expand(batch, new, new)], dim=-1)[:, None]               # [B, 1, new, P+new]
+    return packing, hidden, cos, sin, mask, valid
+
+
 def run_layer(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
               past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None,
               packing: TokenPacking | None = None):

@@ -16,27 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import TokenPacking
+from .decoder import step_inputs
 from .scorer import SirenScorer
 
 
 class SirenStepScorer(SirenScorer):
     def forward(self, input_ids, new_lengths, past_lengths, past_kv, past_sums):
-        batch, new = input_ids.shape
-        past = past_kv.shape[4]
-        device = input_ids.device
-        offsets = torch.arange(new, device=device)
-        valid_tokens = offsets[None, :] < new_lengths[:, None]                              # [B, new]
-        packing = TokenPacking(valid_tokens)       # per-token work on the real tokens only
-        # the embedding's Gather reads input_ids itself (how siren quantize finds the table)
-        hidden = packing.pack(self.embed_tokens(input_ids))                                # [1, N, H]
-        cos, sin = self.rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))  # [1, N, D]
-        # a query sees its row's valid past and the new tokens up to itself (padding rows
-        # still see themselves, so no softmax is empty)
-        past_keys = torch.arange(past, device=device)[None, :] < past_lengths[:, None]      # [B, P]
-        new_keys = offsets[None, :] <= offsets[:, None]                                      # [new, new]
-        mask = torch.cat([past_keys[:, None, :].expand(batch, new, past),
-                          new_keys[None].expand(batch, new, new)], dim=-1)[:, None]          # [B, 1, new, P+new]
+        batch = input_ids.shape[0]
+        packing, hidden, cos, sin, mask, valid_tokens = step_inputs(
+            self.embed_tokens, self.rotary_emb, input_ids, new_lengths, past_lengths, past_kv.shape[4])
         features, new_kv = self.walk(hidden, cos, sin, mask, past_kv, packing)
 
         valid = valid_tokens[:, :, None]                                                    # [B, new, 1]

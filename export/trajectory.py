@@ -108,7 +108,7 @@ def trajectory_scorer(backbone, artifact: TrajectoryArtifact, step: bool = False
     step graph's (see trajectory_step_scorer)."""
     import torch
     from torch import nn
-    from .decoder import TokenPacking, run_layer
+    from .decoder import run_layer, step_inputs
 
     class TrajectoryScorer(nn.Module):
         def __init__(self):
@@ -140,18 +140,8 @@ def trajectory_scorer(backbone, artifact: TrajectoryArtifact, step: bool = False
 
     class TrajectoryStepScorer(TrajectoryScorer):
         def forward(self, input_ids, new_lengths, past_lengths, past_kv, past_sums):
-            batch, new = input_ids.shape
-            past = past_kv.shape[4]
-            device = input_ids.device
-            offsets = torch.arange(new, device=device)
-            valid = offsets[None, :] < new_lengths[:, None]                                   # [B, new]
-            packing = TokenPacking(valid)
-            hidden = packing.pack(self.embed_tokens(input_ids))                               # [1, N, H]
-            cos, sin = self.rotary_emb(hidden, packing.pack(past_lengths[:, None] + offsets[None, :]))
-            past_keys = torch.arange(past, device=device)[None, :] < past_lengths[:, None]
-            new_keys = offsets[None, :] <= offsets[:, None]
-            mask = torch.cat([past_keys[:, None, :].expand(batch, new, past),
-                              new_keys[None].expand(batch, new, new)], dim=-1)[:, None]
+            packing, hidden, cos, sin, mask, _ = step_inputs(
+                self.embed_tokens, self.rotary_emb, input_ids, new_lengths, past_lengths, past_kv.shape[4])
             flat = past_kv.flatten(0, 1)
             presents = []
             for index, layer in enumerate(self.layers):

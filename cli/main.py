@@ -190,6 +190,7 @@ def _add_serving_options(p) -> None:
     from siren_serving.settings import ServeSettings
     add_settings(p, GuardSettings, "the guard", environment=True)
     add_settings(p, ServeSettings, "serving", environment=True)
+    p.set_defaults(intermixed="more_bundles")        # bundles may follow options too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", choices=["fail", "skip"], default="fail",
                    help="a bad input line (not UTF-8, bad JSON record): fail naming it (default) or skip it")
     add_settings(p, GuardSettings, "loading the guard", positional=False)
-    p.set_defaults(func=run_score, intermixed=True)
+    p.set_defaults(func=run_score, intermixed="texts")
 
     p = add("serve", help="HTTP server: OpenAI /v1/moderations, /classify, streams, detectors, /metrics "
                           "(torch-free)",
@@ -442,16 +443,18 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line, with a command's texts allowed after its options (`siren score
-    BUNDLE --threshold 0.3 "text"`): argparse's positional matching stops at the first
-    option, so the words it leaves over are that command's texts, in order."""
+    """The command line, with a command's trailing positionals allowed after its options
+    (`siren score BUNDLE --threshold 0.3 "text"`, `siren serve A --port 8000 B`): argparse's
+    positional matching stops at the first option, so the words it leaves over go to the
+    command's `intermixed` list (its texts, its more bundles), in order."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         options = [word for word in extra if word.startswith("-") and word != "-"]
-        if options or not getattr(args, "intermixed", False):
+        dest = getattr(args, "intermixed", None)
+        if options or not dest:
             parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
-        args.texts = list(args.texts) + extra
+        setattr(args, dest, list(getattr(args, dest) or []) + extra)
     return args
 
 

@@ -81,6 +81,17 @@ def add_settings(parser, cls, title: Optional[str] = None, *, environment: bool 
         if environment and os.environ.get(env_name) not in (None, ""):
             default = _parse_env(field, os.environ[env_name])     # SIREN_VERIFY=0 means --no-verify
         env_text = (f" [env: {env_name}{ {'flag': '=1', 'no_flag': '=0'}.get(kind, '') }]" if environment else "")
+        if kind == "more":            # more positionals after the first (the variable: comma-separated)
+            if positional:
+                from_env = os.environ.get(env_name, "") if environment else ""
+                group.add_argument(field.name, nargs="*", help=help_text + env_text,
+                                   default=[v.strip() for v in from_env.split(",") if v.strip()] or list(default),
+                                   metavar=field.metadata.get("metavar"))
+            continue
+        if kind == "append":
+            group.add_argument(flag_of(field), dest=field.name, action="append", default=None,
+                               help=help_text + env_text + " (repeat it)")
+            continue
         if kind == "positional":
             if not positional:
                 continue
@@ -105,8 +116,18 @@ def add_settings(parser, cls, title: Optional[str] = None, *, environment: bool 
 
 def settings_from(args: argparse.Namespace, cls, **values):
     """An instance of `cls` from the parsed options it declares (others ignored); `values`
-    fill or override fields."""
-    given = {f.name: getattr(args, f.name) for f in settings_fields(cls) if hasattr(args, f.name)}
+    fill or override fields. A list-valued option (more bundles, repeated --name) becomes a
+    tuple; an unset repeated option, its environment variable's comma-separated items."""
+    given = {}
+    for f in settings_fields(cls):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.metadata["kind"] == "append" and value is None:
+            value = [v.strip() for v in os.environ.get(env_of(f), "").split(",") if v.strip()]
+        if f.metadata["kind"] in ("more", "append"):
+            value = tuple(value or ())
+        given[f.name] = value
     return cls(**{**given, **values})
 
 

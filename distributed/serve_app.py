@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from siren_runtime.loading import load_guard
 from siren_runtime.result import ScoreResult
 from siren_serving.api import ApiError
 from siren_serving.server import create_app, unknown_session
@@ -219,11 +220,17 @@ class GuardReplica:
     def __init__(self, store, config: dict, guard_options: Optional[dict] = None):
         self.config = ServeConfig(**config)
         self.config.check_all()
-        guard = self.config.load_content_guard(**(guard_options or {}))
+        guards = []
         try:
-            self.siren_app = create_app(guard, self.config, streams=lambda service: SharedStreams(service, store))
+            for bundle in self.config.bundles:
+                guards.append(load_guard(bundle, **{**self.config.guard_options(), **(guard_options or {})}))
+            if sum(g.bundle.guard.kind == "content" for g in guards) > 1:
+                raise ValueError("serve-ray shares text streams across replicas for one content guard: serve one "
+                                 "content bundle (with any trajectory bundles), or one app per content guard")
+            self.siren_app = create_app(guards, self.config, streams=lambda service: SharedStreams(service, store))
         except BaseException:
-            guard.close()
+            for guard in guards:
+                guard.close()
             raise
         replica = serve.get_replica_context().replica_id.unique_id
         self.siren_app.add_middleware(ReplicaHeader, replica=replica)

@@ -12,6 +12,7 @@ sigmoid(state . w + b).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -255,26 +256,45 @@ class AgentSirenGuard:
         seen = set()
         prepared = []
         for i, (session, messages) in enumerate(zip(sessions, appended)):
-            if not isinstance(session, TrajectorySession) or session.guard is not self:
-                raise ValueError(f"sessions[{i}] is not a trajectory session of this guard")
             if id(session) in seen:
                 raise ValueError(f"sessions[{i}] appears twice in one feed_batch")
             seen.add(id(session))
-            if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)):
-                raise TypeError(f"appended[{i}] must be a list of messages, got {type(messages).__name__}")
-            prepared.append(session._prepare(list(messages)))
+            prepared.append(self.prepare_append(session, messages, where=f"[{i}]"))
+        return self.feed_prepared(prepared)
+
+    def prepare_append(self, session: TrajectorySession, messages: Sequence[Any],
+                       where: str = "") -> "PreparedAppend":
+        """Every check of an append and its render and tokenizing, nothing changed: a server
+        does this on the request's thread and batches only `feed_prepared`'s engine calls.
+        The session must not change until its `feed_prepared` (one append at a time)."""
+        if not isinstance(session, TrajectorySession) or session.guard is not self:
+            raise ValueError(f"sessions{where} is not a trajectory session of this guard")
+        if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, (list, tuple)):
+            raise TypeError(f"appended{where} must be a list of messages, got {type(messages).__name__}")
+        run, ids = session._prepare(list(messages))
+        state = session._held.state
+        held = state.ids if state is not None else ()
+        shared = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        return PreparedAppend(session, run, ids, len(ids) - shared)
+
+    def feed_prepared(self, prepared: Sequence["PreparedAppend"]) -> list:
+        """Step prepared appends together (groups under the runner's limits). If an engine
+        call fails, sessions of the groups already run are advanced, the rest untouched, and
+        the error propagates."""
+        prepared = list(prepared)
+        if len({id(p.session) for p in prepared}) != len(prepared):
+            raise ValueError("a session appears twice in one feed_prepared")
         self._check_open()
-        results: list = [None] * len(sessions)
+        results: list = [None] * len(prepared)
         if self._incremental is None:         # no step graph: each run rescored whole
-            scores = self.score_token_ids([ids for _, ids in prepared])
-            for i, (session, (messages, _)) in enumerate(zip(sessions, prepared)):
-                results[i] = session._commit(messages, None, float(scores[i]))
+            scores = self.score_token_ids([p.ids for p in prepared])
+            for i, p in enumerate(prepared):
+                results[i] = p.session._commit(p.messages, None, float(scores[i]))
             return results
 
         def commit(i: int, score: float, state) -> None:
-            results[i] = sessions[i]._commit(prepared[i][0], state, score)
-        self._incremental.advance_many([(s._held.state, as_tokens(ids)) for s, (_, ids) in zip(sessions, prepared)],
-                                       commit)
+            results[i] = prepared[i].session._commit(prepared[i].messages, state, score)
+        self._incremental.advance_many([(p.session._held.state, as_tokens(p.ids)) for p in prepared], commit)
         return results
 
     def __call__(self, *args, **kwargs) -> ScoreResult:
@@ -331,6 +351,15 @@ class AgentSirenGuard:
             while len(self._recent) > STREAM_CACHE_SIZE:
                 self._recent.popitem(last=False)
         return scores
+
+
+@dataclass(frozen=True)
+class PreparedAppend:
+    """An append checked, rendered and tokenized (`prepare_append`), waiting for its engine call."""
+    session: TrajectorySession
+    messages: tuple
+    ids: list
+    new_tokens: int           # the ids after the common prefix with what the session holds
 
 
 def _one_trajectory(trajectory: Any, messages: Optional[list], tools: Optional[list]) -> Trajectory:

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 #: the kinds a setting can be parsed as (`siren_cli.options` maps each to an argparse action)
-KINDS = ("str", "int", "float", "flag", "no_flag", "switch", "positional")
+KINDS = ("str", "int", "float", "flag", "no_flag", "switch", "positional", "more", "append")
 
 
 def setting(default: Any, help: str, *, kind: str, flag: Optional[str] = None, choices=None,
             env: Optional[str] = None, metavar: Optional[str] = None):
     """A dataclass field with its command-line form: `kind` says how it is parsed ("flag":
     --x sets True; "no_flag": --no-x sets False; "switch": --x/--no-x, None meaning the
-    default; "positional": an argument), `flag` its spelling (default --field-name),
+    default; "positional": an argument; "more": the positionals after it; "append": a
+    repeatable option, its variable comma-separated), `flag` its spelling (default --field-name),
     `env` its environment variable's name (default: `env_of`)."""
     assert kind in KINDS, kind
     return dataclasses.field(default=default, metadata={"help": help, "kind": kind, "flag": flag,
@@ -37,7 +38,7 @@ def env_of(field: dataclasses.Field) -> str:
     names what it turns off (--no-verify: SIREN_VERIFY=0)."""
     if field.metadata.get("env"):
         return field.metadata["env"]
-    name = field.name if field.metadata["kind"] in ("no_flag", "positional") else flag_of(field)[2:]
+    name = field.name if field.metadata["kind"] in ("no_flag", "positional", "more") else flag_of(field)[2:]
     return "SIREN_" + name.upper().replace("-", "_")
 
 

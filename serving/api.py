@@ -1,10 +1,8 @@
-"""The wire formats `siren serve` speaks: OpenAI's moderation API, vLLM's /classify, and the
-stream-session calls. Parsing refuses anything malformed with an ApiError that carries the
-HTTP status and names the field; shaping builds the response bodies."""
+"""What every protocol of `siren serve` shares: the ApiError a refused request raises (its HTTP
+status, the field it names) and the parsing of the fields several protocols take (texts,
+threshold, model). Each protocol's own parsing and response shapes live in `routes/`."""
 from __future__ import annotations
 
-import secrets
-import time
 from typing import Any, Optional
 
 from siren_runtime.validation import check_threshold
@@ -77,42 +75,3 @@ def parse_inputs(body: dict, max_inputs: int, field: str = "input") -> list[str]
             raise ApiError(400, f"{field}[{i}] must be a string, got {type(item).__name__}", param=f"{field}[{i}]")
         texts.append(item)
     return texts
-
-
-def parse_delta(body: dict) -> str:
-    delta = body.get("delta")
-    if not isinstance(delta, str):
-        raise ApiError(400, f"delta must be a string, got {type(delta).__name__}", param="delta")
-    return delta
-
-
-def moderation_response(model: str, scores: list, threshold: float) -> dict:
-    """OpenAI's /v1/moderations shape with one category, plus the raw score and threshold."""
-    results = []
-    for score in scores:
-        flagged = bool(score >= threshold)
-        results.append({"flagged": flagged, "categories": {CATEGORY: flagged},
-                        "category_scores": {CATEGORY: score}, "category_applied_input_types": {CATEGORY: ["text"]},
-                        "score": score, "threshold": threshold})
-    return {"id": "modr-" + secrets.token_hex(12), "model": model, "results": results}
-
-
-def classify_response(model: str, scores: list, threshold: float, token_counts: list) -> dict:
-    """vLLM's /classify shape: label and [p(safe), p(harmful)] per input."""
-    data = [{"index": i, "label": CATEGORY if score >= threshold else "safe", "probs": [1.0 - score, score],
-             "num_classes": 2, "score": score, "threshold": threshold} for i, score in enumerate(scores)]
-    tokens = int(sum(token_counts))
-    return {"id": "classify-" + secrets.token_hex(12), "object": "list", "created": int(time.time()),
-            "model": model, "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                      "prompt_tokens_details": None}}
-
-
-def stream_response(session_id: str, result, text_chars: int, onset: Optional[int] = None,
-                    threshold: Optional[float] = None) -> dict:
-    """A stream's state; `onset`: the character offset (of everything fed) where the running
-    score first reached the threshold, null while it has not; `threshold`: the session's (for
-    a session not fed yet)."""
-    return {"id": session_id, "score": result.score if result else None,
-            "flagged": bool(result.is_harmful) if result else False,
-            "threshold": result.threshold if result else threshold, "chars": text_chars, "onset": onset}

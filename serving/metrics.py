@@ -20,20 +20,23 @@ class ServerMetrics:
                                 registry=r)
         self.latency = Histogram("siren_request_duration_seconds", "request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.scores = Histogram("siren_score", "scores returned", buckets=SCORE_BUCKETS, registry=r)
-        self.flagged = Counter("siren_flagged", "inputs flagged harmful (score >= threshold)", registry=r)
+        self.scores = Histogram("siren_score", "scores returned by guard", ["guard"], buckets=SCORE_BUCKETS,
+                                registry=r)
+        self.flagged = Counter("siren_flagged", "inputs flagged harmful (score >= threshold) by guard", ["guard"],
+                               registry=r)
         self.errors = Counter("siren_errors", "failed requests by kind", ["kind"], registry=r)
-        self.batch_size = Histogram("siren_batch_size", "inputs per engine call", ["kind"], buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.sessions = Gauge("siren_stream_sessions", "open stream sessions", registry=r)
-        self.sessions_expired = Counter("siren_stream_sessions_expired", "sessions closed by the idle TTL",
-                                        registry=r)
+        self.batch_size = Histogram("siren_batch_size", "inputs per engine call by kind of call and guard",
+                                    ["kind", "guard"], buckets=BATCH_BUCKETS, registry=r)
+        self.sessions = Gauge("siren_stream_sessions", "open sessions by guard", ["guard"], registry=r)
+        self.sessions_expired = Counter("siren_stream_sessions_expired", "sessions closed by the idle TTL, by guard",
+                                        ["guard"], registry=r)
 
-    def observe_verdicts(self, scores, flags) -> None:
+    def observe_verdicts(self, guard: str, scores, flags) -> None:
+        histogram, counter = self.scores.labels(guard), self.flagged.labels(guard)
         for score, flag in zip(scores, flags):
-            self.scores.observe(score)
+            histogram.observe(score)
             if flag:
-                self.flagged.inc()
+                counter.inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

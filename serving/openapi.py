@@ -24,6 +24,17 @@ _STREAM = {"type": "object", "properties": {
     "threshold": _NUMBER01, "chars": {"type": "integer", "description": "characters fed so far"},
     "onset": {"type": ["integer", "null"],
               "description": "character offset where the running score first reached the threshold"}}}
+_MESSAGES = {"type": "array", "description": "OpenAI chat messages (system, developer, user, assistant with "
+                                          "tool_calls, tool)", "items": {"type": "object", "required": ["role"]}}
+_TOOLS = {"type": "array", "description": "the tool schemas the agent had (OpenAI's or flat)",
+          "items": {"type": "object"}}
+_RUN = {"type": "object", "required": ["messages"], "properties": {"messages": _MESSAGES, "tools": _TOOLS}}
+_VERDICT = {"type": "object", "properties": {"score": {"type": "number"}, "flagged": {"type": "boolean"},
+                                             "threshold": _NUMBER01, "tokens": {"type": "integer"}}}
+_RUN_STATE = {"type": "object", "properties": {
+    "id": {"type": "string"}, "model": {"type": "string"}, "score": {"type": ["number", "null"]},
+    "flagged": {"type": "boolean"}, "threshold": _NUMBER01, "messages": {"type": "integer"},
+    "tokens": {"type": "integer", "description": "ids the verdict read (at most max_length)"}}}
 _SCORING = {"type": "object", "required": ["input"], "properties": {
     "input": _TEXTS, "model": {"type": "string", "description": "echoed back"},
     "threshold": {**_NUMBER01, "description": "default: the server's"}}}
@@ -44,7 +55,8 @@ _DETECTOR_ERRORS = {"422": _json(_DETECTOR_ERROR, "bad input"), "413": _json(_DE
                     "501": _json(_DETECTOR_ERROR, "bundle without prefix scores")}
 _SESSION_ID = [{"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _DETECTOR_ID = [{"name": "detector-id", "in": "header", "required": True, "schema": {"type": "string"},
-                 "description": "required by the detector API; any value"}]
+                 "description": "a guard's name (any name when one content guard is loaded)"}]
+_RUN_ID = [{"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 #: (path, method) -> the operation, in the order the reference lists them
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -113,6 +125,60 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "prompt": {"type": "string"}, "generated_text": {"type": "string"},
             "detector_params": _DETECTOR_PARAMS}}),
         "responses": {"200": _json({"type": "array", "items": {"type": "object"}}), **_DETECTOR_ERRORS}},
+    ("/api/v1/text/chat", "post"): {
+        "tags": ["FMS detectors"], "summary": "detector API: an agent's chat (messages, tools) judged by a trajectory "
+                                              "guard",
+        "parameters": [{"name": "detector-id", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "a trajectory guard's name (optional)"}],
+        "requestBody": _body({"type": "object", "required": ["messages"], "properties": {
+            "messages": _MESSAGES, "tools": _TOOLS,
+            "detector_params": {"type": "object", "properties": {"threshold": _NUMBER01, "tools": _TOOLS}}}}),
+        "responses": {"200": _json({"type": "array", "items": {"type": "object"}}), **_DETECTOR_ERRORS}},
+    ("/v1/trajectories/score", "post"): {
+        "tags": ["Trajectories"], "summary": "score one agent run, or many ({trajectories: [...]} or a list)",
+        "requestBody": _body({"oneOf": [
+            {**_RUN, "properties": {**_RUN["properties"], "threshold": _NUMBER01, "model": {"type": "string"}}},
+            {"type": "object", "required": ["trajectories"], "properties": {
+                "trajectories": {"type": "array", "items": _RUN}, "threshold": _NUMBER01,
+                "model": {"type": "string"}}},
+            {"type": "array", "items": _RUN}]}),
+        "responses": {"200": _json({"oneOf": [_VERDICT, {"type": "object", "properties": {
+            "model": {"type": "string"}, "results": {"type": "array", "items": _VERDICT}}}]}), **_CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions", "post"): {
+        "tags": ["Trajectories"], "summary": "open a run session; each append then runs only the new turns' tokens",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"tools": _TOOLS, "threshold": _NUMBER01, "model": {"type": "string"}}}}}},
+        "responses": {"201": _json(_RUN_STATE, "created"), "429": _json(_ERROR, "session limit reached"),
+                      **_CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions/{session_id}", "post"): {
+        "tags": ["Trajectories"], "summary": "append {messages}: the verdict of the whole run so far",
+        "parameters": _RUN_ID,
+        "requestBody": _body({"type": "object", "required": ["messages"], "properties": {"messages": _MESSAGES}}),
+        "responses": {"200": _json(_RUN_STATE), "404": _json(_ERROR, "unknown session"), **_CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions/{session_id}", "get"): {
+        "tags": ["Trajectories"], "summary": "the run's verdict so far", "parameters": _RUN_ID,
+        "responses": {"200": _json(_RUN_STATE), "404": _json(_ERROR, "unknown session")}},
+    ("/v1/trajectories/sessions/{session_id}", "delete"): {
+        "tags": ["Trajectories"], "summary": "close the session", "parameters": _RUN_ID,
+        "responses": {"200": _json({"type": "object"}), "404": _json(_ERROR, "unknown session")}},
+    ("/beta/litellm_basic_guardrail_api", "post"): {
+        "tags": ["LiteLLM"], "summary": "LiteLLM's Generic Guardrail API: texts to the content guard, the agent run "
+                                        "and proposed tool calls to the trajectory guard",
+        "requestBody": _body({"type": "object", "required": ["input_type"], "properties": {
+            "input_type": {"enum": ["request", "response"]}, "texts": {"type": "array", "items": {"type": "string"}},
+            "structured_messages": _MESSAGES, "tools": _TOOLS,
+            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "litellm_call_id": {"type": "string", "description": "one streamed response: checks feed one stream"},
+            "litellm_trace_id": {"type": "string", "description": "one agent run: checks append to one session"},
+            "additional_provider_specific_params": {"type": "object", "properties": {
+                "content_guard": {"type": "string"}, "trajectory_guard": {"type": "string"},
+                "threshold": _NUMBER01, "intervene": {"type": "boolean"},
+                "sustain": {"type": "integer", "minimum": 1}}}}}),
+        "responses": {"200": _json({"type": "object", "properties": {
+            "action": {"enum": ["NONE", "BLOCKED", "GUARDRAIL_INTERVENED"]},
+            "blocked_reason": {"type": ["string", "null"]}, "texts": {"type": "array", "items": {"type": "string"}},
+            "siren": {"type": "array", "items": {"type": "object"}}}}),
+            "4XX": _json({"type": "object", "properties": {"detail": {"type": "string"}}}, "bad input")}},
     ("/health", "get"): {
         "tags": ["Operations"], "summary": "200 while serving; 503 while draining or shutting down",
         "responses": {"200": _json({"type": "object"}), "503": _json({"type": "object"}, "draining")}},
@@ -138,7 +204,8 @@ def openapi_document(version: str) -> dict:
     return {"openapi": "3.1.0",
             "info": {"title": "siren serve", "version": version,
                      "description": "SIREN guards over HTTP: OpenAI moderations, vLLM classify, stream sessions, "
-                                    "the FMS guardrails detector API."},
+                                    "agent trajectories and their sessions, the FMS guardrails detector API, "
+                                    "LiteLLM's Generic Guardrail API."},
             "paths": paths}
 
 

@@ -39,17 +39,24 @@ class HeldSession:
     version: Optional[int] = None        # a replica's copy of a shared stream: the store version it holds
 
 
-def new_session_id() -> str:
-    return "strm-" + secrets.token_hex(12)
+def new_session_id(prefix: str = "strm-") -> str:
+    return prefix + secrets.token_hex(12)
 
 
 class SessionRegistry:
-    def __init__(self, guard, max_sessions: int = 1024, ttl_s: float = 300.0, clock=time.monotonic):
+    """Open sessions of one guard, bounded in count and idle time. opener(threshold, **options)
+    makes a session (default: a text stream of `guard`); prefix: how its ids start."""
+
+    def __init__(self, guard, max_sessions: int = 1024, ttl_s: float = 300.0, clock=time.monotonic,
+                 opener=None, prefix: str = "strm-", what: str = "stream sessions",
+                 close_hint: str = "DELETE /v1/streams/{id}"):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if not ttl_s > 0:
             raise ValueError(f"session TTL must be positive, got {ttl_s}")
         self._guard = guard
+        self._open = opener or (lambda threshold: guard.stream(threshold=threshold, keep_text=False))
+        self._prefix, self._what, self._close_hint = prefix, what, close_hint
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self._clock = clock
@@ -61,7 +68,7 @@ class SessionRegistry:
         return len(self._held)
 
     def create(self, threshold: Optional[float], session_id: Optional[str] = None,
-               evict: bool = False) -> HeldSession:
+               evict: bool = False, **options) -> HeldSession:
         """A new session (a fresh id unless `session_id`); at the limit, SessionLimitError, or
         with `evict` the least recently used idle session makes room (a cache of shared streams)."""
         with self._lock:
@@ -71,12 +78,11 @@ class SessionRegistry:
                 if idle:
                     self._drop_locked(min(idle, key=lambda h: h.last_used).id)
             if len(self._held) >= self.max_sessions:
-                raise SessionLimitError(f"{len(self._held)} stream sessions are open (the limit); "
-                                        "close finished ones with DELETE /v1/streams/{id}")
+                raise SessionLimitError(f"{len(self._held)} {self._what} are open (the limit); "
+                                        f"close finished ones with {self._close_hint}")
             now = self._clock()
-            held = HeldSession(id=session_id or new_session_id(),
-                               session=self._guard.stream(threshold=threshold, keep_text=False),
-                               created=now, last_used=now)
+            held = HeldSession(id=session_id or new_session_id(self._prefix),
+                               session=self._open(threshold, **options), created=now, last_used=now)
             self._held[held.id] = held
             return held
 

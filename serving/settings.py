@@ -14,6 +14,11 @@ from siren_runtime.validation import check_threshold
 
 @dataclass
 class ServeSettings:
+    more_bundles: tuple = setting((), "more guards to serve beside the first (content and trajectory bundles "
+                                      "mix freely; one process holds each guard's weights once)", kind="more",
+                                  metavar="BUNDLE")
+    names: tuple = setting((), "a guard's name in requests (`model`, `detector-id`) and /v1/models, one per "
+                               "bundle in order (default: the bundle folder's name)", kind="append", flag="--name")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", kind="str")
     port: int = setting(8000, "TCP port to listen on (0: any free one)", kind="int")
     threshold: Optional[float] = setting(None, "the server's default threshold; a request's own wins "
@@ -52,19 +57,62 @@ class ServeSettings:
                 raise ValueError(f"{option_name(name)} must be a number in [{low:g}, {high:g}], got {value!r}")
         if self.threshold is not None:
             check_threshold(self.threshold, 0.5)
+        if not all(isinstance(b, str) and b for b in self.more_bundles):
+            raise ValueError(f"each bundle must be a folder or Hub repo id, got {list(self.more_bundles)!r}")
+        if not all(isinstance(n, str) and n.strip() for n in self.names):
+            raise ValueError(f"--name takes a non-empty name, got {list(self.names)!r}")
 
 
 @dataclass
 class ServeConfig(ServeSettings, GuardSettings):
-    """Everything `siren serve` needs: the guard it loads and how it serves it."""
+    """Everything `siren serve` needs: the guards it loads and how it serves them."""
 
     def check(self) -> None:
         self.check_serving()
+
+    @property
+    def bundles(self) -> list:
+        return [self.bundle, *self.more_bundles]
+
+    def guard_names(self, count: Optional[int] = None) -> list:
+        """Each guard's name: --name in order, else --model-name for a lone guard, else the
+        bundle folder's (or Hub repo's) last part; two guards may not share one."""
+        bundles = self.bundles if count is None else self.bundles[:count]
+        count = len(bundles)
+        if len(self.names) > count:
+            raise ValueError(f"{len(self.names)} --name for {count} bundle(s): give at most one name per bundle")
+        names = list(self.names)
+        if not names and self.model_name and count == 1:
+            names = [self.model_name]
+        names += [_folder_name(b) for b in bundles[len(names):]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two guards would share a name ({', '.join(names)}): name each with --name")
+        return names
+
+    def load_guards(self) -> list:
+        """Every bundle's guard (content or trajectory, as its manifest says); a failure closes
+        the ones already loaded."""
+        from siren_runtime.loading import load_guard
+        self.check_guard()
+        guards = []
+        try:
+            for bundle in self.bundles:
+                guards.append(load_guard(bundle, **self.guard_options()))
+        except BaseException:
+            for guard in guards:
+                guard.close()
+            raise
+        return guards
 
     def check_all(self) -> None:
         """The serving options and the guard's: what a command checks before it binds a port."""
         self.check_serving()
         self.check_guard()
+
+
+def _folder_name(bundle: str) -> str:
+    from pathlib import PurePath
+    return PurePath(str(bundle).rstrip("/")).name or "siren-guard"
 
 
 def option_name(name: str) -> str:

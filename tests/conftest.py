@@ -133,6 +133,19 @@ def guard(all_layers):
     return SirenGuard.from_pretrained(all_layers.bundle, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def agent_qwen(tmp_path_factory, qwen_tokenizer_json):
+    """An Agent-SIREN bundle on a tiny Qwen3 with a Qwen3-style chat template, and llm-siren's
+    AgentSirenGuard on the same weights -> (bundle, reference); shared by the runtime, serving
+    and surface tests."""
+    import shutil
+    import chat_templates
+    from helpers import build_trajectory_bundle
+    root = tmp_path_factory.mktemp("agent-qwen")
+    shutil.copy(qwen_tokenizer_json, root / "qwen3-tokenizer.json")
+    return build_trajectory_bundle(root / "q", chat_templates.QWEN3)
+
+
 @pytest.fixture()
 def trt_standin(monkeypatch):
     """TEST DOUBLE: the CPU stand-in for TensorRT and cuda-python (tests/trt_standin.py),

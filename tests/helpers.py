@@ -45,3 +45,25 @@ def chunk(text, sizes):
 
 def random_chunks(text, rng: random.Random, low=1, high=9):
     return chunk(text, [rng.randint(low, high) for _ in range(len(text))])
+
+
+def build_trajectory_bundle(root, template, llama=False, blocks=3, layers=4, max_length=128, seed=11):
+    """A tiny random Qwen3 (or Llama-3) backbone with `template`, an Agent-SIREN head on it, its
+    bundle, and llm-siren's AgentSirenGuard (fp32) on the same weights -> (bundle, reference)."""
+    import torch
+    from siren_export.pipeline import export_bundle
+    from siren_export.synthetic import make_backbone, make_llama_backbone, make_trajectory_head, set_chat_template
+    from siren_guard import AgentSirenGuard as Reference
+    if llama:
+        backbone = make_llama_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
+                                       num_heads=4, num_kv_heads=1, head_dim=16, seed=seed)
+    else:
+        backbone = make_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
+                                 num_heads=4, num_kv_heads=2, head_dim=16, seed=seed,
+                                 tokenizer_cache=root.parent / "qwen3-tokenizer.json"
+                                 if (root.parent / "qwen3-tokenizer.json").exists() else None)
+    set_chat_template(backbone, template)
+    artifact = make_trajectory_head(root / "head", backbone, width=64, blocks=blocks, max_length=max_length, seed=seed)
+    bundle = export_bundle(str(artifact), root / "bundle", show_progress=False)
+    reference = Reference.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
+    return bundle, reference

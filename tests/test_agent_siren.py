@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import chat_templates
-from helpers import TOL
+from helpers import TOL, build_trajectory_bundle
 from test_torch_free import BLOCKER
 
 TOOLS = [
@@ -59,32 +59,12 @@ def trajectories():
     ]
 
 
-def _build(root, template, llama=False, blocks=3, layers=4, max_length=128, seed=11):
-    import torch
-    from siren_export.pipeline import export_bundle
-    from siren_export.synthetic import make_backbone, make_llama_backbone, make_trajectory_head, set_chat_template
-    from siren_guard import AgentSirenGuard as Reference
-    if llama:
-        backbone = make_llama_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
-                                       num_heads=4, num_kv_heads=1, head_dim=16, seed=seed)
-    else:
-        backbone = make_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
-                                 num_heads=4, num_kv_heads=2, head_dim=16, seed=seed,
-                                 tokenizer_cache=root.parent / "qwen3-tokenizer.json"
-                                 if (root.parent / "qwen3-tokenizer.json").exists() else None)
-    set_chat_template(backbone, template)
-    artifact = make_trajectory_head(root / "head", backbone, width=64, blocks=blocks, max_length=max_length, seed=seed)
-    bundle = export_bundle(str(artifact), root / "bundle", show_progress=False)
-    reference = Reference.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
-    return bundle, reference
+_build = build_trajectory_bundle
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory, qwen_tokenizer_json):
-    import shutil
-    root = tmp_path_factory.mktemp("agent-qwen")
-    shutil.copy(qwen_tokenizer_json, root.parent / "qwen3-tokenizer.json")
-    return _build(root / "q", chat_templates.QWEN3)
+def qwen(agent_qwen):
+    return agent_qwen
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from siren_cli.main import build_parser, parse_arguments
-from siren_cli.options import option_rows
+from siren_cli.options import option_rows, settings_from
 from siren_runtime.settings import GuardSettings, env_of, flag_of, settings_fields
 from siren_serving.settings import ServeConfig, ServeSettings
 
@@ -47,8 +47,8 @@ def test_unknown_options_are_still_refused(capsys):
     with pytest.raises(SystemExit) as e:
         parse_arguments(["score", "B", "hello", "--thresold", "0.3"])
     assert e.value.code == 2 and "unrecognized arguments: --thresold" in capsys.readouterr().err
-    with pytest.raises(SystemExit):          # only `score` takes loose words
-        parse_arguments(["serve", "B", "extra"])
+    with pytest.raises(SystemExit):          # only `score` (texts) and `serve` (more bundles) take loose words
+        parse_arguments(["verify", "B", "extra"])
 
 
 def test_score_with_options_first_matches_the_reference(all_layers):
@@ -87,7 +87,7 @@ def test_every_option_of_every_command_has_help():
 
 def test_verdict_names_are_mapped_in_one_table(all_layers):
     from siren_runtime.result import VERDICT_FIELDS, ScoreResult
-    from siren_serving.api import moderation_response
+    from siren_serving.routes.openai import moderation_response
     names = {surface: name for surface, name, _ in VERDICT_FIELDS}
     assert "is_harmful" in ScoreResult(0.7, True, 0.5).to_dict() and names["Python API (`ScoreResult`)"] == "is_harmful"
     assert "flagged" in moderation_response("m", [0.7], 0.5)["results"][0]
@@ -104,7 +104,7 @@ def test_serve_and_serve_ray_take_the_same_serving_options():
         assert flags in ray, f"serve-ray lacks {flags}"
         assert ray[flags] == (default, help_text), flags
     names = {flag_of(f) for cls in (ServeSettings, GuardSettings) for f in settings_fields(cls)
-             if f.metadata["kind"] != "positional"}
+             if f.metadata["kind"] not in ("positional", "more")}
     assert names <= {flag for flags in serving for flag in flags}
 
 
@@ -116,7 +116,8 @@ ENV_VALUES = {"revision": ("v2", "v2"), "cache_dir": ("/tmp/hf", "/tmp/hf"), "lo
               "model_name": ("guard-x", "guard-x"), "max_batch": ("5", 5), "max_wait_ms": ("7.5", 7.5),
               "dynamic_batching": ("no", False), "max_body_bytes": ("4096", 4096), "max_inputs": ("9", 9),
               "max_sessions": ("11", 11), "session_ttl_s": ("42", 42.0), "drain_s": ("3", 3.0),
-              "graceful_timeout_s": ("4", 4.0), "log_requests": ("true", True), "bundle": ("env-bundle", "env-bundle")}
+              "graceful_timeout_s": ("4", 4.0), "log_requests": ("true", True), "bundle": ("env-bundle", "env-bundle"),
+              "more_bundles": ("b2, b3", ("b2", "b3")), "names": ("g1,g2,g3", ("g1", "g2", "g3"))}
 
 
 @pytest.mark.parametrize("command", ["serve", "serve-ray"])
@@ -127,7 +128,7 @@ def test_every_serving_option_reads_its_environment_variable(command, monkeypatc
         raw, expected = ENV_VALUES[field.name]
         monkeypatch.setenv(env_of(field), raw)
     args = parse_arguments([command])            # the bundle too comes from SIREN_BUNDLE
-    config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields})
+    config = settings_from(args, ServeConfig)
     for field in fields:
         assert getattr(config, field.name) == ENV_VALUES[field.name][1], env_of(field)
     assert parse_arguments([command, "b", "--port", "9999"]).port == 9999     # the command line wins

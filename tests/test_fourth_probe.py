@@ -299,7 +299,8 @@ def test_where_scores_move_with_the_batch_every_route_gets_the_first_number(all_
     number it computed per token sequence, so every route decides from it."""
     from siren_runtime import SirenGuard
     from siren_serving.score_memo import ScoreMemo
-    from siren_serving.server import ServeConfig, _Service
+    from siren_serving.service import ContentService
+    from siren_serving.settings import ServeConfig
     memo = ScoreMemo(entries=3)
     drifting = lambda id_lists: [0.5 + 1e-7 * len(id_lists) + 1e-3 * ids[0] for ids in id_lists]   # noqa: E731
     first = memo.scores([[1], [2]], drifting)
@@ -308,12 +309,12 @@ def test_where_scores_move_with_the_batch_every_route_gets_the_first_number(all_
     assert memo.scores([[1]], drifting)[0] == first[0]          # still remembered; [2] was the oldest, evicted
     # the server turns it on exactly where the guard does not promise invariance
     invariant = SirenGuard.from_pretrained(all_layers.bundle, device="cpu")
-    assert _Service(invariant, ServeConfig(bundle=str(all_layers.bundle)), "m").decided is None
+    assert ContentService(invariant, ServeConfig(bundle=str(all_layers.bundle)), "m").decided is None
     old = _copy(all_layers.bundle, tmp_path)          # a bundle from before the promise, scoring graph alone
     _edit_manifest(old, lambda m: m["model"].pop("batch_invariant"))
     legacy = SirenGuard.from_pretrained(old, device="cpu", incremental_streaming=False)
     assert not legacy.batch_invariant
-    service = _Service(legacy, ServeConfig(bundle=str(old)), "m")
+    service = ContentService(legacy, ServeConfig(bundle=str(old)), "m")
     assert isinstance(service.decided, ScoreMemo)
     texts = ["hello world", "a longer text about nothing in particular", "hello world"]
     got = [s for s, _ in service._score_texts(texts)]

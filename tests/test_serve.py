@@ -27,10 +27,16 @@ def server(all_layers):
 
 
 def metric(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)"
-    found = re.search(pattern, text)
-    return float(found.group(1)) if found else 0.0
+    """The sum of a metric's series whose labels include `labels` (a server of one guard has one)."""
+    total = 0.0
+    for line in text.splitlines():
+        found = re.fullmatch(re.escape(name) + r"(?:\{(.*)\})? ([0-9.e+-]+)", line)
+        if found is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total += float(found.group(2))
+    return total
 
 
 def test_openai_client_moderations(server, guard, all_layers):

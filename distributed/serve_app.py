@@ -24,7 +24,8 @@ from ray import serve
 from siren_runtime.loading import load_guard
 from siren_runtime.result import ScoreResult
 from siren_serving.api import ApiError
-from siren_serving.server import create_app, unknown_session
+from siren_serving.server import create_app
+from siren_serving.service import unknown_session
 from siren_serving.sessions import new_session_id
 from siren_serving.settings import ServeConfig
 

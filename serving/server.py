@@ -28,8 +28,8 @@ from .api import ApiError
 from .guard_set import ServedGuards
 from .metrics import ServerMetrics
 from .routes import all_routes
-from .service import ContentService, LocalStreams, unknown_session  # noqa: F401 (re-exported for Ray)
-from .settings import ServeConfig, option_name  # noqa: F401 (ServeConfig re-exported)
+from .service import ContentService, LocalStreams
+from .settings import ServeConfig
 from .trajectory_service import TrajectoryService
 
 log = logging.getLogger("siren_serving.server")

@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(either may be given alone)")
     p.add_argument("--response", help="a model's response to --prompt")
     p.add_argument("--input", metavar="FILE.jsonl",
-                   help='JSON Lines: {"id", "text" | "prompt"/"response", "threshold"?} per line ("-": stdin)')
+                   help='JSON Lines: {"id", "text" | "prompt"/"response", "threshold"?} per line ("-": stdin); '
+                        'a trajectory bundle: {"id", "messages", "tools"?, "threshold"?}')
     p.add_argument("--threshold", type=float, help="flag at or above this score (default: the bundle's)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: the input's fields, score, is_harmful, threshold")
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(p, GuardSettings, "the guard", only=["bundle"])
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help='JSON Lines or Parquet files, or folders of them: {"id", "text" | "prompt"/"response", '
-                        '"threshold"?} per record')
+                        '"threshold"?} per record; a trajectory bundle: {"id", "messages", "tools"?, "threshold"?} '
+                        '(lists or JSON strings)')
     p.add_argument("-o", "--output", required=True, help="output folder (a rerun with the same one finishes it)")
     p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet",
                    help="output parts (default parquet): id, score, flagged (and onset)")

@@ -1,9 +1,10 @@
-"""`siren score`: texts in, one verdict per text out, streamed in bounded groups.
+"""`siren score`: texts (or agent runs) in, one verdict per record out, streamed in bounded groups.
 
 Input is read and answered group by group (``--batch-size`` records at a time), so a
 million-line file runs in constant memory and the first answers appear at once. Records are
 plain lines (stdin) or JSON Lines (``--input FILE``): ``{"id", "text"}`` or
-``{"id", "prompt", "response"}`` with an optional per-record ``"threshold"``.
+``{"id", "prompt", "response"}`` with an optional per-record ``"threshold"``; a trajectory
+bundle reads JSON Lines agent runs, ``{"id", "messages", "tools"?}``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-from siren_runtime.records import InputError, Record, parse_json_record, read_records  # noqa: F401 (re-exported)
+from siren_runtime.records import InputError, Record, check_kinds, parse_json_record, read_records  # noqa: F401
 from siren_runtime.text import join_prompt_response
 from siren_runtime.validation import check_threshold
 
@@ -55,8 +56,10 @@ def score_records(guard, records: Iterable[Record], threshold: Optional[float], 
     from siren_runtime.result import ScoreResult
     out = out or sys.stdout
     scored = flagged = 0
+    kind = guard.bundle.guard.kind
     for group in groups(records, batch_size):
-        texts = [r.text for r in group]
+        check_kinds(group, kind)
+        texts = [r.scored for r in group]
         results = guard.score_batch(texts)           # the verdict: exactly what plain `siren score` says
         prefixes = guard.score_prefixes_batch(texts) if onset else None
         for n, (record, result) in enumerate(zip(group, results)):
@@ -108,7 +111,14 @@ def run_score(args) -> int:
         if sys.stdin is not None and sys.stdin.isatty():
             print(STDIN_HINT, file=sys.stderr, flush=True)
         records = read_records(sys.stdin.buffer, jsonl=args.input == "-", errors=args.errors)
-    with settings.load_content_guard() as guard:
+    with settings.load() as guard:
+        if guard.bundle.guard.kind == "trajectory":
+            if args.texts or args.prompt is not None or args.response is not None or args.onset:
+                raise ValueError("a trajectory bundle scores agent runs: give JSON Lines rows {\"messages\": [...], "
+                                 "\"tools\": [...]} with --input FILE or on standard input (TEXT, --prompt/"
+                                 "--response and --onset are for content guards)")
+            if args.input is None:       # plain lines cannot hold a run: stdin is read as JSON Lines
+                records = read_records(sys.stdin.buffer, jsonl=True, errors=args.errors)
         if args.onset and not guard.prefix_scores_available:
             raise ValueError("--onset needs a bundle with a streaming step graph and a prefix head "
                              "(re-export it with `siren export`)")

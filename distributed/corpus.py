@@ -78,9 +78,9 @@ class CorpusOptions:
         if not Path(self.bundle).exists() and is_repo_id(self.bundle):
             return          # a Hub bundle: each node fetches it (and says so if it cannot)
         bundle = read_bundle(self.bundle)
-        if bundle.guard.kind != "content":
-            raise ValueError(f"{self.bundle} is a {bundle.guard.kind!r} guard bundle; score-corpus scores text "
-                             "with content guards")
+        if self.onset and bundle.guard.kind == "trajectory":
+            raise ValueError("--onset is a content guard's (where harm starts in a text); this bundle is a "
+                             "trajectory guard, which scores whole agent runs")
         if self.onset and (bundle.prefix_head is None or bundle.streaming is None):
             raise ValueError("--onset needs a bundle with a streaming step graph and a prefix head "
                              "(re-export it with `siren export`)")
@@ -114,10 +114,11 @@ class ShardStage:
         return {k: [s[k] for s in summaries] for k in ("key_", "rows", "flagged", "skipped", "error")}
 
     def run(self, shard: Shard) -> dict:
-        from siren_runtime.records import InputError
+        from siren_runtime.records import InputError, check_kinds
         summary = {"key_": shard.key, "rows": 0, "flagged": 0, "skipped": json.dumps([]), "error": ""}
         try:
             records, skipped = read_shard(shard, self.errors)
+            check_kinds(records, self.scorer.kind, "row")
         except InputError as e:
             summary["error"] = str(e)
             return summary
@@ -128,7 +129,7 @@ class ShardStage:
         for start in range(0, len(records), step):
             group = records[start:start + step]
             thresholds = [r.threshold if r.threshold is not None else self.scorer.threshold for r in group]
-            added = self.scorer.score_texts([r.text for r in group], thresholds)
+            added = self.scorer.score_texts([r.scored for r in group], thresholds)
             columns["score"].extend(float(s) for s in added["score"])
             columns["flagged"].extend(bool(f) for f in added["flagged"])
             if self.scorer.onset:

@@ -23,7 +23,7 @@ from siren_runtime.records import InputError, Record, parse_json_record, record_
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: the Parquet columns a record is made of (others are ignored)
-RECORD_COLUMNS = ("id", "text", "prompt", "response", "threshold")
+RECORD_COLUMNS = ("id", "text", "prompt", "response", "messages", "tools", "threshold")
 #: a temporary part's name starts with this ('.' hides it from Parquet dataset readers)
 TEMP_PREFIX = ".tmp-"
 

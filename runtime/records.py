@@ -1,25 +1,49 @@
 """Input records as `siren score --input` and `siren score-corpus` read them: ``{"id", "text"}``
-or ``{"id", "prompt", "response"}`` with an optional ``"threshold"``, every problem named by
-its line (or row) and field. One reader for both commands, so a corpus row means what a
-`siren score` line means.
+or ``{"id", "prompt", "response"}`` for a content guard, ``{"id", "messages", "tools"?}`` (an
+agent run, OpenAI chat rows; each may also be a JSON string, as a Parquet column holds it) for
+a trajectory guard, with an optional ``"threshold"``, every problem named by its line (or row)
+and field. One reader for both commands, so a corpus row means what a `siren score` line means.
 """
 from __future__ import annotations
 
 import json
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from .text import join_prompt_response
-from .validation import check_encodable, check_threshold
+from .validation import check_encodable, check_strings, check_threshold
 
 
 @dataclass
 class Record:
     """One thing to score and what to echo back with its verdict."""
     echo: dict               # fields copied into the output (id/text, or prompt/response)
-    text: str                # the text scored (prompt/response already joined)
+    text: str                # the text scored (prompt/response already joined); a run's last message
     threshold: Optional[float] = None
+    run: Any = None          # an agent run (a Trajectory) for a trajectory guard, else None
+
+    @property
+    def kind(self) -> str:
+        """The guard kind that scores this record."""
+        return "content" if self.run is None else "trajectory"
+
+    @property
+    def scored(self):
+        """What the guard scores: the text, or the run."""
+        return self.text if self.run is None else self.run
+
+
+def check_kinds(records, guard_kind: str, where: str = "line") -> None:
+    """Refuse, naming the first, a record the guard cannot score (a run for a content guard,
+    a text for a trajectory guard)."""
+    for record in records:
+        if record.kind != guard_kind:
+            at = record.echo.get("id", record.echo.get(where, "?"))
+            needs = ('{"messages": [...], "tools"?: [...]} rows' if guard_kind == "trajectory"
+                     else '{"text"} or {"prompt", "response"} rows')
+            raise InputError(f"record {at}: a {record.kind} record, but this bundle is a {guard_kind} guard "
+                             f"(it reads {needs})")
 
 
 class InputError(ValueError):
@@ -77,26 +101,67 @@ def record_from_object(obj, number: int, where: str = "line") -> Record:
     at = f"{where} {number}"
     if not isinstance(obj, dict):
         raise InputError(f"{at}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return _run_record(obj, number, where)
     unknown = set(obj) - {"id", "text", "prompt", "response", "threshold"}
     if unknown:
         raise InputError(f"{at}: unknown field(s) {', '.join(sorted(unknown))} "
-                         "(expected id, text | prompt/response, threshold)")
+                         "(expected id, text | prompt/response | messages/tools, threshold)")
     text, prompt, response = (_optional_text(obj, k, at) for k in ("text", "prompt", "response"))
     if text is not None and (prompt is not None or response is not None):
         raise InputError(f"{at}: give \"text\" or \"prompt\"/\"response\", not both")
     if text is None and prompt is None and response is None:
         raise InputError(f"{at}: needs \"text\", or \"prompt\" and/or \"response\"")
-    threshold = None
-    if obj.get("threshold") is not None:
-        try:
-            threshold = check_threshold(obj["threshold"], 0.5)
-        except ValueError as e:
-            raise InputError(f"{at}: {e}") from None
+    threshold = _threshold(obj, at)
     echo = {"id": _echoable_id(obj["id"], at)} if "id" in obj else {where: number}
     if text is not None:
         return Record(echo, text, threshold)
     echo.update(prompt=prompt, response=response)
     return Record(echo, join_prompt_response(prompt, response), threshold)
+
+
+def _threshold(obj: dict, at: str) -> Optional[float]:
+    if obj.get("threshold") is None:
+        return None
+    try:
+        return check_threshold(obj["threshold"], 0.5)
+    except ValueError as e:
+        raise InputError(f"{at}: {e}") from None
+
+
+def _json_field(value, key: str, at: str):
+    """A list field, or the JSON string of one (a Parquet column of JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise InputError(f"{at}: \"{key}\" is a string but not JSON") from None
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise InputError(f"{at}: \"{key}\" must be a list (or its JSON), got {type(value).__name__}")
+    return None if value is None else [dict(v) if hasattr(v, "keys") else v for v in value]
+
+
+def _run_record(obj: dict, number: int, where: str) -> Record:
+    """An agent run: {"id"?, "messages", "tools"?, "threshold"?}."""
+    from .trajectory import from_openai
+    at = f"{where} {number}"
+    unknown = set(obj) - {"id", "messages", "tools", "threshold"}
+    if unknown:
+        raise InputError(f"{at}: unknown field(s) {', '.join(sorted(unknown))} in an agent run "
+                         "(expected id, messages, tools, threshold)")
+    messages, tools = _json_field(obj["messages"], "messages", at), _json_field(obj.get("tools"), "tools", at)
+    if messages is None:
+        raise InputError(f"{at}: \"messages\" must be a list of chat messages, got null")
+    try:
+        check_strings(messages, "messages")
+        check_strings(tools or [], "tools")
+        run = from_openai(messages, tools)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{at}: {e}") from None
+    echo = {"id": _echoable_id(obj["id"], at)} if "id" in obj else {where: number}
+    last = run.turns[-1] if run.turns else None
+    shown = "" if last is None else (last.content or last.action or last.thought or "")
+    return Record(echo, shown, _threshold(obj, at), run=run)
 
 
 def read_records(stream, jsonl: bool, errors: str = "fail") -> Iterator[Record]:

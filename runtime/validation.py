@@ -46,6 +46,20 @@ def check_encodable(value: str, name: str) -> None:
                          "is a lone surrogate") from None
 
 
+def check_strings(value, where: str) -> None:
+    """Every string inside a JSON-like value (an agent run's messages, its tools) is one the
+    tokenizer takes; the ValueError names the place (`messages[2].content`)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            check_encodable(item, path)
+        elif isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+
+
 def check_texts(texts) -> list:
     if isinstance(texts, (str, bytes)):
         raise TypeError("score_batch expects a list of strings, got a single "

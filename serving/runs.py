@@ -6,25 +6,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from siren_runtime.trajectory import Trajectory, from_openai
-from siren_runtime.validation import check_encodable
+from siren_runtime.validation import check_strings
 
 from .api import ApiError
 
 
 def _check_strings(value: Any, where: str) -> None:
     """No lone surrogate anywhere in a run (a 400 naming the place)."""
-    stack = [(value, where)]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, str):
-            try:
-                check_encodable(item, path)
-            except ValueError as e:
-                raise ApiError(400, str(e), param=path) from None
-        elif isinstance(item, dict):
-            stack.extend((v, f"{path}.{k}") for k, v in item.items())
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    try:
+        check_strings(value, where)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=where) from None
 
 
 def parse_messages(value: Any, param: str = "messages") -> list:

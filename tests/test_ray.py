@@ -187,6 +187,40 @@ def test_score_corpus_is_exact_on_thousands_of_rows(cluster, jsonl_corpus, guard
     assert other.returncode == 2 and "holds a run with other threshold;" in other.stderr
 
 
+def test_score_corpus_scores_agent_runs(cluster, agent_qwen, tmp_path):
+    """A trajectory bundle's corpus: JSON Lines runs, and Parquet with nested Arrow messages and
+    tools as JSON strings (Arrow structs would add null fields to tool schemas)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from siren_guard import from_openai
+    from siren_runtime import AgentSirenGuard
+    from test_agent_siren import trajectories
+    runs = trajectories()
+    root = tmp_path / "runs"
+    root.mkdir()
+    with open(root / "a.jsonl", "w", encoding="utf-8") as out:
+        for i, (messages, tools) in enumerate(runs):
+            out.write(json.dumps({"id": f"j{i}", "messages": messages, "tools": tools}, ensure_ascii=False) + "\n")
+    plain = [[{"role": m["role"], "content": m["content"] if isinstance(m.get("content"), str) else None}
+              for m in messages] for messages, _ in runs]       # one Arrow struct type for every message
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(runs))], "messages": plain,
+                             "tools": [json.dumps(t) for _, t in runs]}), root / "b.parquet")
+    out = tmp_path / "scored"
+    cluster.siren("score-corpus", agent_qwen[0], root, "-o", out, "--address", cluster.address,
+                  "--cpus-per-actor", 0.5)
+    rows = {r["id"]: r for r in read_output(out)}
+    bundle, reference = agent_qwen
+    with AgentSirenGuard.from_pretrained(bundle, device="cpu") as guard:
+        for i, (messages, tools) in enumerate(runs):
+            for key, run in ((f"j{i}", messages), (f"p{i}", plain[i])):
+                want = guard.score_trajectory(messages=run, tools=tools).score
+                assert abs(rows[key]["score"] - want) <= TOL, key
+                assert abs(rows[key]["score"] - reference.score_trajectory(from_openai(run, tools)).score) <= TOL
+                assert rows[key]["flagged"] == (rows[key]["score"] >= guard.default_threshold)
+    wrong = cluster.siren("score-corpus", agent_qwen[0], root, "-o", tmp_path / "x", "--onset", check=False)
+    assert wrong.returncode == 2 and "--onset is a content guard's" in wrong.stderr
+
+
 def test_score_corpus_bad_record_names_it_and_skip_mode(cluster, all_layers, guard, tmp_path):
     source = tmp_path / "bad.jsonl"
     source.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "txt": "typo"}\n{"id": 3, "text": "also fine"}\n')

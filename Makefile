@@ -34,7 +34,7 @@ $(TRITON_HOME)/.ready: pyproject.toml
 	$(PY) -m zipfile -e $(TRITON_HOME)/wheel/*.whl $(TRITON_HOME)
 	chmod +x $(TRITON_HOME)/pytriton/tritonserver/bin/tritonserver $(TRITON_HOME)/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
 	$(PYTHON) -m venv $(TRITON_HOME)/venv
-	$(TRITON_HOME)/venv/bin/pip install --quiet "numpy<2" "onnxruntime>=1.18" "tokenizers>=0.20"
+	$(TRITON_HOME)/venv/bin/pip install --quiet "numpy<2" "onnxruntime>=1.18" "tokenizers>=0.20" "jinja2>=3.1.6"
 	$(TRITON_HOME)/venv/bin/pip install --quiet --quiet --no-deps -e .
 	rm -rf $(TRITON_HOME)/wheel
 	touch $@

@@ -7,6 +7,11 @@
     REPO/siren_stream/      (--streaming) sequence-batched Python model: DELTA per request of a
                             sequence -> SCORE of the whole text so far, incremental (KV cache)
 
+A trajectory (Agent-SIREN) bundle takes agent runs instead: MESSAGES (the OpenAI chat rows as
+one JSON string) and TOOLS (optional, JSON) -> SCORE; the tokenizer renders the backbone's chat
+template exactly as siren_runtime does. Its stream model takes the new MESSAGES of a run per
+request of a sequence (TOOLS with the first) -> SCORE of the run so far.
+
 Thresholds stay with the client: one deployment serves many policies (a strict child-safety
 threshold and a permissive red-team one read the same SCORE).
 """
@@ -53,12 +58,20 @@ def _instances(count: int, kind: str) -> str:
     return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
 
 
-def tokenizer_config(max_batch: int, instances: int, queue_delay_us: int = 500) -> str:
+#: the string inputs of the guard's ensemble (and its tokenizer), by guard kind
+TEXT_INPUTS = {"content": (("TEXT", True), ("PROMPT", True), ("RESPONSE", True)),
+               "trajectory": (("MESSAGES", False), ("TOOLS", True))}
+
+
+def _string_inputs(kind: str) -> str:
+    rows = [f'  {{ name: "{name}" data_type: TYPE_STRING dims: [ 1 ]{" optional: true" if optional else ""} }}'
+            for name, optional in TEXT_INPUTS[kind]]
+    return "input [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def tokenizer_config(max_batch: int, instances: int, queue_delay_us: int = 500, kind: str = "content") -> str:
     return (f'name: "{TOKENIZER_MODEL}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            'input [\n'
-            '  { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
-            '  { name: "PROMPT" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
-            '  { name: "RESPONSE" data_type: TYPE_STRING dims: [ 1 ] optional: true }\n]\n'
+            + _string_inputs(kind) +
             'output [\n'
             '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },\n'
             '  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }\n]\n'
@@ -83,15 +96,16 @@ def scorer_config(flavor: str, max_batch: int, instances: int, queue_delay_us: i
 
 
 def stream_config(max_batch: int, instances: int, max_sequences: int = 64, idle_seconds: float = 300.0,
-                  queue_delay_us: int = 1000, instance_kind: str = "cpu") -> str:
+                  queue_delay_us: int = 1000, instance_kind: str = "cpu", kind: str = "content") -> str:
     """The sequence-batched streaming model. The oldest strategy batches one request from
     each of up to `max_sequences` live sequences per instance into one execute call, which the
     model steps together with feed_batch; START/END/CORRID arrive as control inputs."""
-    kind = INSTANCE_KINDS.get(instance_kind) or "KIND_CPU"
+    placement = INSTANCE_KINDS.get(instance_kind) or "KIND_CPU"
     sizes = ", ".join(str(s) for s in _preferred_sizes(max_batch))
     idle_us = int(idle_seconds * 1e6)
     return (f'name: "{STREAM_MODEL}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            'input [\n  { name: "DELTA" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+            + ('input [\n  { name: "DELTA" data_type: TYPE_STRING dims: [ 1 ] }\n]\n' if kind == "content" else
+               _string_inputs("trajectory")) +
             'output [\n  { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }\n]\n'
             'sequence_batching {\n'
             f'  max_sequence_idle_microseconds: {idle_us}\n'
@@ -105,22 +119,18 @@ def stream_config(max_batch: int, instances: int, max_sequences: int = 64, idle_
             'parameters [\n'
             f'  {{ key: "max_sessions" value: {{ string_value: "{max_sequences}" }} }},\n'
             f'  {{ key: "idle_seconds" value: {{ string_value: "{idle_seconds:g}" }} }}\n]\n'
-            + _instances(instances, kind))
+            + _instances(instances, placement))
 
 
-def ensemble_config(name: str, flavor: str, max_batch: int) -> str:
+def ensemble_config(name: str, flavor: str, max_batch: int, kind: str = "content") -> str:
     score_name = "SCORE" if flavor == "python" else "score"
+    maps = "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n, _ in TEXT_INPUTS[kind])
     return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
-            'input [\n'
-            '  { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
-            '  { name: "PROMPT" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
-            '  { name: "RESPONSE" data_type: TYPE_STRING dims: [ 1 ] optional: true }\n]\n'
+            + _string_inputs(kind) +
             'output [\n  { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }\n]\n'
             'ensemble_scheduling {\n  step [\n'
             f'    {{\n      model_name: "{TOKENIZER_MODEL}"\n      model_version: -1\n'
-            '      input_map { key: "TEXT" value: "TEXT" }\n'
-            '      input_map { key: "PROMPT" value: "PROMPT" }\n'
-            '      input_map { key: "RESPONSE" value: "RESPONSE" }\n'
+            + maps +
             '      output_map { key: "input_ids" value: "ids" }\n'
             '      output_map { key: "attention_mask" value: "mask" }\n    },\n'
             f'    {{\n      model_name: "{SCORER_MODEL}"\n      model_version: -1\n'
@@ -156,6 +166,7 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
         raise ValueError(f"invalid ensemble name {name!r}")
     contract = read_bundle(bundle)
     contract.verify()
+    kind = contract.guard.kind
     engine = None
     if scorer == "tensorrt":
         engines = contract.engines_for("model")
@@ -170,10 +181,11 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
 
     tok_dir = output / TOKENIZER_MODEL
     (tok_dir / "1" / "bundle").mkdir(parents=True)
-    (tok_dir / "config.pbtxt").write_text(tokenizer_config(max_batch, instances))
+    (tok_dir / "config.pbtxt").write_text(tokenizer_config(max_batch, instances, kind=kind))
     template = resources.files("siren_serving") / "triton_models"
     (tok_dir / "1" / "model.py").write_text((template / "tokenizer_model.py").read_text(encoding="utf-8"))
-    for rel in (MANIFEST_NAME, contract.tokenizer_path):
+    renders = [contract.guard.chat_template] if kind == "trajectory" else []
+    for rel in (MANIFEST_NAME, contract.tokenizer_path, *renders):
         _copy(bundle / rel, tok_dir / "1" / "bundle" / rel)
 
     sc_dir = output / SCORER_MODEL
@@ -193,18 +205,19 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     if streaming:
         st_dir = output / STREAM_MODEL
         (st_dir / "1").mkdir(parents=True)
-        kind = "gpu" if instance_kind == "gpu" else "cpu"
+        where = "gpu" if instance_kind == "gpu" else "cpu"
         (st_dir / "config.pbtxt").write_text(stream_config(max_batch, instances, max_sequences, idle_seconds,
-                                                           instance_kind=kind))
+                                                           instance_kind=where, kind=kind))
         (st_dir / "1" / "model.py").write_text((template / "stream_model.py").read_text(encoding="utf-8"))
         for rel in [MANIFEST_NAME] + list(contract.files):
             _copy(bundle / rel, st_dir / "1" / "bundle" / rel)
 
     ens_dir = output / name
     (ens_dir / "1").mkdir(parents=True)
-    (ens_dir / "config.pbtxt").write_text(ensemble_config(name, scorer, max_batch))
+    (ens_dir / "config.pbtxt").write_text(ensemble_config(name, scorer, max_batch, kind=kind))
     readme = _REPO_README.format(name=name, scorer=scorer, bundle=bundle)
-    (output / "README.md").write_text(readme + (_STREAM_README if streaming else ""))
+    (output / "README.md").write_text(readme + (_RUNS_README if kind == "trajectory" else "")
+                                      + (_STREAM_README if streaming else ""))
     return output
 
 
@@ -225,6 +238,18 @@ environment's site-packages):
 
 Thresholds stay with the client: compare `SCORE` with your policy's threshold (e.g. 0.1 for a
 strict deployment, 0.9 for a permissive one); one deployment serves every policy.
+"""
+
+_RUNS_README = """
+## An agent-run guard (Agent-SIREN)
+
+This bundle scores agent runs: send `MESSAGES` (TYPE_STRING, dims [1]: the run's OpenAI chat
+rows as one JSON string) and optionally `TOOLS` (the tool schemas, JSON) instead of `TEXT`.
+`siren_tokenizer` renders the backbone's chat template and tokenizes exactly as
+`siren_runtime.AgentSirenGuard` does. With `siren_stream`, each request of a sequence carries
+the run's new messages (`MESSAGES`, a JSON list; `TOOLS` with the first) and `SCORE` is the
+verdict of the whole run so far, running only the new turns' tokens. The models' Python
+environment needs jinja2 (siren-deploy's `agent` extra) to render the template.
 """
 
 _STREAM_README = """

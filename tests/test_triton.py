@@ -197,3 +197,57 @@ def test_streaming_sequences_interleaved(server, guard):
     with pytest.raises(InferenceServerException, match="siren_stream"):
         client.infer("siren_stream", [bad], sequence_id=79, sequence_start=True, sequence_end=True)
     assert abs(_feed(client, httpclient, 80, "still ok", start=True, end=True) - guard.score("still ok").score) <= TOL
+
+
+# -- a trajectory (Agent-SIREN) bundle ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def agent_server(agent_qwen, tmp_path_factory):
+    if not server_binary().is_file():
+        pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
+    from siren_serving.triton_repo import write_repository
+    repo = write_repository(agent_qwen[0], tmp_path_factory.mktemp("triton-agent") / "repo", scorer="python",
+                            max_batch=8, streaming=True, max_sequences=8)
+    srv = TritonServer(repo)
+    try:
+        srv.start()
+    except RuntimeError as e:
+        pytest.skip(f"tritonserver could not start here: {e}")
+    yield srv
+    srv.stop()
+
+
+def test_agent_runs_on_triton_equal_the_runtime(agent_server, agent_qwen):
+    """The ensemble (the chat template rendered by siren_tokenizer, the Python scorer) and
+    the stream model (the run's new messages per request) against the in-process guard."""
+    import json
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+    from siren_runtime import AgentSirenGuard
+    from test_agent_siren import TOOLS, trajectories
+    runs = trajectories()
+    client = httpclient.InferenceServerClient(agent_server.http_url)
+    with AgentSirenGuard.from_pretrained(agent_qwen[0], device="cpu") as guard:
+        expected = [guard.score_trajectory(messages=m, tools=t).score for m, t in runs]
+        got = client.infer("siren_guard", [
+            _text_input(httpclient, "MESSAGES", [json.dumps(m).encode() for m, _ in runs]),
+            _text_input(httpclient, "TOOLS", [json.dumps(t).encode() for _, t in runs])]).as_numpy("SCORE")
+        assert np.max(np.abs(got.reshape(-1) - np.array(expected))) <= TOL
+        assert abs(got.reshape(-1)[0] - agent_qwen[1].score_trajectory(
+            __import__("siren_guard").from_openai(runs[0][0], runs[0][1])).score) <= TOL
+        # a run appended message by message on siren_stream: each answer is the run so far
+        messages = runs[0][0]
+        session = guard.session(tools=TOOLS)
+        for n, message in enumerate(messages):
+            want = session.append(message).score
+            inputs = [_text_input(httpclient, "MESSAGES", [json.dumps([message]).encode()])]
+            if n == 0:
+                inputs.append(_text_input(httpclient, "TOOLS", [json.dumps(TOOLS).encode()]))
+            result = client.infer("siren_stream", inputs, sequence_id=500, sequence_start=n == 0,
+                                  sequence_end=n == len(messages) - 1)
+            assert abs(float(result.as_numpy("SCORE").reshape(-1)[0]) - want) <= TOL
+    with pytest.raises(InferenceServerException, match="unknown message role"):
+        client.infer("siren_guard", [_text_input(httpclient, "MESSAGES", [b'[{"role": "pirate"}]'])])
+    with pytest.raises(InferenceServerException, match="siren_stream"):
+        client.infer("siren_stream", [_text_input(httpclient, "MESSAGES", [b'not json'])], sequence_id=501,
+                     sequence_start=True, sequence_end=True)

@@ -1,6 +1,7 @@
 """Triton Python-backend model `siren_scorer`: ids -> score with siren_runtime on ONNX Runtime.
 
-The flavor that runs on a CPU-only server. Requests of one dynamic batch are unpadded by
+The flavor that runs on a CPU-only server; a content or a trajectory bundle alike (its
+ids come from siren_tokenizer). Requests of one dynamic batch are unpadded by
 their masks and re-grouped by length exactly as `SirenGuard.score_batch` does.
 """
 import os
@@ -8,7 +9,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from siren_runtime import SirenGuard
+from siren_runtime import load_guard
 
 
 class TritonPythonModel:
@@ -16,7 +17,7 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"], "bundle")
         device = "cuda" if args.get("model_instance_kind") == "GPU" else "cpu"
         # Files were checked against the manifest when the repository was written.
-        self.guard = SirenGuard.from_pretrained(folder, device=device, incremental_streaming=False, verify=False)
+        self.guard = load_guard(folder, device=device, incremental_streaming=False, verify=False)
 
     def execute(self, requests):
         id_lists, owners, errors = [], [], {}

@@ -137,18 +137,19 @@ def _cmd_build(args) -> int:
 
 def _cmd_verify(args) -> int:
     from siren_runtime.bundle import read_bundle
-    if read_bundle(args.bundle).manifest.get("quantization"):
+    contract = read_bundle(args.bundle)
+    if contract.manifest.get("quantization"):
         from siren_quantize.gate import format_report, read_texts, verify_quantized
         if args.reference_bundle is None:
             raise ValueError("a quantized bundle is verified against its fp32 source: pass --reference-bundle")
-        report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts),
+        report = verify_quantized(args.bundle, args.reference_bundle, read_texts(args.texts, contract.guard.kind),
                                   max_mean_diff=args.max_mean_diff)
     else:
         from siren_engines.verify import format_report, verify_bundle
         texts = None
         if args.texts:
             from siren_quantize.gate import read_texts
-            texts = read_texts(args.texts)
+            texts = read_texts(args.texts, contract.guard.kind)
         report = verify_bundle(args.bundle, backend=args.backend, reference_bundle=args.reference_bundle,
                                device=args.device, texts=texts)
     print(json.dumps(report) if args.json else format_report(report))
@@ -158,10 +159,12 @@ def _cmd_verify(args) -> int:
 def _cmd_quantize(args) -> int:
     from siren_quantize.gate import format_report, read_texts
     from siren_quantize.pipeline import QuantizationRejected, quantize_bundle
+    from siren_runtime.bundle import read_bundle
+    texts = read_texts(args.texts, read_bundle(args.bundle).guard.kind) if args.texts else None
     try:
         out, _ = quantize_bundle(args.bundle, args.output, weights=args.weights, scheme=args.scheme,
                                  block_size=args.block_size, reference_bundle=args.reference_bundle,
-                                 texts=read_texts(args.texts), overwrite=args.overwrite,
+                                 texts=texts, overwrite=args.overwrite,
                                  show_progress=not args.quiet, gate=not args.no_gate,
                                  max_mean_diff=args.max_mean_diff, smooth=args.smooth,
                                  outlier_ratio=args.outliers, embedding=args.embedding)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from siren_runtime.decisions import decision_report, format_decisions, gate_texts
+from siren_runtime.decisions import decision_report, format_decisions, gate_items
 from siren_runtime.errors import install_hint
 
 
@@ -28,8 +28,10 @@ def reference_unavailable() -> Optional[str]:
 
 
 def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bundle: Optional[str | Path] = None,
-                  device: Optional[str] = None, texts: Optional[list[str]] = None) -> dict:
-    from siren_runtime import BundleError, SirenGuard
+                  device: Optional[str] = None, texts: Optional[list] = None) -> dict:
+    """texts: a content bundle's gate texts, a trajectory bundle's agent runs (default: the
+    built-in ones)."""
+    from siren_runtime import BundleError, load_guard
     from siren_runtime.bundle import read_bundle
 
     reference_bundle = Path(reference_bundle or bundle)
@@ -39,10 +41,9 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
     problem = reference_unavailable()
     if problem:
         raise BundleError(problem)
-    texts = texts or gate_texts()
-    with SirenGuard.from_pretrained(bundle, backend=backend, device=device, incremental_streaming=False) as candidate, \
-            SirenGuard.from_pretrained(reference_bundle, backend="onnxruntime", device="cpu",
-                                       incremental_streaming=False) as reference:
+    texts = texts or gate_items(read_bundle(bundle).guard.kind)
+    with load_guard(bundle, backend=backend, device=device, incremental_streaming=False) as candidate, \
+            load_guard(reference_bundle, backend="onnxruntime", device="cpu", incremental_streaming=False) as reference:
         limit = candidate.runners.score.limits.max_sequence
         fits = [t for t in texts if limit is None or len(candidate.token_ids(t)) <= limit]
         if not fits:
@@ -53,6 +54,34 @@ def verify_bundle(bundle: str | Path, backend: str = "onnxruntime", reference_bu
         report.update(backend=candidate.backend, device=candidate.device, reference=str(reference_bundle),
                       left_out_too_long=len(texts) - len(fits))
     return report
+
+
+def _chunked_texts(guard, texts: list) -> float:
+    """Texts fed in chunks, every stream stepped together: the largest |Δ| between a feed's
+    score and the whole score of the text so far."""
+    sessions = [guard.stream() for _ in texts]
+    plans = [_chunks(t, 4) for t in texts]
+    worst = 0.0
+    for round_ in range(max(len(p) for p in plans)):
+        live = [(s, p[round_]) for s, p in zip(sessions, plans) if round_ < len(p)]
+        streamed = guard.feed_batch([s for s, _ in live], [d for _, d in live])
+        whole = guard.score_batch([s.text for s, _ in live])
+        worst = max([worst] + [abs(a.score - b.score) for a, b in zip(streamed, whole)])
+    return worst
+
+
+def _appended_runs(guard, runs: list) -> float:
+    """Runs appended message by message, every session stepped together: the largest |Δ|
+    between an append's verdict and the whole score of the run so far."""
+    sessions = [guard.session(tools=run["tools"]) for run in runs]
+    worst = 0.0
+    for round_ in range(max(len(run["messages"]) for run in runs)):
+        live = [(s, run) for s, run in zip(sessions, runs) if round_ < len(run["messages"])]
+        appended = guard.feed_batch([s for s, _ in live], [[run["messages"][round_]] for _, run in live])
+        whole = guard.score_batch([{"messages": run["messages"][:round_ + 1], "tools": run["tools"]}
+                                   for _, run in live])
+        worst = max([worst] + [abs(a.score - b.score) for a, b in zip(appended, whole)])
+    return worst
 
 
 def _chunks(text: str, parts: int) -> list[str]:
@@ -67,12 +96,13 @@ def verify_streaming_engine(bundle: str | Path, entry: dict, texts: Optional[lis
     """The step engine's own check, before it is recorded: load it, feed `streams`
     calibration texts chunk by chunk through ``feed_batch`` (several streams per engine
     call, a rollback whenever a chunk boundary splits a token), and compare every score with
-    the model engine's score of the same prefix. {"passed", "max_abs_diff", "reason"}."""
-    from siren_runtime import SirenGuard
+    the model engine's score of the same prefix; a trajectory bundle's runs are appended
+    message by message. {"passed", "max_abs_diff", "reason"}."""
+    from siren_runtime import AgentSirenGuard, SirenGuard
     from siren_runtime.backends import Runners, open_runners
     from siren_runtime.backends.tensorrt_runner import TensorRTStepRunner
     from siren_runtime.bundle import read_bundle
-    from siren_runtime.calibration import calibration_texts
+    from siren_runtime.calibration import calibration_items
 
     contract = read_bundle(bundle)
     tolerance = 2e-3 if contract.model.dtype == "fp32" else 3e-2
@@ -83,17 +113,12 @@ def verify_streaming_engine(bundle: str | Path, entry: dict, texts: Optional[lis
     except Exception:
         score.close()
         raise
-    with SirenGuard(contract, Runners(score, step)) as guard:
+    runs = contract.guard.kind == "trajectory"
+    with (AgentSirenGuard if runs else SirenGuard)(contract, Runners(score, step)) as guard:
         limit = score.limits.max_sequence or guard.max_length
-        texts = [t for t in texts or calibration_texts() if len(guard.token_ids(t)) <= limit][:streams]
-        sessions = [guard.stream() for _ in texts]
-        plans = [_chunks(t, 4) for t in texts]
-        worst = 0.0
-        for round_ in range(max(len(p) for p in plans)):
-            live = [(s, p[round_]) for s, p in zip(sessions, plans) if round_ < len(p)]
-            streamed = guard.feed_batch([s for s, _ in live], [d for _, d in live])
-            whole = guard.score_batch([s.text for s, _ in live])
-            worst = max([worst] + [abs(a.score - b.score) for a, b in zip(streamed, whole)])
+        texts = [t for t in texts or calibration_items(contract.guard.kind)
+                 if len(guard.token_ids(t)) <= limit][:streams]
+        worst = _appended_runs(guard, texts) if runs else _chunked_texts(guard, texts)
     passed = bool(np.isfinite(worst) and worst <= tolerance)
     return {"passed": passed, "max_abs_diff": float(worst), "texts": len(texts),
             "reason": "" if passed else f"streamed scores differ from whole-prefix scores by {worst:.3g} "

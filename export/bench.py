@@ -74,25 +74,38 @@ def measure(score_batch, score_one):
     return scores, batch_times, single
 
 out = {"import_s": import_s, "variants": {}}
+runs = spec.get("kind") == "trajectory"       # an Agent-SIREN bundle: the items are agent runs
 t0 = time.perf_counter()
 if spec["side"] == "runtime":
     options = {"prepack_weights": False} if spec.get("prepack") else {}
-    guard = siren_runtime.SirenGuard.from_pretrained(spec["bundle"], device="cpu", backend=spec.get("backend"),
-                                                     **options)
+    guard = siren_runtime.load_guard(spec["bundle"], device="cpu", backend=spec.get("backend"), **options)
     out["load_s"] = time.perf_counter() - t0
-    ids = guard._encoder.token_ids([siren_runtime.text.clean_text(t) for t in texts])
-    out["tokens"] = sum(len(i) for i in ids)
+    out["tokens"] = sum(len(guard.token_ids(t)) for t in texts)
     batch = lambda ts: [r.score for r in guard.score_batch(ts)]
-    one = lambda t: guard.score(t).score
+    one = (lambda t: guard.score_trajectory(messages=t["messages"], tools=t["tools"]).score) if runs else (
+        lambda t: guard.score(t).score)
     coding = getattr(guard.runners.score, "int8_coding", None) or (
         "u8 x u8" if spec.get("label") == "int8-dynamic" else None)
     out["variants"]["siren_runtime " + spec.get("label", "") + (" " + coding if coding else "")
                     + (" in place (no pre-packing)" if spec.get("prepack") else "") + " (" + guard.backend + ")"] = measure(batch, one)
-    if guard.incremental_streaming:     # a few feeds of a stream: the step graph is part of the footprint
+    if guard.incremental_streaming and runs:    # a run appended message by message
+        session, feeds = guard.session(tools=texts[1]["tools"]), []
+        for message in texts[1]["messages"]:
+            t = time.perf_counter(); session.append(message); feeds.append(time.perf_counter() - t)
+        out["feed_ms"] = 1e3 * sorted(feeds)[len(feeds) // 2]
+    elif guard.incremental_streaming:     # a few feeds of a stream: the step graph is part of the footprint
         session, feeds = guard.stream(), []
         for i in range(0, min(len(texts[1]), 12 * 8), 12):
             t = time.perf_counter(); session.feed(texts[1][i:i + 12]); feeds.append(time.perf_counter() - t)
         out["feed_ms"] = 1e3 * sorted(feeds)[len(feeds) // 2]
+elif runs:
+    torch.set_grad_enabled(False)
+    ref = siren_guard.AgentSirenGuard.from_pretrained(spec["artifact"], device="cpu", dtype=torch.float32)
+    out["load_s"] = time.perf_counter() - t0
+    run_of = lambda t: siren_guard.from_openai(t["messages"], t["tools"])
+    batch = lambda ts: [r.score for r in ref.score_batch([run_of(t) for t in ts])]
+    one = lambda t: ref.score_trajectory(run_of(t)).score
+    out["variants"]["llm-siren AgentSirenGuard (torch)"] = measure(batch, one)
 else:
     torch.set_grad_enabled(False)
     ref = siren_guard.SirenGuard.from_pretrained(spec["artifact"], device="cpu", dtype=torch.float32)
@@ -198,12 +211,21 @@ def run_bench(bundle: str, reference: Optional[str] = None, texts_file: Optional
     if reference is not None and importlib.util.find_spec("siren_guard") is None:
         raise ModuleNotFoundError("--reference runs llm-siren, which is not installed here: "
                                   "pip install llm-siren==0.2.0 (or drop --reference)", name="siren_guard")
-    texts = ([l.rstrip("\n") for l in Path(texts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
-             if texts_file else default_texts())
+    from siren_runtime.bundle import read_bundle
+    kind = read_bundle(bundle).guard.kind
+    if kind == "trajectory" and breakdown:
+        raise ValueError("--breakdown splits a content guard's gain (truncation, batching, engine); a trajectory "
+                         "bundle is benchmarked without it")
+    if texts_file:
+        from siren_quantize.gate import read_texts
+        texts = read_texts(texts_file, kind)          # a trajectory bundle's: JSON Lines agent runs
+    else:
+        from siren_runtime.calibration import agent_runs
+        texts = agent_runs(default_texts()) if kind == "trajectory" else default_texts()
     if batch:
         texts = (texts * (batch // len(texts) + 1))[:batch]
     spec = {"bundle": str(bundle), "artifact": reference, "texts": texts, "repeat": repeat,
-            "breakdown": breakdown, "backend": backend}
+            "breakdown": breakdown, "backend": backend, "kind": kind}
     bundles = [str(bundle)] + [str(b) for b in (also or [])]
     sides = [(b, _run_worker({**spec, "bundle": b, "label": _label(b), "side": "runtime", "prepack": p}, env))
              for b in bundles for p in ((False, True) if prepack else (False,)) for env in _codings(b)]
@@ -237,8 +259,10 @@ def size_mb(row: dict) -> str:
 
 def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
     base = rows[0]
-    words = [len(t.split()) for t in texts]
-    lines = [f"{len(texts)} texts, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; "
+    words = [len(t.split()) if isinstance(t, str) else sum(len(str(m.get("content") or "").split())
+                                                            for m in t["messages"]) for t in texts]
+    what = "texts" if isinstance(texts[0], str) else "agent runs"
+    lines = [f"{len(texts)} {what}, {min(words)}-{max(words)} words, {tokens} tokens; best of repeats; "
              f"CPU ({cpu_isa()}, {os.cpu_count()} cores)",
              "", f"{'implementation':<44} {'texts/s':>8} {'tokens/s':>9} {'x thrpt':>7} {'p50 ms':>8} "
                  f"{'p95 ms':>8} {'x p50':>6} {'feed ms':>7} {'load s':>6} {'steady MiB':>10} {'peak MiB':>8} "
@@ -260,6 +284,8 @@ def format_table(rows: list[dict], texts: list[str], tokens: int) -> str:
     lines.append("")
     lines.append(f"x thrpt / x p50: relative to {base['implementation']}; RSS, load and import time are per process "
                  "(torch variants share the llm-siren process); runtime rows load the guard with from_pretrained's "
-                 "defaults (on a CPU one pre-packed session of the step graph), score, then feed a stream 12 characters at a time (feed ms: median); steady: RSS at the "
-                 "end; x weights: peak over the weights file; x ref peak: peak over llm-siren's.")
+                 "defaults (on a CPU one pre-packed session of the step graph), score, then "
+                 + ("append a run message by message" if what == "agent runs" else "feed a stream 12 characters at a time")
+                 + " (feed ms: median); steady: RSS at the end; x weights: peak over the weights file; x ref peak: "
+                 "peak over llm-siren's.")
     return "\n".join(lines)

@@ -23,12 +23,12 @@ from typing import Optional
 import onnx
 
 from siren_runtime.bundle import MANIFEST_NAME, Staging, describe_file, read_bundle, write_manifest
-from siren_runtime.calibration import calibration_texts
+from siren_runtime.calibration import calibration_items
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
 
 from .calibration import activation_ranges
-from .gate import MAX_MEAN_DIFF, check_reference, format_report, gate_texts, score_on_cpu, verify_quantized
+from .gate import MAX_MEAN_DIFF, check_reference, format_report, gate_items, score_on_cpu, verify_quantized
 from .outliers import split_plan
 from .plans import AUTO_CANDIDATES, Plan
 from .signed_twin import write_twins
@@ -57,13 +57,23 @@ def _say(show: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _streaming_check(bundle: Path, texts: list[str]) -> dict:
-    """Streams on the new bundle, chunk by chunk, against its own whole-prefix scores."""
-    from siren_runtime import SirenGuard
+def _streaming_check(bundle: Path, texts: list) -> dict:
+    """Streams on the new bundle, chunk by chunk (a trajectory guard's runs: message by
+    message), against its own whole-prefix scores."""
+    from siren_runtime import load_guard
     worst, steps = 0.0, 0
-    with SirenGuard.from_pretrained(bundle, device="cpu") as guard:
+    with load_guard(bundle, device="cpu") as guard:
         if not guard.incremental_streaming:
             return {"checked": False, "reason": "no step graph"}
+        if guard.bundle.guard.kind == "trajectory":
+            for run in texts:
+                session = guard.session(tools=run["tools"])
+                for end, message in enumerate(run["messages"], 1):
+                    streamed = session.append(message).score
+                    whole = guard.score_trajectory(messages=run["messages"][:end], tools=run["tools"]).score
+                    worst, steps = max(worst, abs(streamed - whole)), steps + 1
+            return {"checked": True, "steps": steps, "max_abs_diff": float(worst), "tolerance": STREAM_TOLERANCE,
+                    "passed": worst <= STREAM_TOLERANCE}
         sessions = [guard.stream() for _ in texts]
         pieces = [[t[i:i + 7] for i in range(0, len(t), 7)] for t in texts]
         for round_ in range(max(len(p) for p in pieces)):
@@ -77,6 +87,12 @@ def _streaming_check(bundle: Path, texts: list[str]) -> dict:
 
 
 def _token_ids(contract, texts: list) -> list:
+    """The ids the scoring graph reads for `texts` (a trajectory bundle's: agent runs)."""
+    if contract.guard.kind == "trajectory":
+        from siren_runtime.agent_guard import TrajectoryEncoder
+        from siren_runtime.trajectory import as_trajectory
+        encoder = TrajectoryEncoder(contract)
+        return [encoder.ids(encoder.render(as_trajectory(run))) for run in texts]
     from siren_runtime.text import clean_text
     from siren_runtime.tokenization import TextEncoder
     return TextEncoder.for_bundle(contract).token_ids([clean_text(t) for t in texts])
@@ -102,7 +118,7 @@ class Calibration:
         """{source weight key: per-input-channel max |x|}."""
         if self._ranges is None:
             t0 = time.perf_counter()
-            texts = calibration_texts()
+            texts = calibration_items(self.contract.guard.kind)
             bundle = self.source if self.contract.model.dtype == "fp32" else self.reference
             spec = read_bundle(bundle).model
             _say(self.show, f"calibrating: activation ranges of {len(texts)} texts on {bundle} ...")
@@ -159,6 +175,12 @@ def _rewrite(staging: Path, source: Path, contract, plan: Plan, weights_source: 
     return reports, treatment
 
 
+def _carried(contract) -> list:
+    """Files the quantized bundle carries unchanged besides the tokenizer (a trajectory
+    guard's chat template)."""
+    return [contract.guard.chat_template] if contract.guard.chat_template else []
+
+
 def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, treatment: dict,
               calibration: Calibration, weights: str) -> tuple[dict, list]:
     manifest = contract.raw()
@@ -168,7 +190,7 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
     manifest["model"]["batch_invariant"] = False
     manifest["model"]["external_data"] = WEIGHTS_FILE
     manifest["model"]["opset"] = reports["model"].opset
-    files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path]
+    files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path, *_carried(contract)]
     if contract.prefix_head is not None:
         files.append(contract.prefix_head.path)
     if contract.streaming is not None:
@@ -288,7 +310,7 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
     calibration = Calibration(source, contract, reference, weights_source, show_progress)
     if not auto and plans[0].calibrated and calibration.available():
         raise ValueError(calibration.available())
-    texts = texts or gate_texts()
+    texts = texts or gate_items(contract.guard.kind)
     reference_scores = None
     output.parent.mkdir(parents=True, exist_ok=True)
     rows, last_report = [], {"passed": False, "checked": False}
@@ -304,7 +326,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
             try:
                 reports, treatment = _rewrite(staging, source, contract, plan, weights_source, calibration,
                                               show_progress)
-                shutil.copy2(source / contract.tokenizer_path, staging / contract.tokenizer_path)
+                for rel in (contract.tokenizer_path, *_carried(contract)):
+                    shutil.copy2(source / rel, staging / rel)
                 if contract.prefix_head is not None:     # the head stays fp32: the same file
                     shutil.copy2(source / contract.prefix_head.path, staging / contract.prefix_head.path)
                 manifest, files = _manifest(staging, source, contract, plan, reports, treatment, calibration, weights)

@@ -178,6 +178,11 @@ class AgentSirenGuard:
                 "max_length": self.max_length}
 
     @property
+    def runners(self) -> Runners:
+        """The backend runners this guard scores with (their limits, their names)."""
+        return self._runners
+
+    @property
     def bundle(self) -> Bundle:
         return self._bundle
 

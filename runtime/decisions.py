@@ -34,6 +34,13 @@ def gate_texts() -> list[str]:
     return texts
 
 
+def gate_items(kind: str) -> list:
+    """What a gate scores for a guard of `kind`: the gate texts, or agent runs built from them."""
+    from siren_runtime.calibration import agent_runs
+    texts = gate_texts()
+    return agent_runs(texts) if kind == "trajectory" else texts
+
+
 def decision_report(candidate: np.ndarray, reference: np.ndarray, thresholds: Sequence[float] = THRESHOLDS,
                     margin: float = MARGIN, max_mean_diff: float = MAX_MEAN_DIFF) -> dict:
     candidate = np.asarray(candidate, dtype=np.float64)

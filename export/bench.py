@@ -15,7 +15,6 @@ import random
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 from typing import Optional
 
 WORDS = ("the of and to in is was for on that with as by at from his an were are which this be or had not "

@@ -196,6 +196,16 @@ def _add_serving_options(p) -> None:
     p.set_defaults(intermixed="more_bundles")        # bundles may follow options too
 
 
+def quantization_schemes() -> list:
+    """The int8 schemes siren_quantize registers (onnx is the quantize extra's: without it,
+    the names the CLI documents)."""
+    try:
+        from siren_quantize.schemes import SCHEMES
+    except ImportError:
+        return ["dynamic", "blockwise"]
+    return list(SCHEMES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     def output_flags(default):
         flags = argparse.ArgumentParser(add_help=False)
@@ -371,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="fp32, fp16 or bf16 bundle")
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--weights", choices=["int8"], default="int8", help="weight precision (int8, the only one)")
-    p.add_argument("--scheme", choices=["auto", "dynamic", "blockwise"], default="auto",
+    p.add_argument("--scheme", choices=["auto", *quantization_schemes()], default="auto",
                    help="auto (default): try the plans fastest first (dynamic; dynamic with outlier channels in "
                         "fp32 at two ratios; blockwise with them) and keep the first that passes the gate; "
                         "dynamic: per-token int8 activations x per-channel int8 weights, the fast one; "

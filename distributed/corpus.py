@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
+from siren_runtime.validation import check_int
+
 from .corpus_io import (Shard, clear_temporaries, file_fingerprint, input_files, output_id, part_rows,
                         plan_shards, read_shard, write_part)
 
@@ -55,10 +57,7 @@ class CorpusOptions:
             raise ValueError(f"--errors must be fail or skip, got {self.errors!r}")
         for name in ("actors", "rows_per_shard", "batch_size", "sustain"):
             value = getattr(self, name)
-            if value is None and name == "batch_size":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+            check_int(value, f"--{name.replace('_', '-')}", optional=name == "batch_size")
         for name in ("cpus_per_actor", "gpus_per_actor"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1024):

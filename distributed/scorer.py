@@ -21,6 +21,7 @@ import numpy as np
 
 from siren_runtime.text import join_prompt_response
 from siren_runtime.validation import check_threshold
+from siren_runtime.validation import check_int
 
 #: the value of the onset column where harm never starts (an int column has no null in numpy)
 NO_ONSET = -1
@@ -61,8 +62,7 @@ class SirenScorer:
             text_column = None
         elif text_column is None:
             raise ValueError("name the text: text_column, or prompt_column and/or response_column")
-        if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
-            raise ValueError(f"sustain must be an int of at least 1 (tokens), got {sustain!r}")
+        check_int(sustain, "sustain (tokens)")
         self.text_column, self.prompt_column, self.response_column = text_column, prompt_column, response_column
         self.messages_column, self.tools_column = messages_column, tools_column
         self.guard = load_guard(bundle, **guard_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from siren_runtime.bundle import SCORE_IO, STEP_IO, STEP_MIN_PAST
+from siren_runtime.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -16,9 +17,7 @@ class Profile:
 
 
 def _check(name: str, value: int, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
+    return check_int(value, name, low=low, high=high)
 
 
 def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = None,

@@ -33,7 +33,7 @@ from .outliers import split_plan
 from .plans import AUTO_CANDIDATES, Plan
 from .signed_twin import write_twins
 from .rewrite import HALF_TYPES, GraphRewriter, SourceWeights, WeightsFile
-from .schemes import ONNXRUNTIME_MIN
+from .schemes import scheme_of
 from .smoothing import matmul_groups, smoothing_factors
 
 WEIGHTS_FILE = "model.onnx.data"
@@ -165,7 +165,7 @@ def _rewrite(staging: Path, source: Path, contract, plan: Plan, weights_source: 
                    f"{' (fp32 from ' + contract.model.dtype + ')' if to_fp32 else ''}, {time.perf_counter() - t0:.1f}s")
     writer.close()
     treatment = {"signed_twin": write_twins(staging, [spec.path for _, spec in graphs], WEIGHTS_FILE)
-                 if plan.scheme == "dynamic" else None,
+                 if scheme_of(plan.scheme).signed_twin else None,
                  "smoothing": None if factors is None else {"method": "SmoothQuant per input channel",
                                                               "alpha": plan.smooth},
                  "outliers": None if outliers is None else {
@@ -203,15 +203,15 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
                 entry["dtype"] = "float32"
         files.append(contract.streaming.graph.path)
     manifest["engines"] = []       # engines of the source do not run these graphs
-    manifest["requires"] = {**(manifest.get("requires") or {}), "onnxruntime": ONNXRUNTIME_MIN[plan.scheme]}
+    scheme = scheme_of(plan.scheme)
+    manifest["requires"] = {**(manifest.get("requires") or {}), "onnxruntime": scheme.onnxruntime_min}
     twin = treatment["signed_twin"]
     if twin is not None:
         files += list(twin["graphs"].values())
     manifest["quantization"] = {
-        "weights": weights, "scheme": plan.scheme, "block_size": plan.block_size if plan.scheme == "blockwise" else None,
+        "weights": weights, "scheme": plan.scheme, "block_size": plan.block_size if scheme.uses_block_size else None,
         "plan": plan.record(),
-        "activations": "int8 per token (dynamic; u8 x u8, exact without VNNI)" if plan.scheme == "dynamic" else
-                       f"int8 per block of {plan.block_size} (MatMulNBits accuracy level 4)",
+        "activations": scheme.activations(plan.block_size),
         "source": {"bundle": str(source), "dtype": contract.model.dtype,
                    "manifest": describe_file(source, MANIFEST_NAME)["sha256"]},
         "quantized_matmuls": {k: r.quantized for k, r in reports.items()},
@@ -382,6 +382,6 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
     if len(plans) > 1:
         _say(show_progress, format_candidates(rows))
     kept = plans[len(rows) - 1]
-    twins = " (with u8 x s8 twins, loaded on VNNI CPUs)" if kept.scheme == "dynamic" else ""
+    twins = " (with u8 x s8 twins, loaded on VNNI CPUs)" if scheme_of(kept.scheme).signed_twin else ""
     _say(show_progress, f"kept: {kept.name}; wrote {output}{twins} in {time.perf_counter() - started:.1f}s")
     return output, {**report, "candidates": rows, "plan": plans[len(rows) - 1].record()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .schemes import SCHEMES
+from .schemes import scheme_of
 
 EMBEDDINGS = ("int8", "fp32")
 
@@ -25,8 +25,7 @@ class Plan:
     block_size: int = 32
 
     def __post_init__(self):
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        scheme_of(self.scheme)                       # an unknown name: a ValueError listing the known ones
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {self.embedding!r}")
         if self.smooth is not None and not 0.0 < self.smooth < 1.0:    # NaN fails too
@@ -40,7 +39,7 @@ class Plan:
 
     @property
     def name(self) -> str:
-        parts = [self.scheme + (f"/{self.block_size}" if self.scheme == "blockwise" else "")]
+        parts = [scheme_of(self.scheme).label(self.block_size)]
         if self.outlier_ratio is not None:
             parts.append(f"fp32 outliers >{self.outlier_ratio:g}x median")
         if self.smooth is not None:

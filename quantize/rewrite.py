@@ -17,21 +17,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import schemes
-from .schemes import QuantizedWeight, quantize_embedding, quantize_weight
+from .float_types import HALF_TYPES, to_float32  # noqa: F401 (HALF_TYPES: the pipeline's too)
+from .schemes import QuantizedWeight, quantize_embedding, scheme_of
 from .smoothing import quantizable_matmuls
 
 MS_DOMAIN = "com.microsoft"
-HALF_TYPES = (TensorProto.BFLOAT16, TensorProto.FLOAT16)
 _ALIGN = 64
 BLOCKED_QUANTIZE_OPSET = 21      # QuantizeLinear with block_size (a scale per row)
-
-
-def to_float32(raw: np.ndarray, data_type: int) -> np.ndarray:
-    if data_type == TensorProto.BFLOAT16:
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if data_type == TensorProto.FLOAT16:
-        return raw.view(np.float16).astype(np.float32)
-    return raw
 
 
 class WeightsFile:
@@ -206,7 +198,7 @@ class GraphRewriter:
                 self.report.weight_bytes_out += length
                 weight = weight.copy()
                 weight[channels] = 0.0
-            qw: QuantizedWeight = quantize_weight(weight, self.scheme, self.block_size)
+            qw: QuantizedWeight = scheme_of(self.scheme).quantize(weight, self.block_size)
             for suffix, array in qw.arrays.items():
                 offset, length = self.out.append(array)
                 data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -270,6 +262,17 @@ class GraphRewriter:
         return name
 
     # -- nodes ----------------------------------------------------------------------
+    def dynamic_int8_matmul(self, name: str, a: str, q: str, scale: str, y: str, k: int, nodes: list) -> None:
+        """y = a @ W for the dynamic scheme: `a` quantized per row, ONNX Runtime's
+        MatMulIntegerToFloat on the stored uint8 codes, then the row scale."""
+        a_q, a_scale = self._row_quantized(a, k, nodes)
+        one = self._constant("siren_q8_one", np.array(1.0, np.float32))
+        codes = schemes.DYNAMIC_CODES
+        inputs = [a_q, q, one, scale, self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8)),
+                  self._constant("siren_q8_wzp", np.array(codes.weight_zero_point, np.uint8))]
+        nodes += [helper.make_node("MatMulIntegerToFloat", inputs, [y + "__int"], domain=MS_DOMAIN, name=name + "_q8"),
+                  helper.make_node("Mul", [y + "__int", a_scale], [y])]
+
     def _row_quantized(self, activation: str, k: int, nodes: list) -> tuple[str, str]:
         """Per-token symmetric int8 of `activation` (uint8 around 128), once per tensor: the
         row's largest magnitude from ReduceMax/ReduceMin (no full-size |x| tensor) and one
@@ -330,19 +333,7 @@ class GraphRewriter:
             self.report.split_channels += len(self.outliers[self.source.key(weight)])
         else:
             join = None
-        if self.scheme == "dynamic":
-            a_q, a_scale = self._row_quantized(a, k, nodes)
-            one = self._constant("siren_q8_one", np.array(1.0, np.float32))
-            codes = schemes.DYNAMIC_CODES
-            inputs = [a_q, q, one, scale, self._constant("siren_q8_zp", np.array(codes.activation_zero_point, np.uint8)),
-                      self._constant("siren_q8_wzp", np.array(codes.weight_zero_point, np.uint8))]
-            nodes += [helper.make_node("MatMulIntegerToFloat", inputs, [y + "__int"],
-                                       domain=MS_DOMAIN, name=(node.name or y) + "_q8"),
-                      helper.make_node("Mul", [y + "__int", a_scale], [y])]
-        else:
-            nodes.append(helper.make_node("MatMulNBits", [a, q, scale], [y], domain=MS_DOMAIN,
-                                          name=(node.name or y) + "_q8", K=k, N=n, bits=8,
-                                          block_size=block_size, accuracy_level=4))
+        scheme_of(self.scheme).multiply(self, node.name or y, a, q, scale, y, (k, n, block_size), nodes)
         if join is not None:
             nodes.append(join)
         self.report.quantized += 1

@@ -19,11 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMES = ("dynamic", "blockwise")
-#: the oldest ONNX Runtime that runs each scheme's graphs (tried on 1.18-1.22 and 1.32):
-#: blocked QuantizeLinear (a scale per row) fails at run time on 1.18; 8-bit MatMulNBits
-#: refuses to load before 1.22 ("Only 4b quantization is supported")
-ONNXRUNTIME_MIN = {"dynamic": "1.19", "blockwise": "1.22"}
 
 
 @dataclass(frozen=True)
@@ -53,20 +48,92 @@ class QuantizedWeight:
     block_size: int = 0
 
 
-def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> QuantizedWeight:
-    """`weight` is MatMul's B, fp32 [K, N]."""
+class Scheme:
+    """How a MatMul's weight becomes int8 and the nodes that multiply by it, with what the
+    bundle says of it. One subclass per scheme, registered by `@register`: a new scheme is its
+    class here and nothing else (the CLI's choices, the plans, the rewriter, the manifest and
+    the ONNX Runtime requirement all read the registry)."""
+
+    name = ""
+    #: the oldest ONNX Runtime that runs the scheme's graphs
+    onnxruntime_min = ""
+    #: whether `block_size` means anything to it (and is recorded)
+    uses_block_size = False
+    #: whether a u8 x s8 twin of its graphs is written for VNNI CPUs
+    signed_twin = False
+
+    def label(self, block_size: int) -> str:
+        return self.name + (f"/{block_size}" if self.uses_block_size else "")
+
+    def activations(self, block_size: int) -> str:
+        """How activations are quantized, as the manifest says it."""
+        raise NotImplementedError
+
+    def quantize(self, weight: np.ndarray, block_size: int) -> QuantizedWeight:
+        """`weight` is MatMul's B, fp32 [K, N]."""
+        raise NotImplementedError
+
+    def multiply(self, rewriter, name: str, a: str, q: str, scale: str, y: str, shape: tuple, nodes: list) -> None:
+        """Append the nodes computing y = a @ W from the stored `q` and `scale` (shape: k, n, block size)."""
+        raise NotImplementedError
+
+
+SCHEMES: dict = {}
+
+
+def register(cls):
+    SCHEMES[cls.name] = cls()
+    return cls
+
+
+def scheme_of(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {name!r}") from None
+
+
+def _matrix(weight: np.ndarray) -> np.ndarray:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
-    weight = np.ascontiguousarray(weight, dtype=np.float32)
-    k, n = weight.shape
-    if scheme == "dynamic":
+    return np.ascontiguousarray(weight, dtype=np.float32)
+
+
+@register
+class Dynamic(Scheme):
+    name = "dynamic"
+    onnxruntime_min = "1.19"        # blocked QuantizeLinear (a scale per row) fails at run time on 1.18
+    signed_twin = True
+
+    def activations(self, block_size: int) -> str:
+        return "int8 per token (dynamic; u8 x u8, exact without VNNI)"
+
+    def quantize(self, weight: np.ndarray, block_size: int) -> QuantizedWeight:
+        weight = _matrix(weight)
+        k, n = weight.shape
         levels, zero_point = DYNAMIC_CODES.weight_levels, DYNAMIC_CODES.weight_zero_point
         scale = np.abs(weight).max(axis=0) / float(levels)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.clip(np.rint(weight / scale), -levels, levels).astype(np.int16)
-        return QuantizedWeight({"q": (q + zero_point).astype(np.uint8), "scale": scale}, scheme, k, n)
-    if scheme == "blockwise":
+        return QuantizedWeight({"q": (q + zero_point).astype(np.uint8), "scale": scale}, self.name, k, n)
+
+    def multiply(self, rewriter, name, a, q, scale, y, shape, nodes) -> None:
+        rewriter.dynamic_int8_matmul(name, a, q, scale, y, shape[0], nodes)
+
+
+@register
+class Blockwise(Scheme):
+    name = "blockwise"
+    onnxruntime_min = "1.22"        # 8-bit MatMulNBits refuses to load before ("Only 4b quantization")
+    uses_block_size = True
+
+    def activations(self, block_size: int) -> str:
+        return f"int8 per block of {block_size} (MatMulNBits accuracy level 4)"
+
+    def quantize(self, weight: np.ndarray, block_size: int) -> QuantizedWeight:
         from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+        weight = _matrix(weight)
+        k, n = weight.shape
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
         blocks = -(-k // block_size)
@@ -76,8 +143,18 @@ def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> Qu
         scales = np.zeros((n, blocks), dtype=np.float32)
         zero_points = np.zeros((n, blocks), dtype=np.uint8)          # unused: symmetric
         quantize_matmul_8bits(packed, weight, scales, zero_points, block_size, n, k, True)
-        return QuantizedWeight({"q": packed, "scale": scales}, scheme, k, n, block_size)
-    raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        return QuantizedWeight({"q": packed, "scale": scales}, self.name, k, n, block_size)
+
+    def multiply(self, rewriter, name, a, q, scale, y, shape, nodes) -> None:
+        from onnx import helper
+        k, n, block_size = shape
+        nodes.append(helper.make_node("MatMulNBits", [a, q, scale], [y], domain="com.microsoft", name=name + "_q8",
+                                      K=k, N=n, bits=8, block_size=block_size, accuracy_level=4))
+
+
+def quantize_weight(weight: np.ndarray, scheme: str, block_size: int = 32) -> QuantizedWeight:
+    """`weight` (MatMul's B, fp32 [K, N]) quantized by the named scheme."""
+    return scheme_of(scheme).quantize(weight, block_size)
 
 
 EMBEDDING_LEVELS = 127

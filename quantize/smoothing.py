@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .float_types import HALF_TYPES, to_float32
+
 MIN_FACTOR = 1e-5
 
 
@@ -54,7 +56,6 @@ def smoothing_factors(graph: onnx.GraphProto, ranges: dict, source, alpha: float
     (siren_quantize.pipeline.Calibration)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"smoothing alpha must be in (0, 1), got {alpha!r}")
-    from .rewrite import HALF_TYPES, to_float32
     groups = matmul_groups(graph, HALF_TYPES)
     factors = {}
     for weights in groups.values():

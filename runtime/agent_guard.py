@@ -31,7 +31,7 @@ from .streaming import IncrementalScorer, StreamCache, advance_through_cache
 from .tokenization import pad_right
 from .trajectory import Trajectory, as_trajectory, check_trajectory, from_openai
 from .trajectory_stream import TrajectorySession, as_tokens
-from .validation import check_threshold
+from .validation import check_int, check_threshold
 
 #: rescored trajectories remembered by score_streaming (rendered ids -> score)
 STREAM_CACHE_SIZE = 256
@@ -133,8 +133,7 @@ class AgentSirenGuard:
         step graph); False rescores every trajectory whole."""
         if not isinstance(bundle_dir, (str, Path)):
             raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        check_int(max_batch_size, "max_batch_size")
         bundle = locate_bundle(bundle_dir, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                token=token, engines=engines, backend=backend, verify=verify)
         check_kind(bundle, "trajectory")

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .backends import Runners, open_runners, warn_once
+from .backends import Runners, backend_name, open_runners, warn_once
 from .batching import length_groups
 from .bundle import Bundle, read_bundle
 from .hub import download_bundle, is_repo_id
@@ -18,7 +18,7 @@ from .streaming import (Fed, IncrementalScorer, PreparedFeed, StreamCache, Strea
                         advance_through_cache)
 from .text import StreamText, clean_text, clean_text_with_offsets, first_final_cut, join_prompt_response
 from .tokenization import TextEncoder, Tokenized
-from .validation import check_text, check_texts, check_threshold
+from .validation import check_int, check_text, check_texts, check_threshold
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_TOKEN_BUDGET = 16384
@@ -39,7 +39,7 @@ def locate_bundle(bundle_dir, *, revision: Optional[str] = None, cache_dir=None,
         try:
             bundle = download_bundle(str(bundle_dir), revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only, token=token,
-                                     engines=engines if engines is not None else backend in ("tensorrt", "trt"))
+                                     engines=engines if engines is not None else backend_name(backend) == "tensorrt")
         except (FileNotFoundError, OSError) as e:
             raise type(e)(f"no folder {str(bundle_dir)!r} here, so it was taken as a Hub repo id: {e}") from e
     else:
@@ -154,11 +154,8 @@ class SirenGuard:
         """
         if not isinstance(bundle_dir, (str, Path)):
             raise TypeError(f"bundle_dir must be a path, got {type(bundle_dir).__name__}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-        if token_budget is not None and (isinstance(token_budget, bool) or not isinstance(token_budget, int)
-                                         or token_budget < 1):
-            raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+        check_int(max_batch_size, "max_batch_size")
+        check_int(token_budget, "token_budget", optional=True)
         if max_padding is not None and not (isinstance(max_padding, (int, float)) and 0.0 <= max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {max_padding!r}")
         bundle = locate_bundle(bundle_dir, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,

@@ -71,9 +71,8 @@ def first_sustained(scores: np.ndarray, threshold: float, sustain: int = 1) -> O
 
 
 def check_sustain(sustain) -> int:
-    if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
-        raise ValueError(f"sustain must be a positive int (tokens), got {sustain!r}")
-    return sustain
+    from .validation import check_int
+    return check_int(sustain, "sustain (tokens)")
 
 
 @dataclass(frozen=True)

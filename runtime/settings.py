@@ -44,10 +44,8 @@ def env_of(field: dataclasses.Field) -> str:
 
 def check_positive_int(value, option: str, *, optional: bool = False) -> None:
     """One check for every count option: a real integer, at least 1 (None when optional)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{option} must be an integer of at least 1, got {value!r}")
+    from .validation import check_int
+    check_int(value, option, optional=optional)
 
 
 def check_choice(value, choices, option: str) -> None:

@@ -292,10 +292,9 @@ class StreamCache:
     """
 
     def __init__(self, max_streams: int = 64, max_bytes: int = 256 * 1024 * 1024):
-        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 0:
-            raise ValueError(f"max_streams must be an int >= 0, got {max_streams!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        from .validation import check_int
+        check_int(max_streams, "max_streams", low=0)
+        check_int(max_bytes, "max_bytes", low=0)
         self.max_streams = max_streams
         self.max_bytes = max_bytes
         self._states: "OrderedDict[int, StreamState]" = OrderedDict()

@@ -46,6 +46,17 @@ def check_encodable(value: str, name: str) -> None:
                          "is a lone surrogate") from None
 
 
+def check_int(value, name: str, *, low: int = 1, high: Optional[int] = None, optional: bool = False):
+    """The one check of every count option and argument: a real integer (not a bool) in
+    [low, high] (None: no upper bound); `optional` lets None through. Returns the value."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        where = f"of at least {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {where}, got {value!r}")
+    return value
+
+
 def check_strings(value, where: str) -> None:
     """Every string inside a JSON-like value (an agent run's messages, its tools) is one the
     tokenizer takes; the ValueError names the place (`messages[2].content`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from siren_runtime.validation import check_threshold
+from siren_runtime.validation import check_int, check_threshold
 
 #: the single category a SIREN guard scores
 CATEGORY = "harmful"
@@ -50,6 +50,23 @@ def parse_model(body: dict, default: str) -> str:
     return value or default
 
 
+def parse_int(value, param: str, *, low: int = 1, high: Optional[int] = None) -> int:
+    """An integer field of a request (runtime's check_int), refused as a 400 naming it."""
+    try:
+        return check_int(value, param, low=low, high=high)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
+def check_count(items: list, max_inputs: int, param: str, what: str = "items", empty: str = "an empty list") -> None:
+    """A request's list is not empty (400) and within --max-inputs (413)."""
+    if not items:
+        raise ApiError(400, f"{param} is {empty}", param=param)
+    if len(items) > max_inputs:
+        raise ApiError(413, f"{param} has {len(items)} {what}; this server takes at most {max_inputs} per request",
+                       param=param, code="too_many_inputs")
+
+
 def parse_inputs(body: dict, max_inputs: int, field: str = "input") -> list[str]:
     """`input`: a string, a list of strings, or (OpenAI's multi-modal form) a list of
     {"type": "text", "text": ...} objects."""
@@ -59,11 +76,7 @@ def parse_inputs(body: dict, max_inputs: int, field: str = "input") -> list[str]
     items = [value] if isinstance(value, (str, dict)) else value
     if not isinstance(items, list):
         raise ApiError(400, f"{field} must be a string or a list of strings, got {type(value).__name__}", param=field)
-    if not items:
-        raise ApiError(400, f"{field} is an empty list", param=field)
-    if len(items) > max_inputs:
-        raise ApiError(413, f"{field} has {len(items)} items; this server takes at most {max_inputs} per request",
-                       param=field, code="too_many_inputs")
+    check_count(items, max_inputs, field)
     texts = []
     for i, item in enumerate(items):
         if isinstance(item, dict):

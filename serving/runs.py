@@ -8,7 +8,7 @@ from typing import Any, Optional
 from siren_runtime.trajectory import Trajectory, from_openai
 from siren_runtime.validation import check_strings
 
-from .api import ApiError
+from .api import ApiError, check_count
 
 
 def _check_strings(value: Any, where: str) -> None:
@@ -58,11 +58,9 @@ def runs_of(body: Any, max_inputs: int) -> tuple[list, bool]:
             raise ApiError(400, "missing required field 'messages' (or 'trajectories': a list of runs)",
                            param="messages")
         return [run_of(body.get("messages"), body.get("tools"))], False
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list):
         raise ApiError(400, f"{param} must be a non-empty list of runs ({{\"messages\", \"tools\"}})", param=param)
-    if len(items) > max_inputs:
-        raise ApiError(413, f"{param} has {len(items)} runs; this server takes at most {max_inputs} per request",
-                       param=param, code="too_many_inputs")
+    check_count(items, max_inputs, param, "runs", empty="empty: it must be a non-empty list of runs")
     runs = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "messages" not in item:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from siren_runtime.bundle import MANIFEST_NAME, read_bundle
+from siren_runtime.validation import check_int
 
 SCORERS = ("python", "onnxruntime", "tensorrt")
 INSTANCE_KINDS = {"auto": None, "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
@@ -155,13 +156,10 @@ def write_repository(bundle: str | Path, output: str | Path, *, scorer: str = "p
     bundle, output = Path(bundle), Path(output)
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
-        raise ValueError(f"instances must be a positive int, got {instances!r}")
+    check_int(max_batch, "max_batch")
+    check_int(instances, "instances")
     scorer_kind(scorer, instance_kind)           # refuses a TensorRT scorer on CPU instances up front
-    if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
-        raise ValueError(f"max_sequences must be a positive int, got {max_sequences!r}")
+    check_int(max_sequences, "max_sequences")
     if not name.replace("_", "").replace("-", "").isalnum() or name in (TOKENIZER_MODEL, SCORER_MODEL, STREAM_MODEL):
         raise ValueError(f"invalid ensemble name {name!r}")
     contract = read_bundle(bundle)

@@ -67,3 +67,13 @@ def build_trajectory_bundle(root, template, llama=False, blocks=3, layers=4, max
     bundle = export_bundle(str(artifact), root / "bundle", show_progress=False)
     reference = Reference.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
     return bundle, reference
+
+
+def run_concurrently(worker, count: int) -> None:
+    """`worker(i)` for i in range(count), each on its own thread, all joined."""
+    import threading
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import threading
 
 import httpx
 import openai
 import pytest
 
+from helpers import run_concurrently
 from serve_process import ServeProcess
 from test_agent_siren import TOOLS, trajectories
 from test_serve import metric
@@ -144,11 +144,7 @@ def test_one_server_two_guards_every_route_concurrently(server, guard, agent):
                 done.append(kind)
             except Exception as e:      # reported below
                 failures.append((kind, repr(e)))
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(worker, 16)
     assert not failures[:5], failures[:5]
     assert len(done) == 16 * 14 and set(done) == set(range(7))
     metrics = httpx.get(server.url + "/metrics").text

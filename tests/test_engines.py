@@ -78,8 +78,8 @@ def no_tensorrt(monkeypatch):
 
 def test_runtime_falls_back_to_onnxruntime_and_says_so(bundle_with_engine, all_layers, no_tensorrt):
     from siren_runtime import BackendUnavailableError, SirenGuard
-    from siren_runtime.backends import warn_once
-    warn_once.__defaults__[0].clear()
+    from siren_runtime.backends import forget_warnings
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="tensorrt.*falling back to onnxruntime"):
         guard = SirenGuard.from_pretrained(bundle_with_engine)
     assert guard.backend == "onnxruntime"

@@ -207,11 +207,11 @@ def test_old_driver_is_named_and_falls_back(engines, tmp_path, monkeypatch):
     """Risk: a CUDA 12 driver under cuda-python 13 read as 'sees none'."""
     from trt_standin import StandIn
     from siren_runtime import BackendUnavailableError, SirenGuard
-    from siren_runtime.backends import warn_once
+    from siren_runtime.backends import forget_warnings
     StandIn(count_error=35).install(monkeypatch)
     with pytest.raises(BackendUnavailableError, match="cudaErrorInsufficientDriver.*tensorrt-cu12"):
         _trt_guard(engines[0])
-    warn_once.__defaults__[0].clear()
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="cudaErrorInsufficientDriver.*falling back to onnxruntime"):
         guard = SirenGuard.from_pretrained(engines[0])
     assert guard.backend == "onnxruntime"
@@ -233,11 +233,11 @@ def test_runtime_that_cannot_start_cuda_is_unavailable(engines, monkeypatch):
 def test_context_that_cannot_be_created_falls_back(engines, trt_standin):
     """Defect 6: create_execution_context() returning None was unchecked."""
     from siren_runtime import BackendUnavailableError, SirenGuard
-    from siren_runtime.backends import warn_once
+    from siren_runtime.backends import forget_warnings
     trt_standin.gpu.fail_context = True
     with pytest.raises(BackendUnavailableError, match="execution context"):
         _trt_guard(engines[0])
-    warn_once.__defaults__[0].clear()
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="execution context.*falling back"):
         assert SirenGuard.from_pretrained(engines[0]).backend == "onnxruntime"
 
@@ -331,8 +331,8 @@ def test_max_seq_below_max_length(all_layers, tmp_path, trt_standin):
     result = build_engines(bundle, max_batch=4, max_seq=16, streaming=False, show_progress=False)
     report = result["engines"][0]["verify"]
     assert report["passed"] and report["left_out_too_long"] > 0
-    from siren_runtime.backends import warn_once
-    warn_once.__defaults__[0].clear()
+    from siren_runtime.backends import forget_warnings
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="takes at most 16 tokens of the bundle.s 64"):
         guard = _trt_guard(bundle)
     runs = len(trt_standin.gpu.executions)
@@ -362,12 +362,12 @@ def test_step_engine_with_too_few_new_tokens_is_refused(engines, tmp_path, trt_s
 
 def test_without_gpu_backend_tensorrt_says_why_and_none_falls_back_once(engines, monkeypatch):
     from siren_runtime import BackendUnavailableError, SirenGuard
-    from siren_runtime.backends import warn_once
+    from siren_runtime.backends import forget_warnings
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     with pytest.raises(BackendUnavailableError, match="^TensorRT is not installed") as info:
         SirenGuard.from_pretrained(engines[0], backend="tensorrt")
     assert "\n" not in str(info.value)
-    warn_once.__defaults__[0].clear()
+    forget_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         SirenGuard.from_pretrained(engines[0])
@@ -410,11 +410,11 @@ def test_engine_from_another_gpu_model_of_the_same_capability_warns(engines, tmp
     engine built on this very GPU model is preferred when the bundle has both."""
     import json
     from trt_standin import StandIn
-    from siren_runtime.backends import warn_once
+    from siren_runtime.backends import forget_warnings
     from siren_engines.build import build_engines
     bundle = _fresh(engines, tmp_path)          # built on "NVIDIA Stand-in", capability 9.0
     StandIn(name="NVIDIA H200").install(monkeypatch)
-    warn_once.__defaults__[0].clear()
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="built on NVIDIA Stand-in and runs here on NVIDIA H200 .*siren build"):
         guard = _trt_guard(bundle)
     assert abs(guard.score("Hello there").score - all_layers.reference.score("Hello there").score) <= TOL
@@ -422,7 +422,7 @@ def test_engine_from_another_gpu_model_of_the_same_capability_warns(engines, tmp
     build_engines(bundle, max_batch=4, stream_batch=3, show_progress=False)      # now one for the H200 too
     manifest = json.loads((bundle / "siren_bundle.json").read_text())
     assert {e["gpu"] for e in manifest["engines"]} == {"NVIDIA Stand-in", "NVIDIA H200"}
-    warn_once.__defaults__[0].clear()
+    forget_warnings()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

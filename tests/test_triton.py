@@ -44,18 +44,23 @@ def test_generated_configs_parse_with_tritons_schema(all_layers, tmp_path):
         write_repository(all_layers.bundle, tmp_path / "repo")
 
 
-@pytest.fixture(scope="module")
-def server(all_layers, tmp_path_factory):
+def _serve(bundle, folder, **options):
+    """A real tritonserver on the repository `siren triton` writes for `bundle` (skipped where
+    the server cannot run), stopped after the module."""
     if not server_binary().is_file():
         pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
     from siren_serving.triton_repo import write_repository
-    repo = write_repository(all_layers.bundle, tmp_path_factory.mktemp("triton") / "repo", scorer="python",
-                            max_batch=16, streaming=True, max_sequences=16)
-    srv = TritonServer(repo)
+    srv = TritonServer(write_repository(bundle, folder / "repo", scorer="python", streaming=True, **options))
     try:
         srv.start()
     except RuntimeError as e:
         pytest.skip(f"tritonserver could not start here: {e}")
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(all_layers, tmp_path_factory):
+    srv = _serve(all_layers.bundle, tmp_path_factory.mktemp("triton"), max_batch=16, max_sequences=16)
     yield srv
     srv.stop()
 
@@ -203,16 +208,7 @@ def test_streaming_sequences_interleaved(server, guard):
 
 @pytest.fixture(scope="module")
 def agent_server(agent_qwen, tmp_path_factory):
-    if not server_binary().is_file():
-        pytest.skip(f"tritonserver not found at {server_binary()} (run `make triton-server`)")
-    from siren_serving.triton_repo import write_repository
-    repo = write_repository(agent_qwen[0], tmp_path_factory.mktemp("triton-agent") / "repo", scorer="python",
-                            max_batch=8, streaming=True, max_sequences=8)
-    srv = TritonServer(repo)
-    try:
-        srv.start()
-    except RuntimeError as e:
-        pytest.skip(f"tritonserver could not start here: {e}")
+    srv = _serve(agent_qwen[0], tmp_path_factory.mktemp("triton-agent"), max_batch=8, max_sequences=8)
     yield srv
     srv.stop()
 

@@ -39,11 +39,18 @@ class Runners:
                 runner.close()
 
 
+def backend_name(backend: Optional[str]) -> Optional[str]:
+    """A backend as the user may spell it ("trt", "ORT") -> its name ("tensorrt", "onnxruntime")."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    return _ALIASES.get(backend.lower(), backend.lower())
+
+
 def _normalise(backend: Optional[str], device: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     if backend is not None:
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        backend = _ALIASES.get(backend.lower(), backend.lower())
+        backend = backend_name(backend)
         if backend not in _MODULES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backend_names())}")
     if device is not None and device not in ("cpu", "cuda"):
@@ -140,11 +147,21 @@ def _load(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def warn_once(message: str, _seen=set()) -> None:
-    if message not in _seen:
-        _seen.add(message)
+#: fallback and limit warnings already given in this process (each is said once)
+_WARNED: set = set()
+
+
+def warn_once(message: str) -> None:
+    """A RuntimeWarning the first time `message` comes up in this process, then silence."""
+    if message not in _WARNED:
+        _WARNED.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def forget_warnings() -> None:
+    """Say every warning again (a test that checks one is given)."""
+    _WARNED.clear()
+
+
 __all__ = ["ScoreRunner", "StepRunner", "KVState", "StepRow", "StepOutput", "RunnerLimits", "Runners",
-           "open_runners", "candidates", "backend_names", "warn_once"]
+           "open_runners", "candidates", "backend_names", "backend_name", "warn_once", "forget_warnings"]

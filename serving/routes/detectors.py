@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from siren_runtime.text import join_prompt_response
 
-from ..api import ApiError, parse_threshold
+from ..api import ApiError, parse_int, parse_threshold
 from ..http import check_field, check_texts, endpoint
 from ..runs import run_of
 
@@ -59,11 +59,7 @@ def _params(body: dict, known: tuple) -> dict:
 def parse_params(body: dict, default_threshold: float) -> tuple[float, int]:
     params = _params(body, ("threshold", "sustain"))
     threshold = parse_threshold(params, default_threshold)
-    sustain = params.get("sustain", 1)
-    if isinstance(sustain, bool) or not isinstance(sustain, int) or not 1 <= sustain <= 1_000_000:
-        raise ApiError(400, f"detector_params.sustain must be a positive integer (tokens), got {sustain!r}",
-                       param="detector_params.sustain")
-    return threshold, sustain
+    return threshold, parse_int(params.get("sustain", 1), "detector_params.sustain", high=1_000_000)
 
 
 def parse_contents(body: dict, max_inputs: int) -> list[str]:

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from siren_runtime.text import join_prompt_response
 from siren_runtime.trajectory import from_openai
 
-from ..api import ApiError, parse_threshold
+from ..api import ApiError, parse_int, parse_threshold
 from ..http import check_texts, endpoint
 from ..runs import parse_messages, parse_tools, run_of
 from ..sessions import SessionLimitError, SessionRegistry, UnknownSessionError
@@ -92,9 +92,7 @@ class Check:
         self.intervene = params.get("intervene", False)
         if not isinstance(self.intervene, bool):
             raise ApiError(400, f"intervene must be true or false, got {self.intervene!r}", param="intervene")
-        self.sustain = params.get("sustain", 1)
-        if isinstance(self.sustain, bool) or not isinstance(self.sustain, int) or not 1 <= self.sustain <= 1_000_000:
-            raise ApiError(400, f"sustain must be a positive integer (tokens), got {self.sustain!r}", param="sustain")
+        self.sustain = parse_int(params.get("sustain", 1), "sustain", high=1_000_000)
 
     @property
     def wants_trajectory(self) -> bool:

@@ -99,23 +99,21 @@ def verify_streaming_engine(bundle: str | Path, entry: dict, texts: Optional[lis
     the model engine's score of the same prefix; a trajectory bundle's runs are appended
     message by message. {"passed", "max_abs_diff", "reason"}."""
     from siren_runtime import AgentSirenGuard, SirenGuard
-    from siren_runtime.backends import Runners, open_runners
-    from siren_runtime.backends.tensorrt_runner import TensorRTStepRunner
+    from siren_runtime.backends import Runners, create_runner
     from siren_runtime.bundle import read_bundle
     from siren_runtime.calibration import calibration_items
 
     contract = read_bundle(bundle)
     tolerance = 2e-3 if contract.model.dtype == "fp32" else 3e-2
-    plan = (Path(bundle) / entry["path"]).read_bytes()
-    score = open_runners(contract, backend="tensorrt", device="cuda", streaming=False).score
+    score = create_runner("score", contract, "tensorrt", "cuda")
     try:
-        step = TensorRTStepRunner(plan, entry, contract)
-    except Exception:
+        runners = Runners(score, create_runner("step", contract, "tensorrt", "cuda", step_engine=entry))
+    except BaseException:
         score.close()
         raise
     runs = contract.guard.kind == "trajectory"
-    with (AgentSirenGuard if runs else SirenGuard)(contract, Runners(score, step)) as guard:
-        limit = score.limits.max_sequence or guard.max_length
+    with (AgentSirenGuard if runs else SirenGuard)(contract, runners) as guard:
+        limit = runners.score.limits.max_sequence or guard.max_length
         texts = [t for t in texts or calibration_items(contract.guard.kind)
                  if len(guard.token_ids(t)) <= limit][:streams]
         worst = _appended_runs(guard, texts) if runs else _chunked_texts(guard, texts)

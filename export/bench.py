@@ -83,7 +83,7 @@ if spec["side"] == "runtime":
     batch = lambda ts: [r.score for r in guard.score_batch(ts)]
     one = (lambda t: guard.score_trajectory(messages=t["messages"], tools=t["tools"]).score) if runs else (
         lambda t: guard.score(t).score)
-    coding = getattr(guard.runners.score, "int8_coding", None) or (
+    coding = guard.runners.score.int8_coding or (
         "u8 x u8" if spec.get("label") == "int8-dynamic" else None)
     out["variants"]["siren_runtime " + spec.get("label", "") + (" " + coding if coding else "")
                     + (" in place (no pre-packing)" if spec.get("prepack") else "") + " (" + guard.backend + ")"] = measure(batch, one)

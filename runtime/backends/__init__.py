@@ -118,6 +118,17 @@ def open_runners(bundle: Bundle, backend: Optional[str] = None, device: Optional
     return Runners(score, step)
 
 
+def create_runner(role: str, bundle: Bundle, backend: str, device: str, **options):
+    """One runner of one backend, no fallback (role "score" or "step"): for a caller that must
+    have exactly that one, e.g. `siren build` checking a step engine it has not recorded yet
+    (options: the backend's, such as TensorRT's `step_engine`). BackendUnavailableError says
+    why it cannot."""
+    backend, device = _normalise(backend, device)
+    if role not in ("score", "step"):
+        raise ValueError(f"role must be 'score' or 'step', got {role!r}")
+    return getattr(_load(backend), f"create_{role}_runner")(bundle, device, **options)
+
+
 def _shared(pair, bundle: Bundle, options: dict):
     """(score, step) runners over one session, where the first candidate backend offers them
     (ONNX Runtime on a CPU: see create_shared_runners); None to open the graphs apart."""
@@ -164,4 +175,4 @@ def forget_warnings() -> None:
 
 
 __all__ = ["ScoreRunner", "StepRunner", "KVState", "StepRow", "StepOutput", "RunnerLimits", "Runners",
-           "open_runners", "candidates", "backend_names", "backend_name", "warn_once", "forget_warnings"]
+           "open_runners", "create_runner", "candidates", "backend_names", "backend_name", "warn_once", "forget_warnings"]

@@ -35,6 +35,60 @@ class RunnerLimits:
     max_tokens: Optional[int] = None
 
 
+class Runner:
+    """What every runner is (Polygraphy's BaseRunner): a name and device, its limits, how an
+    int8 bundle's weights were coded at load ("u8 x s8": the signed twin; None: as stored),
+    the buffers its session reads, and one closed check. Subclasses free what they hold in
+    `_release`, which `close` calls once."""
+    name = "?"
+    device = "cpu"
+    #: what the closed error calls it
+    role = "runner"
+
+    def __init__(self, *, int8_coding: Optional[str] = None, buffers: tuple = ()):
+        self.int8_coding = int8_coding
+        self.buffers = tuple(buffers)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this {self.name} {self.role} is closed")
+
+    def close(self) -> None:
+        """Free what the runner holds; later calls raise. Closing twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._release()
+        finally:
+            self.buffers = ()
+
+    def _release(self) -> None:
+        pass
+
+
+class BaseStepRunner(Runner):
+    """A step runner's shared checks: `checked(rows)` refuses a closed runner, and rows that
+    name another runner's state, a state twice, a resume past the state or too many tokens,
+    before any state is touched."""
+    role = "step runner"
+    #: the KVState class this runner makes
+    state_type: type = object
+    _max_length = 0
+
+    def checked(self, rows: Sequence["StepRow"]) -> list:
+        self.check_open()
+        rows = list(rows)
+        if rows:
+            check_rows(self, rows, self.state_type, self._max_length, self.limits.max_batch)
+        return rows
+
+
 class ScoreRunner(Protocol):
     name: str        # backend, e.g. "onnxruntime"
     device: str      # "cpu" or "cuda"

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..bundle import STEP_IO, STEP_MIN_PAST, StreamingSpec
-from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
+from .base import BaseStepRunner, RunnerLimits, StepOutput, StepRow, check_state
 from .cuda_memory import CudaStream, DeviceBuffer, PinnedBuffer
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -49,12 +49,15 @@ class DeviceKVState:
             owner._graveyard.append(ptr)   # freed by the owner under its lock, never from here
 
 
-class DeviceStepRunner:
+class DeviceStepRunner(BaseStepRunner):
     """The device-side state and copies of a batched step; subclasses run the engine."""
     name = "?"
     device = "cuda"
+    state_type = DeviceKVState
 
-    def __init__(self, rt, spec: StreamingSpec, max_length: int, max_batch: int):
+    def __init__(self, rt, spec: StreamingSpec, max_length: int, max_batch: int, *,
+                 int8_coding: Optional[str] = None, buffers: tuple = ()):
+        super().__init__(int8_coding=int8_coding, buffers=buffers)
         self.rt = rt
         self._spec = spec
         self._max_length = int(max_length)
@@ -83,8 +86,7 @@ class DeviceStepRunner:
 
     # -- stream states ----------------------------------------------------------------
     def _live(self) -> CudaStream:
-        if self.stream is None:
-            raise RuntimeError(f"this {self.name} step runner is closed")
+        self.check_open()
         while self._graveyard:
             self.stream.free(self._graveyard.pop())
         return self.stream
@@ -137,11 +139,11 @@ class DeviceStepRunner:
     # -- the step -----------------------------------------------------------------------
     def step(self, rows: Sequence[StepRow]) -> list[StepOutput]:
         with self._lock:
+            rows = self.checked(rows)
             stream = self._live()
             if not rows:
                 return []
-            check_rows(self, rows, DeviceKVState, self._max_length, self.limits.max_batch)
-            return self._step(stream, list(rows))
+            return self._step(stream, rows)
 
     def _step(self, stream: CudaStream, rows: list[StepRow]) -> list[StepOutput]:
         s = self._spec
@@ -245,8 +247,10 @@ class DeviceStepRunner:
     def close(self) -> None:
         """Free every stream state, the I/O buffers, the engine and the CUDA stream."""
         with self._lock:
-            if self.stream is None:
-                return
+            super().close()
+
+    def _release(self) -> None:
+        if self.stream is not None:
             self.stream.synchronize()
             for state in list(self._states):
                 if state.ptr is not None:

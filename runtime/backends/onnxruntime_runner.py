@@ -17,7 +17,7 @@ from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphSpec, StreamingSpec, parse_
 from ..cpu_features import exact_u8s8
 from ..errors import BackendUnavailableError, BundleError
 from ..graph_refs import check_external_files
-from .base import RunnerLimits, StepOutput, StepRow, check_rows, check_state
+from .base import BaseStepRunner, Runner, RunnerLimits, StepOutput, StepRow, check_state
 from .cuda_env import CudaError, cudart
 from .device_kv import DeviceStepRunner
 from .ort_cuda_probe import CUDA_PROVIDER, cuda_provider_problem
@@ -190,31 +190,30 @@ def run_options(device: str):
     return options
 
 
-class _Closable:
+class _SessionRunner(Runner):
+    """A runner over one ONNX Runtime session (closing drops it)."""
     _session = None
-    #: how an int8 bundle's weights were coded at load ("u8 x s8": the signed twin), None: as stored
-    int8_coding: Optional[str] = None
 
     def _live_session(self):
-        if self._session is None:
-            raise RuntimeError(f"this {self.name} runner is closed")
+        self.check_open()
         return self._session
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._session = None
-        self.buffers = ()
 
 
-class OnnxRuntimeRunner(_Closable):
+class OnnxRuntimeRunner(_SessionRunner):
     """The full scoring graph."""
     name = "onnxruntime"
-    #: a text's score does not depend on its batch (set at load: CPU, a bundle exported for it)
-    batch_invariant = False
 
-    def __init__(self, session, device: str):
+    def __init__(self, session, device: str, *, batch_invariant: bool = False, int8_coding: Optional[str] = None,
+                 buffers: tuple = ()):
         problem = _signature_error(session, SCORE_IO, "the scoring graph")
         if problem:
             raise BundleError(f"{problem} (does model.path point at the right graph?)")
+        super().__init__(int8_coding=int8_coding, buffers=buffers)
+        #: a text's score does not depend on its batch (CPU, a bundle exported for it)
+        self.batch_invariant = batch_invariant
         self._session = session
         self.device = device
         self.providers = session.get_providers()
@@ -244,11 +243,13 @@ class HostKVState:
         return self.kv.nbytes
 
 
-class OnnxRuntimeStepRunner(_Closable):
+class OnnxRuntimeStepRunner(_SessionRunner, BaseStepRunner):
     """The batched streaming step graph; stream states live in host arrays."""
     name = "onnxruntime"
+    state_type = HostKVState
 
-    def __init__(self, session, device: str, spec: StreamingSpec, max_length: int):
+    def __init__(self, session, device: str, spec: StreamingSpec, max_length: int, *,
+                 int8_coding: Optional[str] = None, buffers: tuple = ()):
         problem = _signature_error(session, STEP_IO, "the streaming step graph")
         if problem:
             raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
@@ -268,6 +269,7 @@ class OnnxRuntimeStepRunner(_Closable):
             raise BackendUnavailableError(
                 f"the step graph keeps its KV cache in {spec.kv_dtype}, which host arrays cannot hold; "
                 "stream a bf16 bundle on TensorRT, or export fp32/fp16 for the CPU")
+        super().__init__(int8_coding=int8_coding, buffers=buffers)
         self._session = session
         self.device = device
         self.providers = session.get_providers()
@@ -313,10 +315,10 @@ class OnnxRuntimeStepRunner(_Closable):
         return HostKVState(kv, length, self)
 
     def step(self, rows: Sequence[StepRow]) -> list[StepOutput]:
-        session = self._live_session()
+        rows = self.checked(rows)
+        session = self._session
         if not rows:
             return []
-        check_rows(self, rows, HostKVState, self._max_length)
         if max(len(row.new_ids) for row in rows) <= WHOLE_TEXT_PIECE:
             return self._step_once(session, rows)
         return self._step_in_pieces(session, rows)
@@ -383,7 +385,7 @@ class OnnxRuntimeStepRunner(_Closable):
         return outputs
 
 
-class StepGraphScoreRunner:
+class StepGraphScoreRunner(Runner):
     """Whole texts scored on the streaming step graph (every token new, no past): on a CPU the
     guard then holds one ONNX Runtime session instead of two, so that session can pre-pack its
     weights (a few-token feed ~1.7x faster than reading them in place) within the memory of one
@@ -392,20 +394,21 @@ class StepGraphScoreRunner:
     name = "onnxruntime"
 
     def __init__(self, step: "OnnxRuntimeStepRunner", batch_invariant: bool):
+        super().__init__(int8_coding=step.int8_coding)
         self._step = step
         self.device = step.device
         self.providers = step.providers
-        self.int8_coding = step.int8_coding
         self.batch_invariant = batch_invariant
         self.limits = RunnerLimits(max_sequence=step.limits.max_sequence, max_padding=_PADDING[step.device],
                                    max_tokens=_STEP_SCORE_MAX_TOKENS[step.device])
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.check_open()
         if input_ids.shape[1] <= WHOLE_TEXT_PIECE:
             return self._step.score_whole(input_ids, attention_mask)
         return self._step.score_in_pieces(input_ids, attention_mask)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._step.close()
 
 
@@ -424,7 +427,7 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
     name = "onnxruntime"
 
     def __init__(self, session, spec: StreamingSpec, max_length: int, rt, memory: str = "cuda",
-                 max_batch: int = 16):
+                 max_batch: int = 16, *, int8_coding: Optional[str] = None, buffers: tuple = ()):
         problem = _signature_error(session, STEP_IO, "the streaming step graph")
         if problem:
             raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
@@ -433,7 +436,7 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
         self._memory = memory
         self._types = {"input_ids": np.int64, "new_lengths": np.int64, "past_lengths": np.int64, "past_kv": kv,
                        "past_sums": np.float32, "score": np.float32, "new_kv": kv, "sums": np.float32}
-        super().__init__(rt, spec, max_length, max_batch)
+        super().__init__(rt, spec, max_length, max_batch, int8_coding=int8_coding, buffers=buffers)
 
     def _execute(self, shapes: dict, out_shapes: dict, addresses: dict) -> None:
         binding = self._session.io_binding()
@@ -446,7 +449,6 @@ class OnnxRuntimeDeviceStepRunner(DeviceStepRunner):
 
     def _release_engine(self) -> None:
         self._session = None
-        self.buffers = ()
 
 
 #: ONNX's element type number for bfloat16 (onnx.TensorProto.BFLOAT16), which IO binding takes
@@ -495,10 +497,8 @@ def create_score_runner(bundle: Bundle, device: str, intra_op_threads: Optional[
         raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels")
     session, buffers, coding = open_bundle_session(bundle, bundle.model, device, intra_op_threads, spinning,
                                                    prepack_weights)
-    runner = OnnxRuntimeRunner(session, device)
-    runner.buffers, runner.int8_coding = buffers, coding
-    runner.batch_invariant = device == "cpu" and bundle.model.batch_invariant
-    return runner
+    return OnnxRuntimeRunner(session, device, batch_invariant=device == "cpu" and bundle.model.batch_invariant,
+                             int8_coding=coding, buffers=buffers)
 
 
 def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,
@@ -513,13 +513,13 @@ def create_step_runner(bundle: Bundle, device: str, intra_op_threads: Optional[i
                                                    spinning=False, prepack_weights=prepack_weights)
     if device == "cuda" and cudart() is not None and bundle.streaming.kv_dtype in (*_NUMPY_KV, "bf16"):
         try:
-            runner = OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart())
+            return OnnxRuntimeDeviceStepRunner(session, bundle.streaming, bundle.inference.max_length, cudart(),
+                                               int8_coding=coding, buffers=buffers)
         except CudaError as e:
             raise BackendUnavailableError(str(e)) from e
-    else:   # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
-        runner = OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length)
-    runner.buffers, runner.int8_coding = buffers, coding
-    return runner
+    # without cuda-python the states stay on the host (ONNX Runtime copies them each step)
+    return OnnxRuntimeStepRunner(session, device, bundle.streaming, bundle.inference.max_length,
+                                 int8_coding=coding, buffers=buffers)
 
 
 def create_shared_runners(bundle: Bundle, device: str, intra_op_threads: Optional[int] = None,

@@ -17,7 +17,7 @@ import numpy as np
 from ..bundle import SCORE_IO, STEP_IO, Bundle, GraphIO
 from ..engine_compat import engine_gpu_warning, engine_incompatibility, pick_profile
 from ..errors import BackendUnavailableError, BundleError, install_hint
-from .base import RunnerLimits
+from .base import Runner, RunnerLimits
 from .cuda_env import CudaError, cudart, gpu_info, gpu_problem, tensorrt_version
 from .cuda_memory import CudaStream, DeviceBuffer
 from .device_kv import DeviceStepRunner
@@ -106,12 +106,13 @@ class TensorRTEngine:
         self.context = self.engine = self._runtime = None
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """The full scoring graph. Batches larger than the engine's profiles are split."""
     name = "tensorrt"
     device = "cuda"
 
     def __init__(self, plan: bytes, entry: dict):
+        super().__init__()
         self._rt = cudart()
         self._lock = threading.Lock()
         self._profiles = entry["profiles"]
@@ -147,8 +148,7 @@ class TensorRTRunner:
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         parts = []
         with self._lock:
-            if self.stream is None:
-                raise RuntimeError("this tensorrt runner is closed")
+            self.check_open()
             for start in range(0, ids.shape[0], self.max_batch):
                 parts.append(self._run_chunk(ids[start:start + self.max_batch], mask[start:start + self.max_batch]))
         return np.concatenate(parts)
@@ -156,13 +156,14 @@ class TensorRTRunner:
     def close(self) -> None:
         """Free the device buffers, the execution context and the CUDA stream."""
         with self._lock:
-            if self.stream is None:
-                return
-            for buffer in self._buffers.values():
-                buffer.free()
-            self._engine.close()
-            stream, self.stream = self.stream, None
-            stream.close()
+            super().close()
+
+    def _release(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.free()
+        self._engine.close()
+        stream, self.stream = self.stream, None
+        stream.close()
 
 
 class TensorRTStepRunner(DeviceStepRunner):
@@ -217,8 +218,16 @@ def create_score_runner(bundle: Bundle, device: str, **_options) -> TensorRTRunn
     return _open(TensorRTRunner, bundle, "model")
 
 
-def create_step_runner(bundle: Bundle, device: str, **_options) -> TensorRTStepRunner:
+def create_step_runner(bundle: Bundle, device: str, step_engine: Optional[dict] = None,
+                       **_options) -> TensorRTStepRunner:
+    """The bundle's recorded step engine; `step_engine`: an engine entry `siren build` has
+    written but not yet recorded (its own check before it is)."""
     _require(device)
     if bundle.streaming is None:
         raise BackendUnavailableError("the bundle has no streaming step graph")
+    if step_engine is not None:
+        try:
+            return TensorRTStepRunner((bundle.directory / step_engine["path"]).read_bytes(), step_engine, bundle)
+        except CudaError as e:
+            raise BackendUnavailableError(str(e)) from e
     return _open(lambda plan, entry: TensorRTStepRunner(plan, entry, bundle), bundle, "streaming")

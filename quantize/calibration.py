@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 def activation_ranges(source_dir: Path, graph_path: str, weights_file: str, activations: list,
                       token_ids: list) -> dict:
     """{activation: per-channel max |x| over every token of every text}."""
-    from siren_runtime.backends.onnxruntime_runner import open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
     source_dir = Path(source_dir)
     model = onnx.load(str(source_dir / graph_path), load_external_data=False)
     known = {o.name for o in model.graph.output}

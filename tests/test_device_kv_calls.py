@@ -141,7 +141,8 @@ def test_device_streams_equal_llm_siren_on_every_copy_path(all_layers, monkeypat
     from trt_standin import StandIn
     from siren_runtime import SirenGuard
     from siren_runtime.backends import Runners, open_runners
-    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner
     from siren_runtime.bundle import read_bundle
     standin = StandIn(**knobs).install(monkeypatch)
     contract = read_bundle(all_layers.bundle)
@@ -208,7 +209,8 @@ def test_bf16_kv_streams_through_onnxruntime_io_binding(tmp_path, monkeypatch):
     gathered from device memory as 2-byte elements, is exactly the ids it was fed."""
     from trt_standin import StandIn
     from siren_runtime.backends.base import StepRow
-    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, bind_type, open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, bind_type
     from siren_runtime.bundle import STEP_IO, GraphSpec, StreamingSpec
     layers, heads, head_dim, features = 3, 2, 4, 2
     _bf16_cast_step_graph(tmp_path / "step.onnx", layers, heads, head_dim, features)

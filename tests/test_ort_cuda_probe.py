@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_plain_onnxruntime_is_not_a_gpu(all_layers):
     from siren_runtime import BackendUnavailableError, SirenGuard
     from siren_runtime.backends.ort_cuda_probe import cuda_provider_listed, cuda_provider_problem
-    from siren_runtime.backends.onnxruntime_runner import gpu_available
+    from siren_runtime.backends.onnxruntime_loader import gpu_available
     assert not cuda_provider_listed() and not gpu_available()
     assert "has no CUDAExecutionProvider" in cuda_provider_problem()
     with pytest.raises(BackendUnavailableError, match="ONNX Runtime on the GPU: .*install onnxruntime-gpu"):

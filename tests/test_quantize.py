@@ -343,7 +343,7 @@ def _check_int8_embedding_rows(int8_bundle, fp32_bundle):
     import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
-    from siren_runtime.backends.onnxruntime_runner import open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
     model = onnx.load(str(int8_bundle / "model.onnx"), load_external_data=False)
     mul = next(n for n in model.graph.node if n.op_type == "Mul" and any(i.endswith("__scale") for i in n.input))
     model.graph.output.append(helper.make_tensor_value_info(mul.output[0], onnx.TensorProto.FLOAT, None))

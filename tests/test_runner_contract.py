@@ -45,7 +45,8 @@ def _graph_score(bundle, request):
 def _device_step(bundle, request):
     """ONNX Runtime's IO-binding step runner over the device-state code (the stand-in's
     host-backed memory bound as "cpu"; "cuda" on a GPU)."""
-    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner
     from siren_runtime.bundle import read_bundle
     standin = request.getfixturevalue("trt_standin")
     contract = read_bundle(bundle)

@@ -146,7 +146,8 @@ def test_sixteen_streams_on_onnxruntime_device_states(all_layers, trt_standin):
     host memory here, as "cuda" on a GPU)."""
     from siren_runtime import SirenGuard
     from siren_runtime.backends import Runners, open_runners
-    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner, open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
+    from siren_runtime.backends.onnxruntime_runner import OnnxRuntimeDeviceStepRunner
     from siren_runtime.bundle import read_bundle
     contract = read_bundle(all_layers.bundle)
     session = open_session(contract.path(contract.streaming.graph.path), "cpu", spinning=False)

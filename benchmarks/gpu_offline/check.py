@@ -115,7 +115,7 @@ def device_kv_check(bundle_dir: Path, rt, raw_rt, device_bytes) -> list[dict]:
     """Streams fed together through the device-KV runner: exactness, host calls, memory."""
     from siren_runtime import SirenGuard
     from siren_runtime.backends import Runners, open_runners
-    from siren_runtime.backends.onnxruntime_runner import open_session
+    from siren_runtime.backends.onnxruntime_loader import open_session
     from siren_runtime.bundle import read_bundle
 
     contract = read_bundle(bundle_dir)

@@ -3,6 +3,9 @@ built from injected runners (fakes go in through the constructor, never by patch
 from __future__ import annotations
 
 import random
+import re
+
+import numpy as np
 
 #: fp32 scores agree with llm-siren (and with each other across paths) within this
 TOL = 1e-5
@@ -77,3 +80,134 @@ def run_concurrently(worker, count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+#: a script prelude that makes importing the BLOCKED packages fail (a "torch-free" process)
+BLOCKER_TEMPLATE = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked import of {name}")
+sys.meta_path.insert(0, Block())
+"""
+BLOCKER = "BLOCKED = ('torch', 'transformers', 'siren_export')" + BLOCKER_TEMPLATE
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of a metric's series whose labels include `labels` (a server of one guard has one)."""
+    total = 0.0
+    for line in text.splitlines():
+        found = re.fullmatch(re.escape(name) + r"(?:\{(.*)\})? ([0-9.e+-]+)", line)
+        if found is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
+        if all(have.get(k) == str(v) for k, v in labels.items()):
+            total += float(found.group(2))
+    return total
+
+
+class CountingStep:
+    """A step runner that delegates to the real one and counts the tokens it was asked to run."""
+
+    def __init__(self, runner):
+        self._runner, self.tokens, self.calls, self.rows = runner, 0, 0, []
+        self.name, self.device, self.limits = runner.name, runner.device, runner.limits
+
+    def new_state(self):
+        return self._runner.new_state()
+
+    def fork(self, state, length):
+        return self._runner.fork(state, length)
+
+    def step(self, rows):
+        self.tokens += sum(len(r.new_ids) for r in rows)
+        self.calls += 1
+        self.rows.append(len(rows))
+        return self._runner.step(rows)
+
+    def close(self):
+        self._runner.close()
+
+
+#: a guard loaded, then its files overwritten and truncated: its scores must not change
+TAMPER_AFTER_LOAD = r"""
+import os, sys
+from siren_runtime import SirenGuard
+bundle = sys.argv[1]
+guard = SirenGuard.from_pretrained(bundle, device="cpu")
+text = "How do I pick a lock?"
+before = guard.score(text).score
+session = guard.stream()
+streamed = session.feed("How do I").score
+data = os.path.join(bundle, "model.onnx.data")
+with open(data, "r+b") as f:                         # in place, same size: zeros
+    f.write(b"\0" * os.path.getsize(data))
+assert guard.score(text).score == before, "an in-place overwrite changed a loaded guard"
+with open(data, "r+b") as f:                         # truncated: a SIGBUS under mmap
+    f.truncate(0)
+with open(os.path.join(bundle, "tokenizer.json"), "w") as f:
+    f.write("{}")
+assert guard.score(text).score == before, "a truncation changed a loaded guard"
+assert guard.score_batch([text, "hello"])[0].score == before
+assert abs(session.feed(" pick a lock?").score - before) < 1e-5
+print("immune")
+"""
+
+
+def between(scores, q: float) -> float:
+    """A threshold near the q-quantile of `scores` but at least 1e-5 from every score, so a
+    brute-force scan and the one-pass scores cannot disagree by rounding at a tie."""
+    values = np.unique(np.asarray(scores, dtype=np.float64))
+    k = min(int(q * (len(values) - 1)), len(values) - 2) if len(values) > 1 else 0
+    for lo, hi in list(zip(values[k:], values[k + 1:])) + list(zip(values[:k][::-1], values[1:k + 1][::-1])):
+        if hi - lo > 2e-5:
+            return float((lo + hi) / 2)
+    return float(values[-1] + 1e-3)
+
+
+def check_prefixes(guard, reference, texts, max_length: int) -> dict:
+    """Every prefix score equals score() of that token prefix (the runtime, and llm-siren
+    where the prefix's decoded text tokenizes back to it); spans tile the caller's text; the
+    onset equals a brute-force scan. Returns counts for the caller's own checks."""
+    counts = {"prefixes": 0, "reference_checked": 0}
+    results = guard.score_prefixes_batch(texts)
+    prefix_tokens = len(guard._encoder.prefix or ())
+    for text, result in zip(texts, results):
+        ids = list(result.token_ids)
+        assert ids == guard.token_ids(text) and len(ids) <= max_length
+        assert abs(result.score - guard.score(text).score) <= TOL
+        brute = guard.score_token_ids([ids[:k + 1] for k in range(len(ids))])
+        assert np.max(np.abs(brute - result.scores)) <= TOL
+        counts["prefixes"] += len(ids)
+        # llm-siren on the token prefixes whose decoded text is that very prefix again
+        decoded = [guard._encoder._tokenizer.decode(ids[:k + 1], skip_special_tokens=False)
+                   for k in range(prefix_tokens, len(ids), 3)]
+        same = [(d, k) for d, k in zip(decoded, range(prefix_tokens, len(ids), 3))
+                if guard.token_ids(d) == ids[:k + 1]]
+        if same:
+            ref = [r.score for r in reference.score_batch([d for d, _ in same])]
+            assert max(abs(r - result.scores[k]) for r, (_, k) in zip(ref, same)) <= TOL
+            counts["reference_checked"] += len(same)
+        # spans tile the text the tokens cover, in the caller's own characters
+        spans = result.spans[prefix_tokens:]
+        from siren_runtime.text import clean_text_with_offsets
+        assert spans[0][0] == clean_text_with_offsets(text)[1][0]      # where the cleaned text begins
+        for (a, b), (c, _) in zip(spans, spans[1:]):
+            assert a <= b == c
+        assert 0 <= spans[-1][1] <= len(text)
+        for (a, b), token in zip(spans, ids[prefix_tokens:]):
+            piece = guard._encoder._tokenizer.decode([token]).strip()
+            if piece.isascii() and piece.isalnum():
+                assert piece in text[a:b], (piece, text[a:b])
+        # the onset: brute force over prefix scores, at thresholds where it lands inside
+        for q in (0.2, 0.5, 0.8):
+            threshold = between(brute, q)
+            for sustain in (1, 3):
+                above = brute >= threshold
+                first = next((k for k in range(len(ids) - sustain + 1) if above[k:k + sustain].all()), None)
+                want = None if first is None else result.spans[first][0]
+                assert result.onset(threshold, sustain) == want
+                if sustain == 1:
+                    assert guard.onset(text, threshold=threshold) == want
+    return counts

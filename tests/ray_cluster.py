@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from serve_process import free_port
-from test_torch_free import BLOCKER
+from helpers import BLOCKER
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from test_torch_free import BLOCKER
+from helpers import BLOCKER
 
 SCRIPT = BLOCKER + "from siren_cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import TOL
-from test_agent_siren import TOOLS, trajectories
+from corpus import TOOLS, trajectories
 
 
 def _runs():

@@ -15,8 +15,8 @@ import pytest
 
 from helpers import run_concurrently
 from serve_process import ServeProcess
-from test_agent_siren import TOOLS, trajectories
-from test_serve import metric
+from corpus import TOOLS, trajectories
+from helpers import metric
 
 EXACT = 1e-6           # the server and the in-process guard run the same graphs on the same ids
 

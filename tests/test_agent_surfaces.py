@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from helpers import TOL
-from test_agent_siren import trajectories
-from test_torch_free import BLOCKER
+from corpus import trajectories
+from helpers import BLOCKER
 
 SCRIPT = BLOCKER + "from siren_cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
 

@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from helpers import TAMPER_AFTER_LOAD
+
 from siren_runtime import BundleError, SirenGuard
 from siren_runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, read_bundle
 
@@ -131,35 +133,11 @@ def test_export_lets_go_of_the_traced_weights(all_layers, tmp_path):
     assert weight() is None
 
 
-_TAMPER_AFTER_LOAD = r"""
-import os, sys
-from siren_runtime import SirenGuard
-bundle = sys.argv[1]
-guard = SirenGuard.from_pretrained(bundle, device="cpu")
-text = "How do I pick a lock?"
-before = guard.score(text).score
-session = guard.stream()
-streamed = session.feed("How do I").score
-data = os.path.join(bundle, "model.onnx.data")
-with open(data, "r+b") as f:                         # in place, same size: zeros
-    f.write(b"\0" * os.path.getsize(data))
-assert guard.score(text).score == before, "an in-place overwrite changed a loaded guard"
-with open(data, "r+b") as f:                         # truncated: a SIGBUS under mmap
-    f.truncate(0)
-with open(os.path.join(bundle, "tokenizer.json"), "w") as f:
-    f.write("{}")
-assert guard.score(text).score == before, "a truncation changed a loaded guard"
-assert guard.score_batch([text, "hello"])[0].score == before
-assert abs(session.feed(" pick a lock?").score - before) < 1e-5
-print("immune")
-"""
-
-
 def test_loaded_guard_is_immune_to_later_file_changes(bundle_copy):
     """Break 1: ONNX Runtime kept reading the weights file after it was verified."""
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-c", _TAMPER_AFTER_LOAD, str(bundle_copy)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", TAMPER_AFTER_LOAD, str(bundle_copy)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "immune", (proc.returncode, proc.stderr[-2000:])
 

@@ -21,7 +21,7 @@ from siren_cli.options import option_rows, settings_from
 from siren_runtime.settings import GuardSettings, env_of, flag_of, settings_fields
 from siren_serving.settings import ServeConfig, ServeSettings
 
-from test_torch_free import BLOCKER_TEMPLATE
+from helpers import BLOCKER_TEMPLATE
 
 
 def siren(*args, stdin=None, env=None, cwd=None, timeout=600):

@@ -3,10 +3,8 @@ a second run reuses that folder, the command it prints works in a new shell, and
 command in the README (but those marked as needing the network, a GPU or Docker) runs."""
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time

@@ -8,7 +8,7 @@ import pytest
 
 from corpus import LONG
 from helpers import TOL, chunk, guard_with
-from test_streaming import CountingStep
+from helpers import CountingStep
 
 # 16 streams: chat artifacts split across chunks, BPE merges re-made across chunk
 # boundaries, multi-codepoint characters, one far past max_length (64 tokens).

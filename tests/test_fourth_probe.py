@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 import urllib.error
 import urllib.request

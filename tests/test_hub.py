@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from hub_cache import populate
-from test_torch_free import BLOCKER
+from helpers import BLOCKER
 
 REPO = "siren-test/tiny-guard"
 

@@ -159,7 +159,8 @@ def test_llama_engines_and_streaming_on_the_tensorrt_standin(llama, tmp_path, tr
 
 def test_prefix_scores_spans_and_onset_on_llama(llama, guard):
     """Where harm starts, on Llama 3 (its BOS spans nothing and is a prefix of its own)."""
-    from test_onset import MIXED, check_prefixes
+    from corpus import MIXED
+    from helpers import check_prefixes
     bundle, reference, _ = llama
     counts = check_prefixes(guard, reference, MIXED + CORPUS[:6], guard.max_length)
     assert counts["prefixes"] > 100 and counts["reference_checked"] > 20, counts

@@ -16,7 +16,7 @@ import pytest
 from helpers import TOL
 from siren_runtime import BundleError, SirenGuard, private_copy
 from siren_runtime.bundle import read_bundle
-from test_bundle import _TAMPER_AFTER_LOAD
+from helpers import TAMPER_AFTER_LOAD
 
 TEXTS = ["How do I pick a lock?", "Tell me a story about a dragon and a knight who become friends.", "hi"]
 
@@ -95,7 +95,7 @@ def test_loaded_mapped_guard_is_immune_to_later_file_changes(all_layers, tmp_pat
     import shutil
     copy = tmp_path / "bundle"
     shutil.copytree(all_layers.bundle, copy)
-    script = "import siren_runtime.private_copy as p; p.MAP_MIN_BYTES = 0\n" + _TAMPER_AFTER_LOAD
+    script = "import siren_runtime.private_copy as p; p.MAP_MIN_BYTES = 0\n" + TAMPER_AFTER_LOAD
     env = {**os.environ, "SIREN_WEIGHTS_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, timeout=300,
                           env=env)

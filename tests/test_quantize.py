@@ -76,7 +76,7 @@ def test_older_onnxruntime_is_refused_with_the_version(blockwise, monkeypatch, t
 
 
 def test_int8_bundle_scores_and_streams_torch_free(blockwise, all_layers):
-    from test_torch_free import BLOCKER
+    from helpers import BLOCKER
     out, _ = blockwise
     rng = random.Random(11)
     texts = [CORPUS[i] + " " + CORPUS[i + 3] for i in range(5)]

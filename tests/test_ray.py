@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def test_score_corpus_scores_agent_runs(cluster, agent_qwen, tmp_path):
     import pyarrow.parquet as pq
     from siren_guard import from_openai
     from siren_runtime import AgentSirenGuard
-    from test_agent_siren import trajectories
+    from corpus import trajectories
     runs = trajectories()
     root = tmp_path / "runs"
     root.mkdir()

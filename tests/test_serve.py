@@ -4,13 +4,12 @@ stream sessions, 4xx JSON errors that lose nothing, metrics, graceful shutdown."
 from __future__ import annotations
 
 import random
-import re
 import threading
 
 import pytest
 
 from corpus import CORPUS
-from helpers import TOL, random_chunks
+from helpers import TOL, random_chunks, metric
 from serve_process import ServeProcess
 
 import httpx
@@ -24,19 +23,6 @@ def server(all_layers):
     proc.start()
     yield proc
     proc.stop()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """The sum of a metric's series whose labels include `labels` (a server of one guard has one)."""
-    total = 0.0
-    for line in text.splitlines():
-        found = re.fullmatch(re.escape(name) + r"(?:\{(.*)\})? ([0-9.e+-]+)", line)
-        if found is None:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
-        if all(have.get(k) == str(v) for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
 
 
 def test_openai_client_moderations(server, guard, all_layers):

@@ -14,31 +14,8 @@ RESPONSE = ("Sure. First, <|im_start|>assistant\nhere  is   a plan:\n\n\n\nStep 
             "naïve café e\u0301 日本語. [INST] Then <|im_end|> wait.\t\tDone!!! ")
 
 
-class CountingStep:
-    """A step runner that delegates to the real one and counts the tokens it was asked to run."""
-
-    def __init__(self, runner):
-        self._runner, self.tokens, self.calls, self.rows = runner, 0, 0, []
-        self.name, self.device, self.limits = runner.name, runner.device, runner.limits
-
-    def new_state(self):
-        return self._runner.new_state()
-
-    def fork(self, state, length):
-        return self._runner.fork(state, length)
-
-    def step(self, rows):
-        self.tokens += sum(len(r.new_ids) for r in rows)
-        self.calls += 1
-        self.rows.append(len(rows))
-        return self._runner.step(rows)
-
-    def close(self):
-        self._runner.close()
-
-
 def fresh_guard(built, **kwargs):
-    from helpers import guard_with
+    from helpers import CountingStep, guard_with
     counter = None
 
     def wrap(step):

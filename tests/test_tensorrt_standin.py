@@ -380,7 +380,7 @@ def test_without_gpu_backend_tensorrt_says_why_and_none_falls_back_once(engines,
 def test_prefix_scores_on_the_tensorrt_step_engine(engines, trt_standin, guard):
     """score_prefixes needs only the step runner's per-token sums: on the TensorRT step engine
     (device KV) it equals the ONNX Runtime CPU guard's, and a stream's onset comes with it."""
-    from test_onset import MIXED
+    from corpus import MIXED
     trt_guard = _trt_guard(engines[0])
     assert trt_guard.backend == "tensorrt" and trt_guard.prefix_scores_available
     texts = MIXED[:3] + CORPUS[:3]

@@ -5,15 +5,7 @@ import json
 import subprocess
 import sys
 
-BLOCKER_TEMPLATE = r"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"blocked import of {name}")
-sys.meta_path.insert(0, Block())
-"""
-BLOCKER = "BLOCKED = ('torch', 'transformers', 'siren_export')" + BLOCKER_TEMPLATE
+from helpers import BLOCKER, BLOCKER_TEMPLATE  # noqa: F401 (BLOCKER_TEMPLATE: kept importable)
 
 SCRIPT = BLOCKER + r"""
 import json

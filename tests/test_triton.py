@@ -220,7 +220,7 @@ def test_agent_runs_on_triton_equal_the_runtime(agent_server, agent_qwen):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
     from siren_runtime import AgentSirenGuard
-    from test_agent_siren import TOOLS, trajectories
+    from corpus import TOOLS, trajectories
     runs = trajectories()
     client = httpclient.InferenceServerClient(agent_server.http_url)
     with AgentSirenGuard.from_pretrained(agent_qwen[0], device="cpu") as guard:

@@ -265,6 +265,9 @@ class GraphSpec:
     #: the exporter's word that a text's score does not depend on its batch companions on the
     #: CPU (running-sum pooling, a two-row head; bundles from before it and int8 ones: False)
     batch_invariant: bool = False
+    #: each input's and output's element type as the manifest declares it ("int64", "float32",
+    #: "float16", "bfloat16"); empty for bundles that do not declare them
+    tensor_dtypes: dict = field(default_factory=dict)
 
     def files(self) -> tuple:
         return tuple(f for f in (self.path, self.external_data) if f)
@@ -750,7 +753,12 @@ def _read_graph(f: _Fields, bundle_dir: Path, section: dict, where: str, io: Gra
     invariant = section.get("batch_invariant", False)
     if not isinstance(invariant, bool):
         f.fail(where + "batch_invariant", f"must be true or false, got {_short(invariant)}")
-    return GraphSpec(path=graph_path, external_data=data, dtype=dtype, io=io, batch_invariant=invariant)
+    declared = [t for key in ("inputs", "outputs") if isinstance(section.get(key), list)
+                for t in section[key] if isinstance(t, dict)]
+    dtypes = {t["name"]: t["dtype"] for t in declared
+              if isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)}
+    return GraphSpec(path=graph_path, external_data=data, dtype=dtype, io=io, batch_invariant=invariant,
+                     tensor_dtypes=dtypes)
 
 
 def _read_streaming(f: _Fields, bundle_dir: Path, manifest: dict, version: int, files: dict,

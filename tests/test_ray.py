@@ -292,12 +292,13 @@ def test_score_corpus_rerun_finishes_an_interrupted_run(cluster, all_layers, gua
 # -- siren serve-ray ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_serve(cluster, all_layers, tmp_path_factory):
-    """`siren serve-ray` with 2 replicas on the shared cluster (last in this module: it holds CPUs)."""
+def ray_serve(cluster, all_layers, agent_qwen, tmp_path_factory):
+    """`siren serve-ray` with 2 replicas on the shared cluster (last in this module: it holds CPUs),
+    each holding the content guard and an Agent-SIREN guard."""
     import httpx
     port = free_port()
     log = tmp_path_factory.mktemp("serve-ray") / "serve-ray.log"
-    process = cluster.popen("serve-ray", all_layers.bundle, "--address", cluster.address, "--port", port,
+    process = cluster.popen("serve-ray", all_layers.bundle, agent_qwen[0], "--address", cluster.address, "--port", port,
                             "--replicas", 2, "--cpus-per-replica", 0.5, "--intra-op-threads", 1, "--max-batch", 8,
                             log=log)
     url = f"http://127.0.0.1:{port}"
@@ -346,6 +347,19 @@ def test_ray_serve_answers_the_openai_client_exactly(ray_serve, all_layers):
     assert detected.status_code == 200, detected.text
     for text, spans, score in zip(texts, detected.json(), ref):
         assert len(spans) == 1 and spans[0]["end"] == len(text) and abs(spans[0]["score"] - score) <= TOL
+
+
+def test_ray_serve_holds_an_agent_guard_beside_the_content_guard(ray_serve, agent_qwen):
+    import httpx
+    from siren_guard import from_openai
+    from corpus import trajectories
+    runs = trajectories()
+    models = httpx.get(ray_serve + "/v1/models", timeout=60).json()["data"]
+    assert sorted(m["kind"] for m in models) == ["content", "trajectory"]
+    body = httpx.post(ray_serve + "/v1/trajectories/score", timeout=120,
+                      json={"trajectories": [{"messages": m, "tools": t} for m, t in runs]}).json()
+    ref = [agent_qwen[1].score_trajectory(from_openai(m, t)).score for m, t in runs]
+    assert max(abs(r["score"] - s) for r, s in zip(body["results"], ref)) <= TOL
 
 
 def test_ray_serve_concurrent_requests_on_two_replicas(ray_serve, all_layers):

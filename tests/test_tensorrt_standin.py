@@ -457,3 +457,39 @@ def test_bf16_engines_build_gate_and_stream_with_a_bf16_kv_cache(reduced, all_la
         assert abs(got - guard.score(session.text).score) <= 3e-2
     guard.close()
     assert trt_standin.gpu.live_bytes() == 0
+
+
+# -- memory pools and engine tensor types (GPU round 3) -------------------------------------
+
+def test_a_device_without_memory_pools_streams_on_plain_allocations(engines, monkeypatch, all_layers):
+    """cudaMallocAsync needs memory pools: a device without them (the attribute says 0) gets
+    cudaMalloc, exact; with them, the default pool keeps freed memory (release threshold) and
+    is trimmed when the runner closes."""
+    from trt_standin import StandIn
+    plain = StandIn(memory_pools=False).install(monkeypatch)
+    guard = _trt_guard(engines[0])
+    _sixteen_streams(guard, plain, all_layers.reference)
+    guard.close()
+    assert plain.gpu.calls["cudaMallocAsync"] == 0 and plain.gpu.calls["cudaMalloc"] > 0
+    assert plain.gpu.pool_release_threshold == 0 and plain.gpu.pool_trims == 0
+    assert plain.gpu.live_bytes() == 0
+    pooled = StandIn().install(monkeypatch)
+    guard = _trt_guard(engines[0])
+    session = guard.stream()
+    session.feed(LONG)
+    assert pooled.gpu.calls["cudaMallocAsync"] > 0 and pooled.gpu.pool_release_threshold == 2 ** 64 - 1
+    guard.close()
+    assert pooled.gpu.pool_trims >= 1 and pooled.gpu.live_bytes() == 0
+
+
+@pytest.mark.parametrize("tensor,graph", [("past_kv", "streaming"), ("input_ids", "model"), ("score", "model")])
+def test_an_engine_whose_tensor_types_differ_from_the_bundle_is_refused_by_name(engines, trt_standin, tensor,
+                                                                               graph):
+    from siren_runtime import BundleError
+    from siren_runtime.backends import create_runner
+    from siren_runtime.bundle import read_bundle
+    trt_standin.gpu.dtype_override = {tensor: trt_standin.tensorrt.DataType.HALF}
+    contract = read_bundle(engines[0])
+    with pytest.raises(BundleError, match=f"the {graph} engine's {tensor} is HALF, the bundle declares"):
+        create_runner("step" if graph == "streaming" else "score", contract, "tensorrt", "cuda")
+    assert trt_standin.gpu.live_bytes() == 0

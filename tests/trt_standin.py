@@ -134,6 +134,7 @@ class cudaError_t(enum.IntEnum):
     cudaErrorMemoryAllocation = 2
     cudaErrorInsufficientDriver = 35
     cudaErrorNoDevice = 100
+    cudaErrorNotSupported = 801
 
 
 class cudaMemcpyKind(enum.IntEnum):
@@ -162,6 +163,32 @@ class cudaMemcpyAttributes:
 #: the batched-copy and stream-ordered-allocation calls, absent from an older binding
 BATCH_COPY_CALLS = ("cudaMemcpyBatchAsync", "cudaMemcpyAttributes", "cudaMemcpySrcAccessOrder")
 ASYNC_ALLOC_CALLS = ("cudaMallocAsync", "cudaFreeAsync")
+
+
+class cudaDeviceAttr(enum.IntEnum):
+    cudaDevAttrMemoryPoolsSupported = 115
+
+
+class cudaMemPoolAttr(enum.IntEnum):
+    cudaMemPoolAttrReleaseThreshold = 4
+
+
+class cuuint64_t:
+    """cuda.bindings.driver.cuuint64_t: a 64-bit value the bindings pass by pointer."""
+
+    def __init__(self, value: int = 0):
+        if not isinstance(value, int) or not 0 <= value < 2 ** 64:
+            raise TypeError(f"cuuint64_t({value!r})")
+        self._value = value
+
+    def __int__(self) -> int:
+        return self._value
+
+    def getPtr(self) -> int:
+        return id(self)
+
+
+_POOL = object()          # the device's default memory pool (an opaque handle)
 
 
 class cudaStream_t(_Strict):
@@ -204,6 +231,10 @@ class FakeGPU:
     binding_line: int = 12                # 12: batched copy returns (err, failIdx); 13: (err,)
     batch_copy: bool = True               # the binding has cudaMemcpyBatchAsync
     async_alloc: bool = True              # the binding has cudaMallocAsync / cudaFreeAsync
+    memory_pools: bool = True             # the device supports memory pools (cudaDevAttrMemoryPoolsSupported)
+    pool_release_threshold: int = 0       # what cudaMemPoolSetAttribute set on the default pool
+    pool_trims: int = 0                   # cudaMemPoolTrimTo calls
+    dtype_override: dict = field(default_factory=dict)  # tensor name -> the DataType engines report for it
     pinned: dict = field(default_factory=dict)       # cudaMallocHost pointer -> uint8 array (host memory)
     async_pointers: set = field(default_factory=set)  # what cudaMallocAsync gave (and not yet freed)
 
@@ -296,6 +327,33 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
     def cudaRuntimeGetVersion():
         return ok, gpu.cuda_version
 
+    def cudaGetDevice():
+        return (ok, 0) if gpu.usable else (cudaError_t.cudaErrorInvalidValue, 0)
+
+    def cudaDeviceGetAttribute(attr, device):
+        if attr != cudaDeviceAttr.cudaDevAttrMemoryPoolsSupported or device != 0:
+            raise StandInError(f"cudaDeviceGetAttribute({attr!r}, {device!r}): not in the stand-in's subset")
+        return ok, int(gpu.memory_pools)
+
+    def cudaDeviceGetDefaultMemPool(device):
+        if not gpu.memory_pools:
+            return cudaError_t.cudaErrorNotSupported, None
+        return ok, _POOL
+
+    def cudaMemPoolSetAttribute(pool, attr, value):
+        if pool is not _POOL or attr != cudaMemPoolAttr.cudaMemPoolAttrReleaseThreshold:
+            raise StandInError(f"cudaMemPoolSetAttribute({pool!r}, {attr!r}): not in the stand-in's subset")
+        if not isinstance(value, cuuint64_t):
+            raise TypeError("cudaMemPoolSetAttribute(): the release threshold must be a cuuint64_t")
+        gpu.pool_release_threshold = int(value)
+        return (ok,)
+
+    def cudaMemPoolTrimTo(pool, minBytesToKeep):
+        if pool is not _POOL or minBytesToKeep != 0:
+            raise StandInError(f"cudaMemPoolTrimTo({pool!r}, {minBytesToKeep!r})")
+        gpu.pool_trims += 1
+        return (ok,)
+
     def cudaDriverGetVersion():
         return ok, gpu.driver_version
 
@@ -384,7 +442,9 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         cudaFreeHost=cudaFreeHost, cudaRuntimeGetVersion=cudaRuntimeGetVersion,
         cudaDriverGetVersion=cudaDriverGetVersion, cudaMemcpyAsync=cudaMemcpyAsync,
         cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaMemcpyBatchAsync=cudaMemcpyBatchAsync,
-        cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate,
+        cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate, cudaGetDevice=cudaGetDevice,
+        cudaDeviceGetAttribute=cudaDeviceGetAttribute, cudaDeviceGetDefaultMemPool=cudaDeviceGetDefaultMemPool,
+        cudaMemPoolSetAttribute=cudaMemPoolSetAttribute, cudaMemPoolTrimTo=cudaMemPoolTrimTo,
         cudaStreamSynchronize=cudaStreamSynchronize, cudaStreamDestroy=cudaStreamDestroy)
 
     def counted(name, call):
@@ -395,6 +455,7 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
     absent = (BATCH_COPY_CALLS if not gpu.batch_copy else ()) + (ASYNC_ALLOC_CALLS if not gpu.async_alloc else ())
     members = {name: counted(name, call) for name, call in calls.items() if name not in absent}
     members.update({k: v for k, v in dict(cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind,
+                                          cudaDeviceAttr=cudaDeviceAttr, cudaMemPoolAttr=cudaMemPoolAttr,
                                           cudaMemcpyAttributes=cudaMemcpyAttributes,
                                           cudaMemcpySrcAccessOrder=cudaMemcpySrcAccessOrder).items()
                     if k not in absent})
@@ -419,6 +480,19 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
 
         def __init__(self, min_severity=Severity.WARNING):
             self.min_severity = Severity(min_severity)
+
+    class DataType(enum.IntEnum):
+        FLOAT = 0
+        HALF = 1
+        INT8 = 2
+        INT32 = 3
+        BOOL = 4
+        BF16 = 7
+        INT64 = 8
+
+    _DATA_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF,
+                   "tensor(bfloat16)": DataType.BF16, "tensor(int64)": DataType.INT64,
+                   "tensor(int32)": DataType.INT32, "tensor(bool)": DataType.BOOL}
 
     class TensorIOMode(enum.IntEnum):
         NONE = 0
@@ -591,6 +665,11 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
                 raise StandInError(f"get_tensor_shape({name!r}): no such tensor")
             return _dims(meta.shape)
 
+        def get_tensor_dtype(self, name):
+            if name not in self.io_types:
+                raise StandInError(f"get_tensor_dtype({name!r}): no such tensor")
+            return gpu.dtype_override.get(name) or _DATA_TYPES[self.io_types[name]]
+
         def create_execution_context(self):
             return None if gpu.fail_context else IExecutionContext(self)
 
@@ -670,7 +749,7 @@ def make_tensorrt(gpu: FakeGPU, version: str = "10.13.3.9") -> types.ModuleType:
             return ICudaEngine(plan)
 
     return _strict_module("tensorrt", dict(
-        __version__=version, Logger=Logger, TensorIOMode=TensorIOMode,
+        __version__=version, Logger=Logger, TensorIOMode=TensorIOMode, DataType=DataType,
         NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, MemoryPoolType=MemoryPoolType,
         IProgressMonitor=IProgressMonitor, OnnxParser=OnnxParser, Builder=Builder, Runtime=Runtime))
 
@@ -686,10 +765,11 @@ class StandIn:
     def install(self, monkeypatch) -> "StandIn":
         cuda = types.ModuleType("cuda")
         bindings = types.ModuleType("cuda.bindings")
-        bindings.runtime = self.cudart
+        driver = _strict_module("cuda.bindings.driver", dict(cuuint64_t=cuuint64_t))
+        bindings.runtime, bindings.driver = self.cudart, driver
         cuda.bindings = bindings
         for name, module in (("tensorrt", self.tensorrt), ("cuda", cuda), ("cuda.bindings", bindings),
-                             ("cuda.bindings.runtime", self.cudart)):
+                             ("cuda.bindings.runtime", self.cudart), ("cuda.bindings.driver", driver)):
             monkeypatch.setitem(__import__("sys").modules, name, module)
         return self
 

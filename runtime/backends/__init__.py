@@ -175,4 +175,5 @@ def forget_warnings() -> None:
 
 
 __all__ = ["ScoreRunner", "StepRunner", "KVState", "StepRow", "StepOutput", "RunnerLimits", "Runners",
-           "open_runners", "create_runner", "candidates", "backend_names", "backend_name", "warn_once", "forget_warnings"]
+           "open_runners", "create_runner", "candidates", "backend_names", "backend_name", "warn_once",
+           "forget_warnings"]

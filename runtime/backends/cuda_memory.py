@@ -14,6 +14,7 @@ no device-wide synchronization) where available; host staging is pinned.
 from __future__ import annotations
 
 import ctypes
+import importlib
 from typing import Optional
 
 import numpy as np
@@ -34,11 +35,49 @@ def _version(rt, call: str) -> int:
         return 0
 
 
+#: freed stream-ordered memory the default pool keeps (all of it) rather than returning it to
+#: the OS at every synchronization, which the default threshold (0) does: a steady run of
+#: steps then reuses its memory instead of re-mapping it; `CudaStream.close` trims the pool
+POOL_RELEASE_THRESHOLD = 2 ** 64 - 1
+
+
+def _pools_supported(rt) -> bool:
+    """Whether the current device has stream-ordered memory pools (cudaMallocAsync needs
+    them; a device without them refuses the call)."""
+    try:
+        device = check(rt.cudaGetDevice(), "cudaGetDevice")
+        attr = rt.cudaDeviceAttr.cudaDevAttrMemoryPoolsSupported
+        return int(check(rt.cudaDeviceGetAttribute(attr, device), "cudaDeviceGetAttribute")) == 1
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cuda_features(rt) -> dict:
-    """Which of the newer calls this runtime, binding and driver all support."""
+    """Which of the newer calls this runtime, binding, driver and device all support."""
     have = min(_version(rt, "cudaRuntimeGetVersion"), _version(rt, "cudaDriverGetVersion"))
     return {"batched_copy": have >= BATCHED_COPY_VERSION and hasattr(rt, "cudaMemcpyBatchAsync"),
-            "async_alloc": have >= ASYNC_ALLOC_VERSION and hasattr(rt, "cudaMallocAsync")}
+            "async_alloc": (have >= ASYNC_ALLOC_VERSION and hasattr(rt, "cudaMallocAsync")
+                            and _pools_supported(rt))}
+
+
+def _uint64(rt, value: int):
+    """A cuuint64_t of the bindings' driver module (what a pool's byte attributes take)."""
+    package = rt.__name__.rsplit(".", 1)[0]          # cuda.bindings.runtime -> .driver; cuda.cudart -> cuda.cuda
+    driver = importlib.import_module(package + ".driver" if package == "cuda.bindings" else "cuda.cuda")
+    return driver.cuuint64_t(value)
+
+
+def default_pool(rt):
+    """The current device's default memory pool, told to keep freed memory (None where that
+    cannot be set: the pool then keeps its own default, which is only slower)."""
+    try:
+        device = check(rt.cudaGetDevice(), "cudaGetDevice")
+        pool = check(rt.cudaDeviceGetDefaultMemPool(device), "cudaDeviceGetDefaultMemPool")
+        check(rt.cudaMemPoolSetAttribute(pool, rt.cudaMemPoolAttr.cudaMemPoolAttrReleaseThreshold,
+                                         _uint64(rt, POOL_RELEASE_THRESHOLD)), "cudaMemPoolSetAttribute")
+        return pool
+    except (AttributeError, ImportError, RuntimeError):
+        return None
 
 
 class CudaStream:
@@ -51,6 +90,7 @@ class CudaStream:
         self._h2d, self._d2h, self._d2d = (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost,
                                            kinds.cudaMemcpyDeviceToDevice)
         self.features = cuda_features(rt) if features is None else features
+        self._pool = default_pool(rt) if self.features["async_alloc"] else None
         self._batch_attrs = None
         if self.features["batched_copy"]:
             attrs = rt.cudaMemcpyAttributes()
@@ -129,6 +169,8 @@ class CudaStream:
         if self.handle is not None:
             handle, self.handle = self.handle, None
             check(self.rt.cudaStreamDestroy(handle), "cudaStreamDestroy")
+            if self._pool is not None:       # what this stream freed goes back to the OS now
+                check(self.rt.cudaMemPoolTrimTo(self._pool, 0), "cudaMemPoolTrimTo")
 
 
 class DeviceBuffer:

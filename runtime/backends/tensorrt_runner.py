@@ -47,10 +47,16 @@ def usable_engine(bundle: Bundle, graph: str = "model") -> tuple[Optional[dict],
     return None, reason
 
 
-class TensorRTEngine:
-    """A deserialized engine and its one execution context."""
+#: the manifest's element types as TensorRT's DataType names
+TRT_TYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
 
-    def __init__(self, plan: bytes, what: str, io: GraphIO):
+
+class TensorRTEngine:
+    """A deserialized engine and its one execution context. `dtypes`: each tensor's element
+    type as the bundle declares it; a plan whose tensors differ is refused by name before the
+    first run (buffers are sized from the bundle, so a mismatch would read or write past them)."""
+
+    def __init__(self, plan: bytes, what: str, io: GraphIO, dtypes: Optional[dict] = None):
         import tensorrt as trt
         self._trt = trt
         self.what = what
@@ -70,6 +76,13 @@ class TensorRTEngine:
             raise BundleError(f"the {what} engine has inputs {sorted(inputs)} and outputs {sorted(outputs)}; the "
                               f"bundle contract says {list(io.inputs)} -> {list(io.outputs)} (rebuild it)")
         self.outputs = tuple(n for n in names if n in outputs)
+        for name, declared in (dtypes or {}).items():
+            if name in names and declared in TRT_TYPES:
+                have = engine.get_tensor_dtype(name)
+                if have != getattr(trt.DataType, TRT_TYPES[declared]):
+                    raise BundleError(f"the {what} engine's {name} is {getattr(have, 'name', have)}, the bundle "
+                                      f"declares {declared} ({TRT_TYPES[declared]}): the plan was built from "
+                                      "another export; rebuild it with `siren build`")
         self.engine = engine
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -111,12 +124,12 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, plan: bytes, entry: dict):
+    def __init__(self, plan: bytes, entry: dict, dtypes: Optional[dict] = None):
         super().__init__()
         self._rt = cudart()
         self._lock = threading.Lock()
         self._profiles = entry["profiles"]
-        self._engine = TensorRTEngine(plan, "model", SCORE_IO)
+        self._engine = TensorRTEngine(plan, "model", SCORE_IO, dtypes)
         self._classes = self._engine.static_dim(SCORE_IO.outputs[1], 1)
         self.stream: Optional[CudaStream] = CudaStream(self._rt)
         self.max_batch = max(p["shapes"][SCORE_IO.inputs[0]]["max"][0] for p in self._profiles)
@@ -180,7 +193,7 @@ class TensorRTStepRunner(DeviceStepRunner):
             raise BackendUnavailableError(
                 f"the streaming engine takes {max_new} new tokens after up to {max_past} past ones; streams of this "
                 f"bundle need {max_length} and {max_length - 1}: rebuild it with `siren build`")
-        self._engine = TensorRTEngine(plan, "streaming", STEP_IO)
+        self._engine = TensorRTEngine(plan, "streaming", STEP_IO, bundle.streaming.graph.tensor_dtypes)
         super().__init__(cudart(), spec, max_length, max_batch)
 
     def _execute(self, shapes: dict, out_shapes: dict, addresses: dict) -> None:
@@ -215,7 +228,7 @@ def _open(make, bundle: Bundle, graph: str):
 
 def create_score_runner(bundle: Bundle, device: str, **_options) -> TensorRTRunner:
     _require(device)
-    return _open(TensorRTRunner, bundle, "model")
+    return _open(lambda plan, entry: TensorRTRunner(plan, entry, bundle.model.tensor_dtypes), bundle, "model")
 
 
 def create_step_runner(bundle: Bundle, device: str, step_engine: Optional[dict] = None,

@@ -30,6 +30,8 @@ from siren_runtime.text import join_prompt_response
 
 from ..api import ApiError, parse_int, parse_threshold
 from ..http import check_field, check_texts, endpoint
+from ..openapi import (DETECTOR_ERRORS, DETECTOR_ID, DETECTOR_PARAMS, MESSAGES, NUMBER01, TOOLS, request_body,
+                       response)
 from ..runs import run_of
 
 DETECTION = "harmful"
@@ -168,3 +170,34 @@ def routes(served) -> list:
     return [Route("/api/v1/text/contents", detect_contents, methods=["POST"]),
             Route("/api/v1/text/generation", detect_generation, methods=["POST"]),
             Route("/api/v1/text/chat", detect_chat, methods=["POST"])]
+
+
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/api/v1/text/contents", "post"): {
+        "tags": ["FMS detectors"], "summary": "detector API: per content, where harm starts to its end",
+        "parameters": DETECTOR_ID,
+        "requestBody": request_body({"type": "object", "required": ["contents"], "properties": {
+            "contents": {"type": "array", "items": {"type": "string"}}, "detector_params": DETECTOR_PARAMS}}),
+        "responses": {"200": response({"type": "array", "items": {"type": "array", "items": {
+            "type": "object", "properties": {"start": {"type": "integer"}, "end": {"type": "integer"},
+                                             "text": {"type": "string"}, "detection": {"type": "string"},
+                                             "detection_type": {"type": "string"},
+                                             "score": {"type": "number"}}}}}), **DETECTOR_ERRORS}},
+    ("/api/v1/text/generation", "post"): {
+        "tags": ["FMS detectors"], "summary": "detector API: a prompt and its generated text, scored joined",
+        "parameters": DETECTOR_ID,
+        "requestBody": request_body({"type": "object", "required": ["prompt", "generated_text"], "properties": {
+            "prompt": {"type": "string"}, "generated_text": {"type": "string"},
+            "detector_params": DETECTOR_PARAMS}}),
+        "responses": {"200": response({"type": "array", "items": {"type": "object"}}), **DETECTOR_ERRORS}},
+    ("/api/v1/text/chat", "post"): {
+        "tags": ["FMS detectors"], "summary": "detector API: an agent's chat (messages, tools) judged by a trajectory "
+                                              "guard",
+        "parameters": [{"name": "detector-id", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "a trajectory guard's name (optional)"}],
+        "requestBody": request_body({"type": "object", "required": ["messages"], "properties": {
+            "messages": MESSAGES, "tools": TOOLS,
+            "detector_params": {"type": "object", "properties": {"threshold": NUMBER01, "tools": TOOLS}}}}),
+        "responses": {"200": response({"type": "array", "items": {"type": "object"}}), **DETECTOR_ERRORS}},
+}

@@ -37,6 +37,7 @@ from siren_runtime.trajectory import from_openai
 
 from ..api import ApiError, parse_int, parse_threshold
 from ..http import check_texts, endpoint
+from ..openapi import MESSAGES, NUMBER01, TOOLS, request_body, response
 from ..runs import parse_messages, parse_tools, run_of
 from ..sessions import SessionLimitError, SessionRegistry, UnknownSessionError
 
@@ -123,7 +124,8 @@ class Verdict:
 
     def __init__(self, guard: str, kind: str, index: Optional[int], score: float, threshold: float,
                  cut: Optional[int] = None):
-        self.guard, self.kind, self.index, self.score, self.threshold, self.cut = guard, kind, index, score, threshold, cut
+        self.guard, self.kind, self.index = guard, kind, index
+        self.score, self.threshold, self.cut = score, threshold, cut
         self.what = "the agent run" if index is None else f"texts[{index}]"
 
     @property
@@ -266,7 +268,8 @@ def routes(served) -> list:
         use_runs = check.wants_trajectory and (has_runs or not use_content)
         # every name and threshold checked before anything is scored
         content = served.pick("content", check.params.get("content_guard"), "content_guard") if use_content else None
-        agent = served.pick("trajectory", check.params.get("trajectory_guard"), "trajectory_guard") if use_runs else None
+        agent = (served.pick("trajectory", check.params.get("trajectory_guard"), "trajectory_guard")
+                 if use_runs else None)
         for service in (content, agent):
             if service is not None:
                 parse_threshold(check.params, service.threshold)
@@ -291,4 +294,27 @@ def routes(served) -> list:
     return [Route(PATH, guardrail, methods=["POST"])]
 
 
-__all__ = ["routes", "PATH", "Check"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/beta/litellm_basic_guardrail_api", "post"): {
+        "tags": ["LiteLLM"], "summary": "LiteLLM's Generic Guardrail API: texts to the content guard, the agent run "
+                                        "and proposed tool calls to the trajectory guard",
+        "requestBody": request_body({"type": "object", "required": ["input_type"], "properties": {
+            "input_type": {"enum": ["request", "response"]}, "texts": {"type": "array", "items": {"type": "string"}},
+            "structured_messages": MESSAGES, "tools": TOOLS,
+            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "litellm_call_id": {"type": "string", "description": "one streamed response: checks feed one stream"},
+            "litellm_trace_id": {"type": "string", "description": "one agent run: checks append to one session"},
+            "additional_provider_specific_params": {"type": "object", "properties": {
+                "content_guard": {"type": "string"}, "trajectory_guard": {"type": "string"},
+                "threshold": NUMBER01, "intervene": {"type": "boolean"},
+                "sustain": {"type": "integer", "minimum": 1}}}}}),
+        "responses": {"200": response({"type": "object", "properties": {
+            "action": {"enum": ["NONE", "BLOCKED", "GUARDRAIL_INTERVENED"]},
+            "blocked_reason": {"type": ["string", "null"]}, "texts": {"type": "array", "items": {"type": "string"}},
+            "siren": {"type": "array", "items": {"type": "object"}}}}),
+            "4XX": response({"type": "object", "properties": {"detail": {"type": "string"}}}, "bad input")}},
+}
+
+
+__all__ = ["routes", "OPERATIONS", "PATH", "Check"]

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from ..api import CATEGORY, ApiError, parse_inputs, parse_model, parse_threshold
 from ..http import check_texts, endpoint
+from ..openapi import CLIENT_ERRORS, ERROR, SCORING, request_body, response
 
 
 def moderation_response(model: str, scores: list, threshold: float) -> dict:
@@ -69,4 +70,28 @@ def routes(served) -> list:
             Route("/v1/models/{model}", get_model, methods=["GET"])]
 
 
-__all__ = ["routes", "moderation_response", "score_request"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/v1/moderations", "post"): {
+        "tags": ["OpenAI"], "summary": "OpenAI moderation: one category, `harmful`",
+        "requestBody": request_body(SCORING),
+        "responses": {"200": response({"type": "object", "properties": {
+            "id": {"type": "string"}, "model": {"type": "string"}, "results": {"type": "array", "items": {
+                "type": "object", "properties": {
+                    "flagged": {"type": "boolean"}, "categories": {"type": "object"},
+                    "category_scores": {"type": "object"}, "score": {"type": "number"},
+                    "threshold": {"type": "number"}}}}}}), **CLIENT_ERRORS}},
+    ("/v1/models", "get"): {
+        "tags": ["OpenAI"], "summary": "the guards this server holds (the openai client's models.list())",
+        "responses": {"200": response({"type": "object", "properties": {
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                "owned_by": {"type": "string"}, "kind": {"enum": ["content", "trajectory"]}}}}}})}},
+    ("/v1/models/{model}", "get"): {
+        "tags": ["OpenAI"], "summary": "one guard by name (404 when this server holds none of that name)",
+        "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": response({"type": "object"}), "404": response(ERROR, "no such model")}},
+}
+
+
+__all__ = ["routes", "OPERATIONS", "moderation_response", "score_request"]

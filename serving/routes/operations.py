@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 from siren_runtime import package_version
 
-from ..openapi import openapi_document
+from ..openapi import openapi_document, response
 
 
 def routes(served) -> list:
@@ -56,4 +56,24 @@ def routes(served) -> list:
             Route("/metrics", metrics, methods=["GET"])]
 
 
-__all__ = ["routes"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/health", "get"): {
+        "tags": ["Operations"], "summary": "200 while serving; 503 while draining or shutting down",
+        "responses": {"200": response({"type": "object"}), "503": response({"type": "object"}, "draining")}},
+    ("/info", "get"): {
+        "tags": ["Operations"], "summary": "the guard: kind, backend, device, dtype, limits, threshold",
+        "responses": {"200": response({"type": "object"})}},
+    ("/version", "get"): {
+        "tags": ["Operations"], "summary": "the package's name and version",
+        "responses": {"200": response({"type": "object", "properties": {"name": {"type": "string"},
+                                                                     "version": {"type": "string"}}})}},
+    ("/metrics", "get"): {
+        "tags": ["Operations"], "summary": "Prometheus metrics (requests, latency, batch sizes, verdicts, sessions)",
+        "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}},
+    ("/openapi.json", "get"): {
+        "tags": ["Operations"], "summary": "this document", "responses": {"200": response({"type": "object"})}},
+}
+
+
+__all__ = ["routes", "OPERATIONS"]

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from ..api import ApiError, parse_model, parse_threshold
 from ..http import check_field, endpoint
+from ..openapi import CLIENT_ERRORS, ERROR, NUMBER01, SESSION_ID, STREAM, request_body, response
 from ..service import unknown_session
 
 
@@ -89,4 +90,32 @@ def routes(served) -> list:
             Route("/v1/streams/{session_id}", delete_stream, methods=["DELETE"])]
 
 
-__all__ = ["routes", "parse_delta", "stream_response"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/v1/streams", "post"): {
+        "tags": ["Streams"], "summary": "open a stream session; each feed then costs only its new tokens",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"threshold": NUMBER01}}}}},
+        "responses": {"201": response({"type": "object", "properties": {
+            "id": {"type": "string"}, "threshold": NUMBER01, "ttl_s": {"type": "number"},
+            "incremental": {"type": "boolean", "description": "true: feeds run only the new tokens (the bundle "
+                                                               "has a step graph); false: each feed rescores "
+                                                               "the text so far"}}}, "created"),
+                      "429": response(ERROR, "session limit reached"), **CLIENT_ERRORS}},
+    ("/v1/streams/{session_id}", "post"): {
+        "tags": ["Streams"], "summary": "feed {delta}: the verdict of the whole text so far",
+        "parameters": SESSION_ID,
+        "requestBody": request_body({"type": "object", "required": ["delta"], "properties": {"delta": {"type": "string"}}}),
+        "responses": {"200": response(STREAM), "404": response(ERROR, "unknown session"), **CLIENT_ERRORS}},
+    ("/v1/streams/{session_id}", "get"): {
+        "tags": ["Streams"], "summary": "the session's verdict so far", "parameters": SESSION_ID,
+        "responses": {"200": response(STREAM), "404": response(ERROR, "unknown session")}},
+    ("/v1/streams/{session_id}", "delete"): {
+        "tags": ["Streams"], "summary": "close the session", "parameters": SESSION_ID,
+        "responses": {"200": response({"type": "object", "properties": {"id": {"type": "string"},
+                                                                     "deleted": {"const": True}}}),
+                      "404": response(ERROR, "unknown session")}},
+}
+
+
+__all__ = ["routes", "OPERATIONS", "parse_delta", "stream_response"]

@@ -15,6 +15,8 @@ from starlette.routing import Route
 
 from ..api import ApiError, parse_model, parse_threshold
 from ..http import endpoint
+from ..openapi import (CLIENT_ERRORS, ERROR, MESSAGES, NUMBER01, RUN, RUN_ID, RUN_STATE, TOOLS, VERDICT, request_body,
+                       response)
 from ..runs import parse_messages, parse_tools, runs_of
 from ..service import unknown_session
 from ..trajectory_service import SESSION_PATH, RunState
@@ -99,4 +101,36 @@ def routes(served) -> list:
             Route(SESSION_PATH + "/{session_id}", delete_session, methods=["DELETE"])]
 
 
-__all__ = ["routes"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/v1/trajectories/score", "post"): {
+        "tags": ["Trajectories"], "summary": "score one agent run, or many ({trajectories: [...]} or a list)",
+        "requestBody": request_body({"oneOf": [
+            {**RUN, "properties": {**RUN["properties"], "threshold": NUMBER01, "model": {"type": "string"}}},
+            {"type": "object", "required": ["trajectories"], "properties": {
+                "trajectories": {"type": "array", "items": RUN}, "threshold": NUMBER01,
+                "model": {"type": "string"}}},
+            {"type": "array", "items": RUN}]}),
+        "responses": {"200": response({"oneOf": [VERDICT, {"type": "object", "properties": {
+            "model": {"type": "string"}, "results": {"type": "array", "items": VERDICT}}}]}), **CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions", "post"): {
+        "tags": ["Trajectories"], "summary": "open a run session; each append then runs only the new turns' tokens",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"tools": TOOLS, "threshold": NUMBER01, "model": {"type": "string"}}}}}},
+        "responses": {"201": response(RUN_STATE, "created"), "429": response(ERROR, "session limit reached"),
+                      **CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions/{session_id}", "post"): {
+        "tags": ["Trajectories"], "summary": "append {messages}: the verdict of the whole run so far",
+        "parameters": RUN_ID,
+        "requestBody": request_body({"type": "object", "required": ["messages"], "properties": {"messages": MESSAGES}}),
+        "responses": {"200": response(RUN_STATE), "404": response(ERROR, "unknown session"), **CLIENT_ERRORS}},
+    ("/v1/trajectories/sessions/{session_id}", "get"): {
+        "tags": ["Trajectories"], "summary": "the run's verdict so far", "parameters": RUN_ID,
+        "responses": {"200": response(RUN_STATE), "404": response(ERROR, "unknown session")}},
+    ("/v1/trajectories/sessions/{session_id}", "delete"): {
+        "tags": ["Trajectories"], "summary": "close the session", "parameters": RUN_ID,
+        "responses": {"200": response({"type": "object"}), "404": response(ERROR, "unknown session")}},
+}
+
+
+__all__ = ["routes", "OPERATIONS"]

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from ..api import CATEGORY
 from ..http import endpoint
+from ..openapi import CLIENT_ERRORS, SCORING, request_body, response
 from .openai import score_request
 
 
@@ -35,4 +36,15 @@ def routes(served) -> list:
     return [Route("/classify", classify, methods=["POST"]), Route("/v1/classify", classify, methods=["POST"])]
 
 
-__all__ = ["routes", "classify_response"]
+#: this protocol's operations in the OpenAPI document (serving/openapi.py collects them)
+OPERATIONS = {
+    ("/classify", "post"): {
+        "tags": ["vLLM"], "summary": "vLLM classification: label and [p(safe), p(harmful)] per input",
+        "requestBody": request_body(SCORING), "responses": {"200": response({"type": "object"}), **CLIENT_ERRORS}},
+    ("/v1/classify", "post"): {
+        "tags": ["vLLM"], "summary": "the same as /classify", "requestBody": request_body(SCORING),
+        "responses": {"200": response({"type": "object"}), **CLIENT_ERRORS}},
+}
+
+
+__all__ = ["routes", "OPERATIONS", "classify_response"]

@@ -279,7 +279,7 @@ class AgentSirenGuard:
         state = session._held.state
         held = state.ids if state is not None else ()
         shared = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
-        return PreparedAppend(session, run, ids, len(ids) - shared)
+        return PreparedAppend(session, run, ids, len(ids) - shared, session._held)
 
     def feed_prepared(self, prepared: Sequence["PreparedAppend"]) -> list:
         """Step prepared appends together (groups under the runner's limits). If an engine
@@ -364,6 +364,7 @@ class PreparedAppend:
     messages: tuple
     ids: list
     new_tokens: int           # the ids after the common prefix with what the session holds
+    base: Any = None          # what the session held when this was prepared (it changes on commit)
 
 
 def _one_trajectory(trajectory: Any, messages: Optional[list], tools: Optional[list]) -> Trajectory:

@@ -37,6 +37,8 @@ class GuardService:
         self.preparers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"siren-prepare-{name}")
         self.batchers: list = []
         self.sessions: SessionRegistry = None      # set by the subclass
+        #: more registries of this guard's sessions (a protocol's keyed ones): swept and freed alike
+        self.keyed: list = []
         self._sweeper: Optional[asyncio.Task] = None
 
     def batcher(self, run, kind: str, **options) -> DynamicBatcher:
@@ -78,7 +80,8 @@ class GuardService:
         for batcher in self.batchers:
             await batcher.stop()
         self.preparers.shutdown(wait=True)
-        self.sessions.clear()
+        for registry in [self.sessions, *self.keyed]:
+            registry.clear()
         self.guard.close()
 
     async def _sweep_forever(self) -> None:
@@ -86,6 +89,8 @@ class GuardService:
         while True:
             await asyncio.sleep(period)
             closed = self.sessions.sweep()
+            for registry in self.keyed:
+                registry.sweep()
             if closed:
                 self.metrics.sessions_expired.labels(self.name).inc(closed)
             self.metrics.sessions.labels(self.name).set(self.session_count())
@@ -127,9 +132,17 @@ class ContentService(GuardService):
         return self._scored([self.guard.token_ids(t) for t in texts])
 
     def _feed(self, items: list) -> list:
-        """Engine calls only: each feed was cleaned and tokenized on its request's thread."""
-        results = self.guard.feed_prepared([prepared for _, prepared in items])
-        return [(result, session.chars, session.onset) for (session, _), result in zip(items, results)]
+        """Engine calls only: each feed was cleaned and tokenized on its request's thread. If an
+        engine call fails part-way, the feeds it already committed answer their scores and only
+        the others get the error (their sessions untouched), so a client's retry never feeds a
+        delta twice."""
+        def answer(session):
+            return session.score, session.chars, session.onset
+        try:
+            self.guard.feed_prepared([prepared for _, prepared in items])
+        except Exception as error:     # noqa: BLE001 - each feed gets its own outcome
+            return [answer(s) if s.fed is not p.base else error for s, p in items]
+        return [answer(session) for session, _ in items]
 
     # -- for the routes -----------------------------------------------------------------
     async def scores(self, texts: list) -> tuple[list, list]:

@@ -86,6 +86,27 @@ class SessionRegistry:
             self._held[held.id] = held
             return held
 
+    def adopt(self, session_id: str, session) -> Optional[HeldSession]:
+        """Keep `session` (made and advanced outside the registry) under `session_id`, making
+        room by evicting the least recently used idle session; None when there is no room (the
+        caller's answer stands, the session is not kept). If another request adopted one under
+        this id meanwhile, that one stays and `session` is freed."""
+        with self._lock:
+            self._sweep_locked()
+            if session_id in self._held:
+                session.reset()
+                return self._held[session_id]
+            if len(self._held) >= self.max_sessions:
+                idle = [h for h in self._held.values() if not h.lock.locked()]
+                if not idle:
+                    session.reset()
+                    return None
+                self._drop_locked(min(idle, key=lambda h: h.last_used).id)
+            now = self._clock()
+            held = HeldSession(id=session_id, session=session, created=now, last_used=now)
+            self._held[session_id] = held
+            return held
+
     def get(self, session_id: str) -> HeldSession:
         with self._lock:
             held = self._held.get(session_id)

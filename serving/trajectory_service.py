@@ -47,8 +47,17 @@ class TrajectoryService(GuardService):
         self.scorer = self.batcher(self._scored, "trajectory")
         # as text streams: an append that runs many ids (a first long run) takes its own lane
         self.appender, self.bulk_appender = (
-            self.batcher(self.guard.feed_prepared, "trajectory_append", conflict_key=lambda item: id(item.session),
+            self.batcher(self._append, "trajectory_append", conflict_key=lambda item: id(item.session),
                          isolate=False) for _ in range(2))
+
+    def _append(self, items: list) -> list:
+        """One engine call for many runs' appends. If it fails part-way, the appends already
+        committed answer their verdicts and only the others get the error (their sessions
+        untouched): a client's retry never appends a turn twice."""
+        try:
+            return self.guard.feed_prepared(items)
+        except Exception as error:     # noqa: BLE001 - each append gets its own outcome
+            return [p.session.result if p.session._held is not p.base else error for p in items]
 
     # -- scoring ------------------------------------------------------------------------
     async def scores(self, trajectories: list) -> tuple[list, list]:

@@ -295,3 +295,87 @@ def test_a_refused_append_changes_nothing(server, agent):
     assert after["tokens"] == len(agent.token_ids({"messages": TURNS[0] + TURNS[1] + TURNS[2], "tools": TOOLS}))
     assert httpx.delete(url).status_code == 200 and httpx.get(url).status_code == 404
     assert httpx.post(url, json={"messages": TURNS[2]}).status_code == 404
+
+
+def test_litellm_keyed_runs_compare_the_whole_run_and_refusals_change_nothing(server, agent):
+    """A trace id whose run changed its system prompt is scored anew (not as an extension); a
+    refused call (a bad row) changes no keyed session."""
+    run = TURNS[0] + TURNS[1]
+    url = server.url + "/beta/litellm_basic_guardrail_api"
+
+    def check(messages):
+        return httpx.post(url, json={"input_type": "request", "structured_messages": messages, "tools": TOOLS,
+                                     "litellm_trace_id": "trace-profile"})
+    first = check(run).json()["siren"][0]["score"]
+    assert abs(first - agent.score_trajectory(messages=run, tools=TOOLS).score) <= EXACT
+    other = [{"role": "system", "content": "You are a very different agent."}] + run[1:]
+    again = check(other).json()["siren"][0]["score"]
+    assert abs(again - agent.score_trajectory(messages=other, tools=TOOLS).score) <= EXACT
+    bad = check(other + [{"role": "pirate", "content": "arr"}])
+    assert bad.status_code == 400 and "unknown message role" in bad.text
+    for broken in (["hi"], [{"role": "user", "content": 5}]):
+        refused = httpx.post(url, json={"input_type": "response", "texts": ["x"], "structured_messages": broken})
+        assert refused.status_code == 400 and "structured_messages" in refused.text
+    extended = other + TURNS[2]
+    got = check(extended).json()["siren"][0]["score"]
+    assert abs(got - agent.score_trajectory(messages=extended, tools=TOOLS).score) <= 1e-5
+
+
+def test_a_trajectory_only_server_lets_plain_replies_through(agent_qwen):
+    """LiteLLM sends every reply: a server holding only an agent guard answers NONE where no
+    loaded guard applies (no proposed call), and names a guard it does not hold with a 400."""
+    from starlette.testclient import TestClient
+    from siren_runtime import AgentSirenGuard
+    from siren_serving.server import create_app
+    from siren_serving.settings import ServeConfig
+    app = create_app(AgentSirenGuard.from_pretrained(agent_qwen[0], device="cpu"),
+                     ServeConfig(bundle=str(agent_qwen[0]), model_name="agent"))
+    with TestClient(app) as client:
+        plain = client.post("/beta/litellm_basic_guardrail_api", json={"input_type": "response", "texts": ["Hello!"]})
+        assert plain.status_code == 200 and plain.json() == {"action": "NONE", "blocked_reason": None, "siren": []}
+        named = client.post("/beta/litellm_basic_guardrail_api", json={
+            "input_type": "response", "texts": ["Hello!"], "additional_provider_specific_params": {
+                "content_guard": "content"}})
+        assert named.status_code == 400 and "no content guard" in named.text
+        call = client.post("/beta/litellm_basic_guardrail_api", json={
+            "input_type": "response", "structured_messages": TURNS[0], "tools": TOOLS,
+            "tool_calls": TURNS[1][0]["tool_calls"]})
+        assert call.status_code == 200 and call.json()["siren"][0]["kind"] == "trajectory"
+
+
+def test_a_batch_of_appends_that_fails_part_way_answers_what_it_committed(agent_qwen):
+    """Appends of two runs share a batch; the engine fails on the second group's call (an
+    injected fault around the real step runner): the first run's append answers its verdict,
+    the second gets the error and its session is untouched, so a retry appends nothing twice."""
+    from helpers import CountingStep
+    from siren_runtime import AgentSirenGuard
+    from siren_runtime.backends import Runners, open_runners
+    from siren_runtime.bundle import read_bundle
+    from siren_serving.settings import ServeConfig
+    from siren_serving.trajectory_service import TrajectoryService
+
+    class FailsSecondCall(CountingStep):
+        def step(self, rows):
+            if self.calls == 1:
+                self.calls += 1
+                raise RuntimeError("injected engine failure")
+            return super().step(rows)
+    bundle = read_bundle(agent_qwen[0])
+    bundle.verify()
+    opened = open_runners(bundle, backend="onnxruntime", device="cpu")
+    guard = AgentSirenGuard(bundle, Runners(opened.score, FailsSecondCall(opened.step)), max_batch_size=1)
+    service = TrajectoryService(guard, ServeConfig(bundle=str(agent_qwen[0])), "agent")
+    try:
+        runs = [TURNS[0], TURNS[0] + TURNS[1]]
+        sessions = [guard.session(tools=TOOLS) for _ in runs]
+        outcomes = service._append([guard.prepare_append(s, run) for s, run in zip(sessions, runs)])
+        failed = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+        assert len(failed) == 1 and isinstance(outcomes[failed[0]], RuntimeError)
+        assert sessions[failed[0]].messages == [] and sessions[failed[0]].result is None     # untouched
+        [done] = [i for i in range(2) if i not in failed]
+        with AgentSirenGuard.from_pretrained(agent_qwen[0], device="cpu") as fresh:
+            whole = fresh.score_trajectory(messages=runs[done], tools=TOOLS).score
+        assert abs(outcomes[done].score - whole) <= 1e-5 and sessions[done].messages == runs[done]
+    finally:
+        service.preparers.shutdown(wait=False)
+        guard.close()

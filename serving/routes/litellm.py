@@ -39,7 +39,7 @@ from ..api import ApiError, parse_int, parse_threshold
 from ..http import check_texts, endpoint
 from ..openapi import MESSAGES, NUMBER01, TOOLS, request_body, response
 from ..runs import parse_messages, parse_tools, run_of
-from ..sessions import SessionLimitError, SessionRegistry, UnknownSessionError
+from ..sessions import SessionRegistry, UnknownSessionError
 
 PATH = "/beta/litellm_basic_guardrail_api"
 INPUT_TYPES = ("request", "response")
@@ -73,6 +73,8 @@ class Check:
         messages = body.get("structured_messages")
         self.messages = None if messages is None else parse_messages(messages, "structured_messages")
         self.tools = parse_tools(body.get("tools"), "tools")
+        if self.messages is not None:
+            run_of(self.messages, self.tools, "structured_messages")       # every role and content, or a 400
         calls = body.get("tool_calls")
         if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
             raise ApiError(400, "tool_calls must be a list of tool call objects", param="tool_calls")
@@ -141,81 +143,83 @@ class Verdict:
                 f"{self.threshold:g}")
 
 
-def _turn_key(message: dict) -> tuple:
-    """A message as the guard reads it (ids and keys the render ignores left out)."""
-    return tuple(from_openai([message]).turns)
+class KeyedSessions:
+    """Sessions of one guard keyed by a LiteLLM id. A call runs on the held session when its
+    input extends what that session holds, else on a fresh one; a fresh session is kept under
+    the id only after its call succeeded, so a refused call changes no keyed session (and
+    evicts none). The service sweeps these with its own sessions and frees them at shutdown."""
+
+    def __init__(self, service, config, prefix: str):
+        self.service = service
+        self.registry = SessionRegistry(service.guard, config.max_sessions, config.session_ttl_s, prefix=prefix)
+        service.keyed.append(self.registry)
+
+    async def run(self, key: str, extends, advance):
+        """advance(session or None) -> (the session to keep, the answer); None: a fresh one."""
+        while True:
+            try:
+                held = self.registry.get(key)
+            except UnknownSessionError:
+                session, answer = await advance(None)
+                self.registry.adopt(key, session)
+                return answer
+            async with held.lock:
+                if held.closed:              # dropped (TTL, room made) while this call waited: look again
+                    continue
+                session, answer = await advance(held.session if extends(held.session) else None)
+                if session is not held.session:      # another run under this id: the old one is freed
+                    old, held.session = held.session, session
+                    old.reset()
+                self.registry.touch(held)
+                return answer
 
 
-class KeyedRuns:
-    """Trajectory sessions keyed by a LiteLLM id: a call whose run extends the held one
-    appends only the new messages (compared as the guard reads them); any other run starts
-    the session over."""
+class KeyedRuns(KeyedSessions):
+    """Trajectory sessions keyed by a trace (or call) id: a call whose run extends the held one
+    (the same profile, tools and turns so far, as the guard reads them) appends only the new
+    messages."""
 
     def __init__(self, service, config):
-        self.service = service
-        self.registry = SessionRegistry(
-            service.guard, config.max_sessions, config.session_ttl_s, prefix="litellm-traj-",
-            opener=lambda threshold, tools=None: service.guard.session(tools=tools, threshold=threshold))
+        super().__init__(service, config, "litellm-traj-")
 
     async def score(self, key: str, messages: list, tools: Optional[list], threshold: float) -> float:
-        held = self._held(key, threshold, tools)
-        async with held.lock:
-            session = held.session
+        guard = self.service.guard
+
+        def extends(session) -> bool:
             known = session.messages
-            extends = (session.tools == tools and session.threshold == threshold and len(known) <= len(messages)
-                       and [_turn_key(m) for m in known] == [_turn_key(m) for m in messages[:len(known)]])
-            if extends and len(known) == len(messages) and session.result is not None:
-                return session.result.score
-            # another run under this id: a fresh session, kept only if its append succeeds
-            target = session if extends else self.service.guard.session(tools=tools, threshold=threshold)
-            result = await self.service.append_to(target, messages[len(known):] if extends else messages)
-            held.session = target
-            self.registry.touch(held)
-            return result.score
+            return (session.tools == tools and session.threshold == threshold and len(known) <= len(messages)
+                    and from_openai(known, tools) == from_openai(messages[:len(known)], tools))
 
-    def _held(self, key: str, threshold: float, tools: Optional[list]):
-        try:
-            return self.registry.get(key)
-        except UnknownSessionError:
-            try:
-                return self.registry.create(threshold, session_id=key, evict=True, tools=tools)
-            except SessionLimitError as e:
-                raise ApiError(429, str(e), code="too_many_sessions") from None
+        async def advance(session):
+            if session is not None and len(session.messages) == len(messages) and session.result is not None:
+                return session, session.result.score
+            target = session if session is not None else guard.session(tools=tools, threshold=threshold)
+            result = await self.service.append_to(target, messages[len(target.messages):])
+            return target, result.score
+        return await self.run(key, extends, advance)
 
 
-class KeyedTexts:
-    """Text streams keyed by (LiteLLM call id, text index): each check of a streamed response
-    feeds only what the text gained since the last check."""
+class KeyedTexts(KeyedSessions):
+    """Text streams keyed by (call id, text index): each check of a streamed response feeds
+    only what the text gained since the last check."""
 
     def __init__(self, service, config):
-        self.service = service
-        self.registry = SessionRegistry(
-            service.guard, config.max_sessions, config.session_ttl_s, prefix="litellm-text-",
-            opener=lambda threshold: service.guard.stream(threshold=threshold, keep_text=True))
+        super().__init__(service, config, "litellm-text-")
 
     async def score(self, key: str, text: str, threshold: float) -> tuple:
-        """-> (score, onset in `text` or None)."""
-        held = self._held(key, threshold)
-        async with held.lock:
-            session = held.session
-            extends = session.threshold == threshold and text.startswith(session.text)
-            if extends and text == session.text and session.score is not None:
-                return session.score.score, session.onset
-            # another text under this key: a fresh stream, kept only if its feed succeeds
-            target = session if extends else self.service.guard.stream(threshold=threshold, keep_text=True)
-            result, _, onset = await self.service.feed_session(target, text[len(target.text):])
-            held.session = target
-            self.registry.touch(held)
-            return result.score, onset
+        """-> (score, onset: where the running score first reached the threshold, or None)."""
+        guard = self.service.guard
 
-    def _held(self, key: str, threshold: float):
-        try:
-            return self.registry.get(key)
-        except UnknownSessionError:
-            try:
-                return self.registry.create(threshold, session_id=key, evict=True)
-            except SessionLimitError as e:
-                raise ApiError(429, str(e), code="too_many_sessions") from None
+        def extends(session) -> bool:
+            return session.threshold == threshold and text.startswith(session.text)
+
+        async def advance(session):
+            if session is not None and text == session.text and session.score is not None:
+                return session, (session.score.score, session.onset)
+            target = session if session is not None else guard.stream(threshold=threshold, keep_text=True)
+            result, _, onset = await self.service.feed_session(target, text[len(target.text):])
+            return target, (result.score, onset)
+        return await self.run(key, extends, advance)
 
 
 def routes(served) -> list:
@@ -229,22 +233,27 @@ def routes(served) -> list:
         joined = [join_prompt_response(prompt, t) if check.input_type == "response" else t for t in check.texts]
         offset = len(prompt) + 1 if prompt else 0       # where a response starts in its joined text
         verdicts = []
+        def cut(onset):
+            """The response's own offset where harm starts; None when it starts in the prompt
+            (nothing of the response to keep: BLOCKED, not an empty text)."""
+            return None if onset is None or onset <= offset else onset - offset
+
+        cuts = [None] * len(joined)
         if check.call_id and check.input_type == "response":
+            scores = []
             for i, text in enumerate(joined):
                 score, onset = await texts[service.name].score(f"{check.call_id}/{i}", text, threshold)
-                cut = None if onset is None else max(0, onset - offset)
-                verdicts.append(Verdict(service.name, "content", i, score, threshold, cut))
+                scores.append(score)
+                cuts[i] = cut(onset) if check.sustain == 1 else None     # the stream's first crossing
         else:
             scores, _ = await service.scores(joined)
-            cuts = [None] * len(joined)
-            flagged = [i for i, s in enumerate(scores) if s >= threshold]
-            if check.intervene and check.input_type == "response" and flagged and service.guard.prefix_scores_available:
-                found = await service.prefix_scores([joined[i] for i in flagged])
-                for i, prefixes in zip(flagged, found):
-                    onset = prefixes.onset(threshold, check.sustain)
-                    cuts[i] = None if onset is None else max(0, onset - offset)
-            verdicts = [Verdict(service.name, "content", i, s, threshold, cuts[i])
-                        for i, s in enumerate(scores)]
+        flagged = [i for i, s in enumerate(scores) if s >= threshold]
+        late = [i for i in flagged if cuts[i] is None]
+        if check.intervene and check.input_type == "response" and late and service.guard.prefix_scores_available:
+            found = await service.prefix_scores([joined[i] for i in late])
+            for i, prefixes in zip(late, found):
+                cuts[i] = cut(prefixes.onset(threshold, check.sustain))
+        verdicts = [Verdict(service.name, "content", i, s, threshold, cuts[i]) for i, s in enumerate(scores)]
         service.observe([v.score for v in verdicts], threshold)
         return verdicts
 
@@ -264,8 +273,11 @@ def routes(served) -> list:
     async def guardrail(request: Request) -> Response:
         check = Check(await served.read_json(request), config.max_inputs)
         has_content, has_runs = bool(served.of_kind("content")), bool(served.of_kind("trajectory"))
-        use_content = bool(check.texts) and (has_content or not (check.wants_trajectory and has_runs))
-        use_runs = check.wants_trajectory and (has_runs or not use_content)
+        # each part goes to the guard of its kind where one is loaded (or is named: then a 4xx
+        # says it is not); a call no loaded guard applies to is NONE, so a trajectory-only
+        # server does not block every plain reply
+        use_content = bool(check.texts) and (has_content or check.params.get("content_guard") is not None)
+        use_runs = check.wants_trajectory and (has_runs or check.params.get("trajectory_guard") is not None)
         # every name and threshold checked before anything is scored
         content = served.pick("content", check.params.get("content_guard"), "content_guard") if use_content else None
         agent = (served.pick("trajectory", check.params.get("trajectory_guard"), "trajectory_guard")

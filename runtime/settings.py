@@ -106,12 +106,6 @@ class GuardSettings:
         self.check_guard()
         return load_guard(self.bundle, **{**self.guard_options(), **extra})
 
-    def load_content_guard(self, **extra):
-        """A SirenGuard: the surfaces that score text refuse a trajectory bundle by name."""
-        from .guard import SirenGuard
-        self.check_guard()
-        return SirenGuard.from_pretrained(self.bundle, **{**self.guard_options(), **extra})
-
 
 def settings_fields(cls) -> list:
     """The fields of a settings class that carry a command-line form."""

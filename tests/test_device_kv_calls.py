@@ -1,10 +1,12 @@
 """The device-KV step's host work does not grow with streams or layers: one batched copy
 gathers every stream's cache, one scatters the new keys/values (and a grown cache's
 prefix), inputs are staged in pinned memory, and grown caches are allocated
-stream-ordered. Checked on the CUDA stand-in (which counts every cuda-python call) with an
-emulated step engine that verifies, position by position, that the past it is handed is
-exactly what was scattered for that stream, at 2 and 36 layers and 1 to 64 streams; and
-on real bundles against llm-siren through both the batched and the older 2D-copy path."""
+stream-ordered; the copies the bindings convert grow with streams only (one 3-D entry per
+stream, every layer and head in it). Checked on the CUDA stand-in (which counts every
+cuda-python call and every copy entry) with an emulated step engine that verifies,
+position by position, that the past it is handed is exactly what was scattered for that
+stream, at 2 and 36 layers and 1 to 64 streams; and on real bundles against llm-siren
+through every copy path (3-D batch, row batch, 2-D copies)."""
 from __future__ import annotations
 
 import random
@@ -67,9 +69,10 @@ def emulated_runner(standin, layers: int, heads: int = 2, head_dim: int = 4, max
     return EmulatedStep()
 
 
-def run_steps(runner, standin, streams: int, steps: int, seed: int = 0) -> list[int]:
+def run_steps(runner, standin, streams: int, steps: int, seed: int = 0, entries: list = None) -> list[int]:
     """Feed `streams` streams `steps` times (1-3 new tokens each, one first step of a few);
-    returns the host calls of each step, allocations left out."""
+    returns the host calls of each step, allocations left out (and appends each step's copy
+    entries to `entries`)."""
     from siren_runtime.backends.base import StepRow
     rng = random.Random(seed)
     states = [runner.new_state() for _ in range(streams)]
@@ -82,10 +85,12 @@ def run_steps(runner, standin, streams: int, steps: int, seed: int = 0) -> list[
             rows.append(StepRow(state, len(held[j]), ids, np.zeros(3, np.float32)))
             new.append(ids)
         runner.current = {b: list(held[j]) for b, j in enumerate(range(streams))}
-        before = dict(standin.gpu.calls)
+        before, entries_before = dict(standin.gpu.calls), standin.gpu.copy_entries
         runner.step(rows)
         counts.append(sum(n - before.get(name, 0) for name, n in standin.gpu.calls.items()
                           if name not in ALLOCATION_CALLS))
+        if entries is not None:
+            entries.append(standin.gpu.copy_entries - entries_before)
         for j, ids in enumerate(new):
             held[j].extend(ids)
     if standin.gpu.async_alloc:                            # every cache was allocated stream-ordered
@@ -94,16 +99,17 @@ def run_steps(runner, standin, streams: int, steps: int, seed: int = 0) -> list[
 
 
 @pytest.mark.parametrize("binding_line", [12, 13])
-def test_host_calls_per_step_are_constant_in_streams_and_layers(binding_line):
+def test_host_calls_per_step_are_constant_and_entries_grow_with_streams_only(binding_line):
     from trt_standin import StandIn
-    per_config = {}
+    per_config, entries = {}, {}
     for layers in (2, 36):
         for streams in (1, 8, 64):
             standin = StandIn(binding_line=binding_line)
             runner = emulated_runner(standin, layers)
-            counts = run_steps(runner, standin, streams, steps=6)
-            assert standin.gpu.calls["cudaMemcpyBatchAsync"] >= 6
-            assert standin.gpu.calls["cudaMemcpy2DAsync"] == 0
+            entries[(layers, streams)] = []
+            counts = run_steps(runner, standin, streams, steps=6, entries=entries[(layers, streams)])
+            assert standin.gpu.calls["cudaMemcpy3DBatchAsync"] >= 6
+            assert standin.gpu.calls["cudaMemcpy2DAsync"] == standin.gpu.calls["cudaMemcpyBatchAsync"] == 0
             assert standin.gpu.calls["cudaMallocAsync"] >= streams and standin.gpu.calls["cudaMalloc"] <= 16
             per_config[(layers, streams)] = counts[1:]          # the first step has no past to gather
             runner.close()
@@ -114,27 +120,50 @@ def test_host_calls_per_step_are_constant_in_streams_and_layers(binding_line):
     one = {c for (_, streams), counts in per_config.items() if streams == 1 for c in counts}
     assert len(many) == 1 and one == {many.pop() - 1}, per_config
     assert max(one) + 1 <= 10
+    # entries: 4 uploads and 2 downloads, one gather entry per stream with a past, one scatter
+    # entry per stream and one per grown cache: O(streams), the same at 2 and 36 layers
+    for streams in (1, 8, 64):
+        assert entries[(2, streams)] == entries[(36, streams)], entries
+        assert max(entries[(36, streams)]) <= 3 * streams + 6, entries
+
+
+def test_row_batches_convert_an_entry_per_row_still_constant_calls():
+    """A binding with cudaMemcpyBatchAsync but not its 3-D form: one call per gather still,
+    but one entry per (stream, layer, k/v, head) row, the host cost the 3-D copy removes."""
+    from trt_standin import StandIn
+    entries = {}
+    for layers in (2, 36):
+        standin = StandIn(batch_copy_3d=False)
+        runner = emulated_runner(standin, layers)
+        entries[layers] = []
+        run_steps(runner, standin, 8, steps=4, entries=entries[layers])
+        assert standin.gpu.calls["cudaMemcpyBatchAsync"] >= 4 and standin.gpu.calls["cudaMemcpy2DAsync"] == 0
+        runner.close()
+        assert standin.gpu.live_bytes() == 0
+    assert min(entries[36][1:]) > 8 * 36 * 2 * 2 > max(entries[2][1:])
 
 
 def test_older_bindings_fall_back_to_pitched_copies_still_exact():
-    """Without cudaMemcpyBatchAsync (or below CUDA 12.8 in the runtime or the driver) and
+    """Without batched copies (or below CUDA 12.8 in the runtime or the driver) and
     without stream-ordered allocation, the 2D-copy path runs and the gathered pasts still
     check out; its host calls then grow with streams x layers."""
     from trt_standin import StandIn
-    for knobs in ({"batch_copy": False, "async_alloc": False}, {"driver_version": 12040}):
+    for knobs in ({"batch_copy": False, "batch_copy_3d": False, "async_alloc": False}, {"driver_version": 12040}):
         counts = {}
         for streams in (1, 8):
             standin = StandIn(**knobs)
             runner = emulated_runner(standin, 4)
             counts[streams] = run_steps(runner, standin, streams, steps=4)[1:]
-            assert standin.gpu.calls["cudaMemcpyBatchAsync"] == 0 and standin.gpu.calls["cudaMemcpy2DAsync"] > 0
+            assert standin.gpu.calls["cudaMemcpyBatchAsync"] == standin.gpu.calls["cudaMemcpy3DBatchAsync"] == 0
+            assert standin.gpu.calls["cudaMemcpy2DAsync"] > 0
             runner.close()
             assert standin.gpu.live_bytes() == 0
         assert min(counts[8]) > max(counts[1])
 
 
-@pytest.mark.parametrize("knobs", [{}, {"binding_line": 13}, {"batch_copy": False, "async_alloc": False}],
-                         ids=["cuda-bindings-12.9", "cuda-bindings-13", "older-binding"])
+@pytest.mark.parametrize("knobs", [{}, {"binding_line": 13}, {"batch_copy_3d": False},
+                                   {"batch_copy": False, "batch_copy_3d": False, "async_alloc": False}],
+                         ids=["cuda-bindings-12.9", "cuda-bindings-13", "row-batch", "older-binding"])
 def test_device_streams_equal_llm_siren_on_every_copy_path(all_layers, monkeypatch, knobs):
     """16 streams of random chunks, fed together through ONNX Runtime's IO-binding step runner
     over the stand-in's device memory: every score equals llm-siren's on the prefix."""
@@ -162,8 +191,9 @@ def test_device_streams_equal_llm_siren_on_every_copy_path(all_layers, monkeypat
         ref = [r.score for r in all_layers.reference.score_batch([s.text for s in sessions])]
         assert max(abs(a - b) for a, b in zip(ours, ref)) <= TOL
     assert standin.gpu.live_bytes() == 0 and not standin.gpu.pinned and standin.gpu.streams == set()
-    batched = standin.gpu.calls["cudaMemcpyBatchAsync"]
-    assert (batched > 0) == knobs.get("batch_copy", True)
+    blocks, rows = standin.gpu.calls["cudaMemcpy3DBatchAsync"], standin.gpu.calls["cudaMemcpyBatchAsync"]
+    assert (blocks > 0) == knobs.get("batch_copy_3d", True)
+    assert (rows > 0) == (knobs.get("batch_copy", True) and not knobs.get("batch_copy_3d", True))
 
 
 def _bf16_cast_step_graph(path, layers: int, heads: int, head_dim: int, features: int) -> None:

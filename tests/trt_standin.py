@@ -13,10 +13,12 @@ raises ``StandInError`` on any other attribute, so new API use cannot pass unnot
   that every input shape lies in the active profile and every tensor has an address
   inside device memory, runs the graph with ONNX Runtime on the CPU, and writes the
   outputs to their addresses (bounds-checked).
-- Every cuda-python call is counted (``gpu.calls``), so a test can assert how many host
-  calls a step costs. The newer calls (``cudaMemcpyBatchAsync``, stream-ordered
-  allocation, pinned host memory) follow cuda-bindings 12.9 (``(err, failIdx)`` from a
-  batched copy) or 13.x (``(err,)``), per ``binding_line``; ``batch_copy=False`` or
+- Every cuda-python call is counted (``gpu.calls``), and every copy described to the binding
+  (``gpu.copy_entries``: a batch's entries, one per plain copy), so a test can assert how
+  many host calls a step costs and how much the bindings convert. The newer calls
+  (``cudaMemcpyBatchAsync``, ``cudaMemcpy3DBatchAsync``, stream-ordered allocation, pinned
+  host memory) follow cuda-bindings 12.9 (``(err, failIdx)`` from a batched copy) or 13.x
+  (``(err,)``), per ``binding_line``; ``batch_copy=False``, ``batch_copy_3d=False`` or
   ``async_alloc=False`` remove them as an older binding lacks them (AttributeError), and
   ``cuda_version``/``driver_version`` say what the runtime and driver report.
 - Knobs make the failures real TensorRT/CUDA show: no device, an old driver (error 35),
@@ -160,8 +162,52 @@ class cudaMemcpyAttributes:
         self.flags = 0
 
 
+class cudaMemcpy3DOperandType(enum.IntEnum):
+    cudaMemcpyOperandTypePointer = 1
+    cudaMemcpyOperandTypeArray = 2
+
+
+class _PointerOperand:
+    __slots__ = ("ptr", "rowLength", "layerHeight", "locHint")
+
+    def __init__(self):
+        self.ptr, self.rowLength, self.layerHeight, self.locHint = 0, 0, 0, None
+
+
+class _OperandUnion:
+    __slots__ = ("ptr", "array")
+
+    def __init__(self):
+        self.ptr, self.array = _PointerOperand(), None
+
+
+class cudaMemcpy3DOperand:
+    __slots__ = ("type", "op")
+
+    def __init__(self):
+        self.type, self.op = 0, _OperandUnion()
+
+
+class cudaExtent:
+    __slots__ = ("width", "height", "depth")
+
+    def __init__(self):
+        self.width = self.height = self.depth = 0
+
+
+class cudaMemcpy3DBatchOp:
+    """The struct's fields and nothing else, nested as in the binding (op.src.op.ptr.ptr)."""
+    __slots__ = ("src", "dst", "extent", "srcAccessOrder", "flags")
+
+    def __init__(self):
+        self.src, self.dst, self.extent = cudaMemcpy3DOperand(), cudaMemcpy3DOperand(), cudaExtent()
+        self.srcAccessOrder = cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderInvalid
+        self.flags = 0
+
+
 #: the batched-copy and stream-ordered-allocation calls, absent from an older binding
 BATCH_COPY_CALLS = ("cudaMemcpyBatchAsync", "cudaMemcpyAttributes", "cudaMemcpySrcAccessOrder")
+BATCH_COPY_3D_CALLS = ("cudaMemcpy3DBatchAsync", "cudaMemcpy3DBatchOp", "cudaMemcpy3DOperandType")
 ASYNC_ALLOC_CALLS = ("cudaMallocAsync", "cudaFreeAsync")
 
 
@@ -230,6 +276,8 @@ class FakeGPU:
     driver_version: int = 12090           # what cudaDriverGetVersion reports
     binding_line: int = 12                # 12: batched copy returns (err, failIdx); 13: (err,)
     batch_copy: bool = True               # the binding has cudaMemcpyBatchAsync
+    batch_copy_3d: bool = True            # the binding has cudaMemcpy3DBatchAsync
+    copy_entries: int = 0                 # copies described to the binding (a batch's entries, 1 per plain call)
     async_alloc: bool = True              # the binding has cudaMallocAsync / cudaFreeAsync
     memory_pools: bool = True             # the device supports memory pools (cudaDevAttrMemoryPoolsSupported)
     pool_release_threshold: int = 0       # what cudaMemPoolSetAttribute set on the default pool
@@ -378,6 +426,7 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         label = _directions(kind, int(dst), int(src), int(count), "cudaMemcpyAsync")
         ctypes.memmove(int(dst), int(src), int(count))
         gpu.copies.append(Copy(label, int(dst), int(src), int(count)))
+        gpu.copy_entries += 1
         return (ok,)
 
     def cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):
@@ -389,6 +438,7 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
             label = _directions(kind, d, s, width, "cudaMemcpy2DAsync")
             ctypes.memmove(d, s, width)
         gpu.copies.append(Copy(label if height else "d2d", int(dst), int(src), width * height))
+        gpu.copy_entries += 1
         return (ok,)
 
     def cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream):
@@ -412,6 +462,45 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
             _directions(cudaMemcpyKind.cudaMemcpyDeviceToDevice, int(dst), int(src), size, "cudaMemcpyBatchAsync")
             ctypes.memmove(int(dst), int(src), size)
         gpu.copies.append(Copy("d2d", int(dsts[0]) if count else 0, int(srcs[0]) if count else 0, sum(sizes)))
+        gpu.copy_entries += count
+        return (ok, 0) if gpu.binding_line == 12 else (ok,)
+
+    def cudaMemcpy3DBatchAsync(numOps, opList, flags, stream):
+        what = "cudaMemcpy3DBatchAsync"
+        if min(gpu.cuda_version, gpu.driver_version) < 12080:
+            raise StandInError(f"{what} needs CUDA 12.8+ in both the runtime and the driver")
+        if stream is None or int(stream) == 0:
+            raise StandInError(f"{what}: the legacy NULL stream is not allowed")
+        _stream(stream)
+        if not isinstance(opList, (list, tuple)) or len(opList) != numOps or not numOps or flags != 0:
+            raise StandInError(f"{what}({numOps!r}, {len(opList) if isinstance(opList, (list, tuple)) else opList!r} "
+                               f"ops, flags {flags!r})")
+        total = 0
+        for op in opList:
+            if not isinstance(op, cudaMemcpy3DBatchOp) or op.srcAccessOrder == 0 or op.flags != 0:
+                raise StandInError(f"{what}: each op needs a valid srcAccessOrder and no flags")
+            width, height, depth = op.extent.width, op.extent.height, op.extent.depth
+            if not all(isinstance(v, int) and v > 0 for v in (width, height, depth)):
+                raise StandInError(f"{what}: extent {width}x{height}x{depth} (each must be a positive int)")
+            sides = []
+            for side in (op.dst, op.src):
+                if side.type != cudaMemcpy3DOperandType.cudaMemcpyOperandTypePointer:
+                    raise StandInError(f"{what}: only pointer operands are in the stand-in's subset")
+                ptr = side.op.ptr
+                if (ptr.rowLength and ptr.rowLength < width) or (ptr.layerHeight and ptr.layerHeight < height):
+                    raise StandInError(f"{what}: row {ptr.rowLength} / layer {ptr.layerHeight} under the extent "
+                                       f"{width}x{height}")
+                pitch, rows = ptr.rowLength or width, ptr.layerHeight or height
+                sides.append((int(ptr.ptr), pitch, pitch * rows))
+            (dst, dst_pitch, dst_layer), (src, src_pitch, src_layer) = sides
+            for k in range(depth):
+                for r in range(height):
+                    d, s_ = dst + k * dst_layer + r * dst_pitch, src + k * src_layer + r * src_pitch
+                    _directions(cudaMemcpyKind.cudaMemcpyDeviceToDevice, d, s_, width, what)
+                    ctypes.memmove(d, s_, width)
+            total += width * height * depth
+        gpu.copies.append(Copy("d2d", int(opList[0].dst.op.ptr.ptr), int(opList[0].src.op.ptr.ptr), total))
+        gpu.copy_entries += numOps
         return (ok, 0) if gpu.binding_line == 12 else (ok,)
 
     def cudaMemsetAsync(devPtr, value, count, stream):
@@ -442,6 +531,7 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         cudaFreeHost=cudaFreeHost, cudaRuntimeGetVersion=cudaRuntimeGetVersion,
         cudaDriverGetVersion=cudaDriverGetVersion, cudaMemcpyAsync=cudaMemcpyAsync,
         cudaMemcpy2DAsync=cudaMemcpy2DAsync, cudaMemcpyBatchAsync=cudaMemcpyBatchAsync,
+        cudaMemcpy3DBatchAsync=cudaMemcpy3DBatchAsync,
         cudaMemsetAsync=cudaMemsetAsync, cudaStreamCreate=cudaStreamCreate, cudaGetDevice=cudaGetDevice,
         cudaDeviceGetAttribute=cudaDeviceGetAttribute, cudaDeviceGetDefaultMemPool=cudaDeviceGetDefaultMemPool,
         cudaMemPoolSetAttribute=cudaMemPoolSetAttribute, cudaMemPoolTrimTo=cudaMemPoolTrimTo,
@@ -452,12 +542,15 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
             gpu.calls[name] += 1
             return call(*args)
         return run
-    absent = (BATCH_COPY_CALLS if not gpu.batch_copy else ()) + (ASYNC_ALLOC_CALLS if not gpu.async_alloc else ())
+    absent = ((BATCH_COPY_CALLS if not gpu.batch_copy else ()) + (ASYNC_ALLOC_CALLS if not gpu.async_alloc else ())
+              + (BATCH_COPY_3D_CALLS if not gpu.batch_copy_3d else ()))
     members = {name: counted(name, call) for name, call in calls.items() if name not in absent}
     members.update({k: v for k, v in dict(cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind,
                                           cudaDeviceAttr=cudaDeviceAttr, cudaMemPoolAttr=cudaMemPoolAttr,
                                           cudaMemcpyAttributes=cudaMemcpyAttributes,
-                                          cudaMemcpySrcAccessOrder=cudaMemcpySrcAccessOrder).items()
+                                          cudaMemcpySrcAccessOrder=cudaMemcpySrcAccessOrder,
+                                          cudaMemcpy3DBatchOp=cudaMemcpy3DBatchOp,
+                                          cudaMemcpy3DOperandType=cudaMemcpy3DOperandType).items()
                     if k not in absent})
     return _strict_module("cuda.bindings.runtime", members, absent)
 

@@ -10,8 +10,15 @@ On the GPU it checks:
   with ONNX Runtime on the CPU standing in for the step engine (its inputs are read back from
   the device and its outputs written there); each stream's score against score(text) of the
   same bundle, host calls per step (they must not grow with streams), device memory held;
-- llm-siren on torch+CUDA as the GPU anchor: bf16 latency at batch 1/8/32 x 64/256 tokens and
-  64 streams rescored, at Qwen3-0.6B dims (Qwen3-4B with --full), random weights made on the box;
+- the same runner with torch as the engine (torch_engine.py): the exporter's own step module run
+  on the runner's CUDA stream over its bound buffers, at Qwen3-0.6B dims (random weights made on
+  the box), fp32 and bf16 KV, 1/16/64 streams, every copy path (3-D batch, row batch, 2-D);
+  scores against llm-siren on the same GPU, every stream's KV read back against a whole-prefix
+  recompute, host calls and copy entries per step, copy host ms, device ms (CUDA events),
+  memory held and after close;
+- llm-siren on torch+CUDA as the GPU anchor: bf16 latency at batch 1/8/32 x 64/256 tokens, a
+  saturated batch of 256 x 64 and 64 streams rescored, at Qwen3-0.6B dims (Qwen3-4B with
+  --full);
 - with TensorRT installed: the kit bundle's engines built as `siren build` builds them (parity
   gate, step engine check), and score_batch timed on TensorRT next to ONNX Runtime CPU.
 With --cpu-substitute the CUDA and TensorRT calls go to the test suite's CPU stand-in
@@ -34,29 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch_engine import ALLOCATION_CALLS, CountingRuntime, print_rows, torch_engine_check
+
 KIT = Path(__file__).resolve().parent
-#: allocation calls are amortized (caches grow by doubling): not part of the per-step count
-ALLOCATION_CALLS = {"cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync", "cudaMallocHost", "cudaFreeHost"}
 STREAM_COUNTS = (1, 8, 64)
 TOLERANCE = 1e-5                  # fp32 bundle, fp32 graph on both sides
-
-
-class CountingRuntime:
-    """cuda-bindings' runtime module, counting each CUDA call the runner makes."""
-
-    def __init__(self, rt):
-        self._rt = rt
-        self.calls = collections.Counter()
-
-    def __getattr__(self, name):
-        value = getattr(self._rt, name)
-        if not callable(value) or isinstance(value, type):       # enums and structs pass through
-            return value
-
-        def counted(*args):
-            self.calls[name] += 1
-            return value(*args)
-        return counted
 
 
 def real_runtime():
@@ -204,6 +193,10 @@ def anchor_check(artifact: Path, cpu: bool) -> list[dict]:
             texts = [text(tokens)] * batch
             ms = 1000 * timed(lambda: guard.score_batch(texts), 3 if cpu else 10)
             rows.append({"what": f"batch {batch} x {tokens} tokens", "ms": ms, "texts_per_s": batch / ms * 1000})
+    if not cpu:                                  # a batch that fills the GPU
+        texts = [text(64)] * 256
+        ms = 1000 * timed(lambda: guard.score_batch(texts), 5)
+        rows.append({"what": "batch 256 x 64 tokens (saturated)", "ms": ms, "texts_per_s": 256 / ms * 1000})
     prefixes = [text(16 + 4 * i) for i in range(64)]
     ms = 1000 * timed(lambda: guard.score_batch(prefixes), 2 if cpu else 5)
     rows.append({"what": "64 streams rescored (16-268 tokens)", "ms": ms, "texts_per_s": 64 / ms * 1000})
@@ -310,13 +303,16 @@ def main() -> int:
         results["device_kv"] = device_kv_check(kit / "bundle", rt, raw_rt, device_bytes)
         size = "micro" if args.cpu_substitute else ("qwen3-4b" if args.full else "qwen3-0.6b")
         artifact, what = anchor_artifact(kit, work, size)
+        results["torch_engine"] = torch_engine_check(artifact, raw_rt, device_bytes,
+                                                     standin if args.cpu_substitute else None)
         results["anchor"] = {"model": what, "device": "cpu fp32" if args.cpu_substitute else "cuda bf16",
                              "rows": anchor_check(artifact, args.cpu_substitute)}
         if args.cpu_substitute:
             standin.install(_Install())          # `tensorrt` and cuda.bindings.runtime: the stand-in's
         results["tensorrt"] = tensorrt_check(kit / "bundle", work)
     results["seconds"] = time.perf_counter() - started
-    passed = all(r["passed"] and r["calls_constant"] for r in results["device_kv"]) and (
+    passed = all(r["passed"] and r["calls_constant"] for r in results["device_kv"]) and \
+        results["torch_engine"]["passed"] and (
         not results["tensorrt"]["ran"] or results["tensorrt"]["passed"])
     results["passed"] = passed
     print_table(results)
@@ -337,6 +333,7 @@ def print_table(results: dict) -> None:
         calls = "/".join(str(c) for c in r["host_calls_per_step"])
         print(f"| {r['streams']} streams, 6 feeds | {r['layers']} | {r['max_abs_diff']:.2e} | {calls} | "
               f"{r['device_mib_held']:.2f} | {r['ms_per_feed']:.1f} | {ok} |")
+    print_rows(results["torch_engine"])
     a = results["anchor"]
     print(f"\n| llm-siren anchor: {a['model']}, {a['device']} | ms | texts/s |\n|---|---:|---:|")
     for r in a["rows"]:

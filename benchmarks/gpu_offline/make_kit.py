@@ -5,7 +5,7 @@ cuda-bindings) but no network, no TensorRT and no onnxruntime-gpu.
 
 The kit holds the wheels such a box lacks (this project, ONNX Runtime's CPU wheel, tokenizers,
 llm-siren and their small dependencies, for one Python version: the box's, 3.12 by default,
-whatever this machine runs), a tiny random-weight streaming bundle, check.py, run.sh and the CPU
+whatever this machine runs), a tiny random-weight streaming bundle, check.py (with torch_engine.py), run.sh and the CPU
 stand-in for cuda-bindings (for --cpu-substitute). What an ML image with torch already has is
 left out **by name**, whatever versions the box has: torch, transformers, huggingface_hub,
 safetensors, numpy and what they pull in (run.sh checks they import). It must stay under 60 MiB;
@@ -43,24 +43,54 @@ def wheel_platform_args(python: str) -> list[str]:
             "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
 
 
-def resolve(pins: list[str], python: str) -> dict:
+def resolve(pins: list[str], python: str, deps: bool = True) -> dict:
     """{name: version} that `pins` resolve to for `python` on manylinux x86_64 (metadata only)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-                        "--report", str(report), "--target", str(Path(tmp) / "t"), *wheel_platform_args(python),
-                        *pins], check=True)
+                        *([] if deps else ["--no-deps"]), "--report", str(report), "--target", str(Path(tmp) / "t"),
+                        *wheel_platform_args(python), *pins], check=True)
         return {_norm(i["metadata"]["name"]): i["metadata"]["version"]
                 for i in json.loads(report.read_text())["install"]}
+
+
+def _requires(name: str, python: str) -> list[str]:
+    """The names `name` (installed here) requires on the box: Linux x86_64, Python `python`."""
+    from packaging.requirements import Requirement
+    box = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "extra": ""}
+    return [_norm(r.name) for r in map(Requirement, metadata.distribution(name).requires or ())
+            if r.marker is None or r.marker.evaluate(box)]
+
+
+def box_names(python: str) -> set[str]:
+    """What an ML image with torch has: ON_THE_BOX and everything they require, by name, read
+    from this machine's installed metadata (names, not versions: builds differ, e.g. torch's
+    +cpu here; resolving the box's torch would read its 800 MB wheel for its metadata)."""
+    seen, todo = set(), [_norm(n) for n in ON_THE_BOX]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += _requires(name, python)
+        except metadata.PackageNotFoundError:
+            pass
+    return seen
 
 
 def dependency_wheels(wheels: Path, python: str) -> tuple[list[str], list[str]]:
     """Download the wheels of WANTED and their dependencies, less what the box has;
     returns (kept, left out)."""
-    wanted = resolve([f"{name}=={metadata.version(name)}" for name in WANTED], python)
-    # by name: this machine's builds (e.g. torch's +cpu) need not exist for the box's Python
-    box = set(resolve(list(ON_THE_BOX), python))
-    box -= {_norm(name) for name in WANTED}
+    box = box_names(python) - {_norm(name) for name in WANTED}
+    # llm-siren's own wheel only: everything it needs is the box's (torch, transformers ...),
+    # so its resolution would read torch's wheel for nothing; checked below by name
+    wanted = resolve([f"{name}=={metadata.version(name)}" for name in WANTED if name != "llm-siren"], python)
+    wanted.update(resolve([f"llm-siren=={metadata.version('llm-siren')}"], python, deps=False))
+    missing = set(_requires("llm-siren", python)) - box - set(wanted)
+    if missing:
+        raise SystemExit(f"make_kit: llm-siren needs {', '.join(sorted(missing))}, neither on the box nor in the kit")
     keep = sorted(f"{n}=={v}" for n, v in wanted.items() if n not in box and not n.startswith("nvidia-"))
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels),
                     *wheel_platform_args(python), *keep], check=True)
@@ -102,7 +132,7 @@ def main() -> int:
     pins, left_out = dependency_wheels(wheels, args.python)
     print("exporting the tiny random bundle ...", file=sys.stderr)
     tiny_model(kit)
-    for name in ("check.py", "run.sh"):
+    for name in ("check.py", "torch_engine.py", "run.sh"):
         shutil.copy2(HERE / name, kit / name)
     shutil.copy2(ROOT / "tests" / "trt_standin.py", kit / "trt_standin.py")
     shutil.copy2(ROOT / "benchmarks" / "_models.py", kit / "_models.py")      # the model dimensions

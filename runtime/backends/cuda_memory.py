@@ -5,16 +5,20 @@ Every copy goes through :class:`CudaStream` so a runner's traffic is in one plac
 tests' CUDA stand-in checks each copy's bounds and direction, and that no stream's KV
 cache is ever read back to the host.
 
-Host calls are what a many-stream step costs on the host: :meth:`CudaStream.copy_rows_many`
-queues any number of pitched device copies with one ``cudaMemcpyBatchAsync`` where the
-runtime and driver have it (CUDA 12.8+), one ``cudaMemcpy2DAsync`` each elsewhere; stream
-KV caches are allocated and freed stream-ordered (``cudaMallocAsync``/``cudaFreeAsync``,
-no device-wide synchronization) where available; host staging is pinned.
+Host calls and the entries the bindings convert are what a many-stream step costs on the
+host: :meth:`CudaStream.copy_blocks` queues any number of 3-D pitched device copies (one
+per stream: every layer's keys and values of every head) as one ``cudaMemcpy3DBatchAsync``
+entry each where the runtime and driver have it (CUDA 12.8+); without it, one
+``cudaMemcpyBatchAsync`` of one entry per row, or one ``cudaMemcpy2DAsync`` per slab on
+older CUDA. Stream KV caches are allocated and freed stream-ordered
+(``cudaMallocAsync``/``cudaFreeAsync``, no device-wide synchronization) where available;
+host staging is pinned.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,7 +28,7 @@ from .cuda_env import check
 #: TensorRT wants tensor addresses aligned and non-null even for empty tensors
 _MIN_BYTES = 256
 #: CUDA versions (as cudaRuntimeGetVersion / cudaDriverGetVersion report them) of the features
-BATCHED_COPY_VERSION = 12080        # cudaMemcpyBatchAsync
+BATCHED_COPY_VERSION = 12080        # cudaMemcpyBatchAsync and cudaMemcpy3DBatchAsync
 ASYNC_ALLOC_VERSION = 11020         # cudaMallocAsync / cudaFreeAsync
 
 
@@ -56,6 +60,7 @@ def cuda_features(rt) -> dict:
     """Which of the newer calls this runtime, binding, driver and device all support."""
     have = min(_version(rt, "cudaRuntimeGetVersion"), _version(rt, "cudaDriverGetVersion"))
     return {"batched_copy": have >= BATCHED_COPY_VERSION and hasattr(rt, "cudaMemcpyBatchAsync"),
+            "batched_copy_3d": have >= BATCHED_COPY_VERSION and hasattr(rt, "cudaMemcpy3DBatchAsync"),
             "async_alloc": (have >= ASYNC_ALLOC_VERSION and hasattr(rt, "cudaMallocAsync")
                             and _pools_supported(rt))}
 
@@ -80,12 +85,53 @@ def default_pool(rt):
         return None
 
 
+@dataclass(frozen=True)
+class BlockCopies:
+    """Many 3-D device-to-device copies of one shape: copy i moves `depth` layers of `height`
+    rows of width[i] bytes. Each side is a pointer, a row pitch (bytes) and the rows per
+    layer (its layer pitch is pitch x layer_rows), all int64 arrays of one length."""
+    dst: np.ndarray
+    dst_pitch: np.ndarray
+    dst_layer_rows: np.ndarray
+    src: np.ndarray
+    src_pitch: np.ndarray
+    src_layer_rows: np.ndarray
+    width: np.ndarray
+    height: int
+    depth: int
+
+    def __len__(self) -> int:
+        return len(self.width)
+
+    def __add__(self, other: "BlockCopies") -> "BlockCopies":
+        if (self.height, self.depth) != (other.height, other.depth):
+            raise ValueError("block copies of different heights or depths")
+        fields = ("dst", "dst_pitch", "dst_layer_rows", "src", "src_pitch", "src_layer_rows", "width")
+        joined = {f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in fields}
+        return BlockCopies(**joined, height=self.height, depth=self.depth)
+
+    def nonempty(self) -> "BlockCopies":
+        keep = self.width > 0
+        fields = ("dst", "dst_pitch", "dst_layer_rows", "src", "src_pitch", "src_layer_rows", "width")
+        return BlockCopies(**{f: getattr(self, f)[keep] for f in fields}, height=self.height, depth=self.depth)
+
+    def layers(self) -> tuple:
+        """The same copies as 2-D ones, one per (copy, layer): copy_rows_many's arguments."""
+        k = np.arange(self.depth, dtype=np.int64)[None, :]
+        flat = lambda base, pitch, rows: (base[:, None] + k * (pitch * rows)[:, None]).ravel()   # noqa: E731
+        rep = lambda a: np.repeat(a, self.depth)                                                 # noqa: E731
+        return (flat(self.dst, self.dst_pitch, self.dst_layer_rows), rep(self.dst_pitch),
+                flat(self.src, self.src_pitch, self.src_layer_rows), rep(self.src_pitch), rep(self.width))
+
+
 class CudaStream:
     """A CUDA stream and the copies queued on it; ``close()`` destroys it."""
 
-    def __init__(self, rt, features: Optional[dict] = None):
+    def __init__(self, rt, features: Optional[dict] = None, handle=None):
+        """A new stream, or `handle`: an existing one to queue on (its owner destroys it)."""
         self.rt = rt
-        self.handle = check(rt.cudaStreamCreate(), "cudaStreamCreate")
+        self._owned = handle is None
+        self.handle = check(rt.cudaStreamCreate(), "cudaStreamCreate") if handle is None else handle
         kinds = rt.cudaMemcpyKind
         self._h2d, self._d2h, self._d2d = (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost,
                                            kinds.cudaMemcpyDeviceToDevice)
@@ -97,6 +143,7 @@ class CudaStream:
             # the copies are ordered with the stream's other work (the engine reads/writes them)
             attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
             self._batch_attrs = [attrs]
+        self._blocks_3d = self.features.get("batched_copy_3d", False)
 
     def __int__(self) -> int:
         return int(self.handle)
@@ -142,6 +189,34 @@ class CudaStream:
                                            self._batch_attrs, [0], 1, self.handle),
               f"cudaMemcpyBatchAsync ({len(sizes)} device-to-device copies)")
 
+    def copy_blocks(self, copies: BlockCopies) -> None:
+        """Queue many 3-D device-to-device copies: one ``cudaMemcpy3DBatchAsync`` entry per
+        copy where the runtime has it (the host cost grows with copies, not with their layers
+        or rows), else :meth:`copy_rows_many` over their layers."""
+        copies = copies.nonempty()
+        if not len(copies) or not copies.height or not copies.depth:
+            return
+        if not self._blocks_3d:
+            self.copy_rows_many(*copies.layers(), copies.height)
+            return
+        rt = self.rt
+        pointer = rt.cudaMemcpy3DOperandType.cudaMemcpyOperandTypePointer
+        in_stream_order = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        ops = []
+        for dst, dst_pitch, dst_rows, src, src_pitch, src_rows, width in zip(
+                copies.dst.tolist(), copies.dst_pitch.tolist(), copies.dst_layer_rows.tolist(), copies.src.tolist(),
+                copies.src_pitch.tolist(), copies.src_layer_rows.tolist(), copies.width.tolist()):
+            op = rt.cudaMemcpy3DBatchOp()
+            # pointer to pointer: an element is one byte, so rows and widths are in bytes
+            op.src.type, op.dst.type = pointer, pointer
+            op.src.op.ptr.ptr, op.src.op.ptr.rowLength, op.src.op.ptr.layerHeight = src, src_pitch, src_rows
+            op.dst.op.ptr.ptr, op.dst.op.ptr.rowLength, op.dst.op.ptr.layerHeight = dst, dst_pitch, dst_rows
+            op.extent.width, op.extent.height, op.extent.depth = width, copies.height, copies.depth
+            op.srcAccessOrder = in_stream_order
+            ops.append(op)
+        check(rt.cudaMemcpy3DBatchAsync(len(ops), ops, 0, self.handle),
+              f"cudaMemcpy3DBatchAsync ({len(ops)} device-to-device copies)")
+
     def allocate(self, nbytes: int, what: str) -> int:
         """Device memory ordered on this stream (no device-wide synchronization) where the
         runtime has stream-ordered allocation, else ``cudaMalloc``."""
@@ -168,7 +243,8 @@ class CudaStream:
     def close(self) -> None:
         if self.handle is not None:
             handle, self.handle = self.handle, None
-            check(self.rt.cudaStreamDestroy(handle), "cudaStreamDestroy")
+            if self._owned:
+                check(self.rt.cudaStreamDestroy(handle), "cudaStreamDestroy")
             if self._pool is not None:       # what this stream freed goes back to the OS now
                 check(self.rt.cudaMemPoolTrimTo(self._pool, 0), "cudaMemPoolTrimTo")
 

@@ -9,9 +9,10 @@ for one (layer, k/v) is ``kv_heads`` rows of ``past * head_dim`` elements, one p
 device-to-device copy. :class:`DeviceStepRunner` does that bookkeeping; a backend
 subclass only binds shapes/addresses and runs its engine (:meth:`_execute`).
 
-Host calls per step do not grow with streams or layers: the gather is one batched copy
-(``CudaStream.copy_rows_many``), the scatter and any growth's prefix copies another, the
-inputs are staged in pinned memory, and a grown cache is allocated and freed stream-ordered.
+Host calls per step do not grow with streams or layers, and what the bindings convert grows
+with streams only: the gather is one batched copy of one 3-D entry per stream
+(``CudaStream.copy_blocks``), the scatter and any growth's prefix copies another, the inputs
+are staged in pinned memory, and a grown cache is allocated and freed stream-ordered.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..bundle import STEP_IO, STEP_MIN_PAST, StreamingSpec
 from .base import BaseStepRunner, RunnerLimits, StepOutput, StepRow, check_state
-from .cuda_memory import CudaStream, DeviceBuffer, PinnedBuffer
+from .cuda_memory import BlockCopies, CudaStream, DeviceBuffer, PinnedBuffer
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _MIN_CAPACITY = 16
@@ -98,28 +99,27 @@ class DeviceStepRunner(BaseStepRunner):
             self._states.add(state)
             return state
 
-    def _slab_copies(self, dst: np.ndarray, dst_capacity: np.ndarray, dst_offset: np.ndarray,
-                     src: np.ndarray, src_capacity: np.ndarray, src_offset: np.ndarray, length: np.ndarray,
-                     dst_stride_lk: Optional[np.ndarray] = None, src_stride_lk: Optional[np.ndarray] = None) -> tuple:
-        """The pitched copies of `length[i]` positions of every (layer, k/v) slab, for many
-        copies i at once, as the arrays copy_rows_many takes. A slab of a layout with
-        `capacity` positions is kv_heads rows of capacity * row_bytes; positions start at
-        `offset`; the slab for lk starts lk * stride_lk bytes in (default: one slab)."""
+    def _blocks(self, dst: np.ndarray, dst_capacity: np.ndarray, dst_offset: np.ndarray,
+                src: np.ndarray, src_capacity: np.ndarray, src_offset: np.ndarray, length: np.ndarray,
+                dst_layer_rows: Optional[np.ndarray] = None, src_layer_rows: Optional[np.ndarray] = None
+                ) -> BlockCopies:
+        """Copy i: `length[i]` positions of every (layer, k/v) slab, one 3-D copy. A layout
+        with `capacity` positions has rows of capacity * row_bytes (one head each) and
+        positions start at `offset`; a stream cache's slabs follow one another (kv_heads rows
+        apart, the default), the batch tensor's are batch * kv_heads rows apart."""
         rb, heads = self._row_bytes, self._spec.kv_heads
-        lk = np.arange(self._lk, dtype=np.int64)[None, :]
-        dst_stride = dst_capacity * heads * rb if dst_stride_lk is None else dst_stride_lk
-        src_stride = src_capacity * heads * rb if src_stride_lk is None else src_stride_lk
-        d = (dst[:, None] + lk * dst_stride[:, None] + dst_offset[:, None] * rb).ravel()
-        s = (src[:, None] + lk * src_stride[:, None] + src_offset[:, None] * rb).ravel()
-        rep = lambda a: np.repeat(a, self._lk)            # noqa: E731
-        return d, rep(dst_capacity * rb), s, rep(src_capacity * rb), rep(length * rb)
+        rows = np.full(len(length), heads, dtype=np.int64)
+        return BlockCopies(dst=dst + dst_offset * rb, dst_pitch=dst_capacity * rb,
+                           dst_layer_rows=rows if dst_layer_rows is None else dst_layer_rows,
+                           src=src + src_offset * rb, src_pitch=src_capacity * rb,
+                           src_layer_rows=rows if src_layer_rows is None else src_layer_rows,
+                           width=length * rb, height=heads, depth=self._lk)
 
     def _copy_prefix(self, dst: int, dst_capacity: int, src: int, src_capacity: int, length: int) -> None:
         """Positions [0, length) of every (layer, k/v) slab, between two stream caches."""
         one = lambda v: np.asarray([v], dtype=np.int64)   # noqa: E731
-        self.stream.copy_rows_many(*self._slab_copies(one(dst), one(dst_capacity), one(0), one(src),
-                                                      one(src_capacity), one(0), one(length)),
-                                   self._spec.kv_heads)
+        self.stream.copy_blocks(self._blocks(one(dst), one(dst_capacity), one(0), one(src), one(src_capacity),
+                                             one(0), one(length)))
 
     def fork(self, state: DeviceKVState, length: int) -> DeviceKVState:
         with self._lock:
@@ -180,11 +180,10 @@ class DeviceStepRunner(BaseStepRunner):
         if live:                                           # gather on the device, one batched copy
             column = lambda f: np.asarray([f(rows[b], b) for b in live], dtype=np.int64)   # noqa: E731
             slab = s.kv_heads * past * self._row_bytes     # one (layer, k/v, row) slab of the batch tensor
-            stream.copy_rows_many(*self._slab_copies(
+            stream.copy_blocks(self._blocks(
                 past_kv + column(lambda r, b: b) * slab, column(lambda r, b: past), column(lambda r, b: 0),
                 column(lambda r, b: r.state.ptr), column(lambda r, b: r.state.capacity), column(lambda r, b: 0),
-                column(lambda r, b: r.resume), dst_stride_lk=np.full(len(live), batch * slab, dtype=np.int64)),
-                s.kv_heads)
+                column(lambda r, b: r.resume), dst_layer_rows=np.full(len(live), batch * s.kv_heads, dtype=np.int64)))
         self._execute(shapes, out_shapes, addresses)
         score = self._pinned["score"].view(batch * 4)[:batch * 4].view(np.float32)
         sums = self._pinned["sums"].view(sizes["sums"])[:sizes["sums"]].view(np.float32).reshape(out_shapes["sums"])
@@ -223,16 +222,16 @@ class DeviceStepRunner(BaseStepRunner):
                  if ptr != row.state.ptr and row.resume]
         as_int = lambda values: np.asarray(values, dtype=np.int64)   # noqa: E731
         slab = s.kv_heads * width * self._row_bytes
-        parts = [self._slab_copies(
+        copies = self._blocks(
             as_int([p for p, _ in targets]), as_int([c for _, c in targets]), as_int([r.resume for r in rows]),
             new_kv + as_int(range(batch)) * slab, as_int([width] * batch), as_int([0] * batch),
-            as_int([len(r.new_ids) for r in rows]), src_stride_lk=as_int([batch * slab] * batch))]
+            as_int([len(r.new_ids) for r in rows]), src_layer_rows=as_int([batch * s.kv_heads] * batch))
         if grown:
-            parts.append(self._slab_copies(
+            copies = copies + self._blocks(
                 as_int([p for _, p, _ in grown]), as_int([c for _, _, c in grown]), as_int([0] * len(grown)),
                 as_int([r.state.ptr for r, _, _ in grown]), as_int([r.state.capacity for r, _, _ in grown]),
-                as_int([0] * len(grown)), as_int([r.resume for r, _, _ in grown])))
-        stream.copy_rows_many(*(np.concatenate(column) for column in zip(*parts)), s.kv_heads)
+                as_int([0] * len(grown)), as_int([r.resume for r, _, _ in grown]))
+        stream.copy_blocks(copies)
         # no synchronization: every later use of these caches (the next gather, a fork, a
         # free) is queued on this same stream, after these copies
         for row, (ptr, capacity) in zip(rows, targets):

@@ -51,8 +51,11 @@ docs: install-test
 	$(PY) docs/gen_reference.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# Two workers (this project's machines have 2 cores): a test module runs whole on one worker,
+# the shared fixtures are built once for both (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install-test triton-server docs
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The offline GPU check's kit (benchmarks/gpu_offline): wheels + a tiny bundle, under 60 MiB,
 # for a CUDA box without network (its Python: KIT_PYTHON). Copy dist/gpu-check there and run

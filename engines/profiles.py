@@ -32,8 +32,10 @@ def scorer_profiles(max_length: int, max_batch: int = 32, max_seq: int | None = 
     opt_seq = _check("opt_seq", opt_seq if opt_seq is not None else min(256, max_seq), 1, max_seq)
 
     def make(seq_max: int, seq_opt: int) -> Profile:
-        shape = {"min": [1, 1], "opt": [opt_batch, seq_opt], "max": [max_batch, seq_max]}
-        return Profile({name: dict(shape) for name in SCORE_IO.inputs})
+        bounds = {"min": dict(batch=1, sequence=1), "opt": dict(batch=opt_batch, sequence=seq_opt),
+                  "max": dict(batch=max_batch, sequence=seq_max)}
+        return Profile({name: {k: list(SCORE_IO.shape(name, **b)) for k, b in bounds.items()}
+                        for name in SCORE_IO.inputs})
     profiles = []
     short = min(128, max_seq)
     if max_seq > 4 * short:
@@ -51,15 +53,9 @@ def step_profiles(max_length: int, kv_layers: int, kv_heads: int, head_dim: int,
     feeds carries one zeroed past position that past_lengths (0) masks (STEP_MIN_PAST)."""
     max_new = _check("max_new", max_length if max_new is None else max_new, 1, max_length)
     max_batch = _check("max_batch", max_batch, 1, 4096)
-    past_opt = max_length // 2
-    ids, new_lengths, past_lengths, past_kv, past_sums = STEP_IO.inputs
-    rows = {"min": [1], "opt": [min(4, max_batch)], "max": [max_batch]}
-    return [Profile({
-        ids: {"min": [1, 1], "opt": [min(4, max_batch), min(8, max_new)], "max": [max_batch, max_new]},
-        new_lengths: dict(rows),
-        past_lengths: dict(rows),
-        past_kv: {"min": [kv_layers, 2, 1, kv_heads, STEP_MIN_PAST, head_dim],
-                  "opt": [kv_layers, 2, min(4, max_batch), kv_heads, past_opt, head_dim],
-                  "max": [kv_layers, 2, max_batch, kv_heads, max_length, head_dim]},
-        past_sums: {"min": [1, features], "opt": [min(4, max_batch), features], "max": [max_batch, features]},
-    })]
+    sizes = {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim, "features": features}
+    bounds = {"min": dict(batch=1, new=1, past=STEP_MIN_PAST),
+              "opt": dict(batch=min(4, max_batch), new=min(8, max_new), past=max_length // 2),
+              "max": dict(batch=max_batch, new=max_new, past=max_length)}
+    return [Profile({name: {k: list(STEP_IO.shape(name, **sizes, **b)) for k, b in bounds.items()}
+                     for name in STEP_IO.inputs})]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from siren_runtime.bundle import sha256_file
+from siren_runtime.bundle_files import sha256_file
 
 from .errors import ArtifactError
 

@@ -1,7 +1,8 @@
 """Writing the scorer modules as ONNX graphs with external data.
 
-Tensor names and shapes of both graphs are the bundle contract's
-(``siren_runtime.bundle.SCORE_IO`` / ``STEP_IO``); batch and sequence axes are dynamic.
+Tensor names and axes of both graphs are the bundle contract's
+(``siren_runtime.bundle.SCORE_IO`` / ``STEP_IO``); its dynamic axes are dynamic here, with
+the contract's bounds (``DYNAMIC_AXES``).
 Weights always go to one external data file per graph: a 4B graph exceeds protobuf's 2 GB.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
-from siren_runtime.bundle import SCORE_IO, STEP_IO
+from siren_runtime.bundle import DYNAMIC_AXES, SCORE_IO, STEP_IO
 
 OPSET = 18
 
@@ -21,14 +22,11 @@ OPSET = 18
 def export_scorer(module, path: Path, progress=None, example_batch: int = 2, example_seq: int = 8) -> dict:
     """The full graph: padded batch in, score out."""
     import torch
-    from torch.export import Dim
 
-    batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=1 << 20)
     ids = torch.randint(0, 1000, (example_batch, example_seq), dtype=torch.long)
     mask = torch.ones(example_batch, example_seq, dtype=torch.long)
     mask[-1, example_seq // 2:] = 0
-    return _export(module, (ids, mask), SCORE_IO.inputs, SCORE_IO.outputs,
-                   ({0: batch, 1: seq}, {0: batch, 1: seq}), path, progress)
+    return _export(module, (ids, mask), SCORE_IO, path, progress)
 
 
 def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int, features: int,
@@ -36,20 +34,26 @@ def export_step(module, path: Path, kv_layers: int, kv_heads: int, head_dim: int
     """The batched streaming step graph: per-row new tokens + past KV/sums in, new KV,
     running sums and score out."""
     import torch
-    from torch.export import Dim
 
-    batch, new, past = Dim("batch", min=1, max=4096), Dim("new", min=1, max=1 << 20), Dim("past", min=0, max=1 << 20)
-    ids = torch.randint(0, 1000, (3, 5), dtype=torch.long)
+    sizes = {"kv_layers": kv_layers, "kv_heads": kv_heads, "head_dim": head_dim, "features": features,
+             "batch": 3, "new": 5, "past": 4}
+    ids = torch.randint(0, 1000, STEP_IO.shape("input_ids", **sizes), dtype=torch.long)
     new_lengths = torch.tensor([5, 2, 1], dtype=torch.long)
     past_lengths = torch.tensor([4, 0, 2], dtype=torch.long)
-    past_kv = torch.randn(kv_layers, 2, 3, kv_heads, 4, head_dim).to(kv_dtype)
-    sums = torch.randn(3, features)
-    shapes = ({0: batch, 1: new}, {0: batch}, {0: batch}, {2: batch, 4: past}, {0: batch})
-    return _export(module, (ids, new_lengths, past_lengths, past_kv, sums), STEP_IO.inputs, STEP_IO.outputs,
-                   shapes, path, progress)
+    past_kv = torch.randn(STEP_IO.shape("past_kv", **sizes)).to(kv_dtype)
+    sums = torch.randn(STEP_IO.shape("past_sums", **sizes))
+    return _export(module, (ids, new_lengths, past_lengths, past_kv, sums), STEP_IO, path, progress)
 
 
-def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Path, progress=None) -> dict:
+def dynamic_shapes(graph_io) -> tuple:
+    """torch.export's dynamic shapes of `graph_io`'s inputs, from the contract's axes: one Dim per
+    dynamic axis name (so every tensor's "batch" is the same), bounded as DYNAMIC_AXES says."""
+    from torch.export import Dim
+    dims = {name: Dim(name, min=low, max=high) for name, (low, high) in DYNAMIC_AXES.items()}
+    return tuple({i: dims[a] for i, a in graph_io.dynamic(name).items()} for name in graph_io.inputs)
+
+
+def _export(module, inputs, graph_io, path: Path, progress=None) -> dict:
     """Trace, then write graph + `<name>.data` (the exporter streams initializers to the file
     one at a time); the graph is re-read without its weights, so no second copy is made."""
     import onnx
@@ -62,8 +66,8 @@ def _export(module, inputs, input_names, output_names, dynamic_shapes, path: Pat
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(
             module, inputs, dynamo=True, opset_version=OPSET,
-            input_names=list(input_names), output_names=list(output_names),
-            dynamic_shapes=dynamic_shapes, optimize=True, verify=False, report=False)
+            input_names=list(graph_io.inputs), output_names=list(graph_io.outputs),
+            dynamic_shapes=dynamic_shapes(graph_io), optimize=True, verify=False, report=False)
     if progress is not None:
         progress.note(f"traced {path.name}")
     for p in (path, path.parent / (path.name + ".data")):

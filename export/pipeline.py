@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from siren_runtime.calibration import calibration_texts
-from siren_runtime.bundle import MANIFEST_NAME, Staging, StreamingSpec, describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, StreamingSpec, read_bundle, write_manifest
+from siren_runtime.bundle_files import Staging, describe_file
 from siren_runtime.hub import CARD_NAME
 from siren_runtime.private_copy import trim_heap
 from siren_runtime.tokenization import TextEncoder

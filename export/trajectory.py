@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from siren_runtime.bundle import MANIFEST_NAME, Staging, describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, read_bundle, write_manifest
+from siren_runtime.bundle_files import Staging, describe_file
 from siren_runtime.private_copy import trim_heap
 
 from .artifact import CONFIG_NAME, WEIGHTS_NAME, resolve_artifact
@@ -63,7 +64,7 @@ def load_trajectory_artifact(source: str, cache_dir: Optional[str] = None,
     by name, as llm-siren refuses them."""
     import torch
     from safetensors.torch import load_file
-    from siren_runtime.bundle import sha256_file
+    from siren_runtime.bundle_files import sha256_file
 
     config_path, weights_path = resolve_artifact(source, cache_dir=cache_dir, revision=revision)
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
@@ -186,7 +187,8 @@ def check_step_graph(path: Path, id_lists: list, expected: list, spec: dict, tol
         starts = [c[piece] if c[piece] < c[piece + 1] else len(ids) - 1 for ids, c in zip(id_lists, cuts)]
         width, past = max(len(p) for p in parts), max(starts)
         input_ids = np.zeros((rows, max(width, 2)), np.int64)
-        past_kv = np.zeros((spec["kv_layers"], 2, rows, spec["kv_heads"], past, spec["head_dim"]), np.float32)
+        past_kv = np.zeros(STEP_IO.shape("past_kv", kv_layers=spec["kv_layers"], kv_heads=spec["kv_heads"],
+                                         head_dim=spec["head_dim"], batch=rows, past=past), np.float32)
         for b, (part, start) in enumerate(zip(parts, starts)):
             input_ids[b, :len(part)] = part
             past_kv[:, :, b, :, :start] = kv[b][:, :, :, :start]

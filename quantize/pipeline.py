@@ -22,7 +22,8 @@ from typing import Optional
 
 import onnx
 
-from siren_runtime.bundle import MANIFEST_NAME, Staging, describe_file, read_bundle, write_manifest
+from siren_runtime.bundle import MANIFEST_NAME, read_bundle, set_model, set_streaming, write_manifest
+from siren_runtime.bundle_files import Staging, describe_file
 from siren_runtime.calibration import calibration_items
 from siren_runtime.card import model_card
 from siren_runtime.hub import CARD_NAME
@@ -185,22 +186,19 @@ def _manifest(staging: Path, source: Path, contract, plan: Plan, reports: dict, 
               calibration: Calibration, weights: str) -> tuple[dict, list]:
     manifest = contract.raw()
     manifest["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    manifest["model"]["dtype"] = "fp32"
     # int8 activations are quantized with a scale taken over the whole batch: not invariant
-    manifest["model"]["batch_invariant"] = False
-    manifest["model"]["external_data"] = WEIGHTS_FILE
-    manifest["model"]["opset"] = reports["model"].opset
+    model = dataclasses.replace(contract.model, dtype="fp32", batch_invariant=False, external_data=WEIGHTS_FILE)
+    set_model(manifest, model, opset=reports["model"].opset)
     files = [contract.model.path, WEIGHTS_FILE, contract.tokenizer_path, *_carried(contract)]
     if contract.prefix_head is not None:
         files.append(contract.prefix_head.path)
     if contract.streaming is not None:
-        manifest["streaming"]["kv_dtype"] = "fp32"
-        manifest["streaming"]["external_data"] = WEIGHTS_FILE
-        if "opset" in manifest["streaming"]:
-            manifest["streaming"]["opset"] = reports["streaming"].opset
-        for entry in manifest["streaming"].get("inputs", []) + manifest["streaming"].get("outputs", []):
-            if entry.get("dtype") in ("bfloat16", "float16"):
-                entry["dtype"] = "float32"
+        step = contract.streaming.graph
+        widened = {name: "float32" if dtype in ("bfloat16", "float16") else dtype
+                   for name, dtype in step.tensor_dtypes.items()}
+        graph = dataclasses.replace(step, external_data=WEIGHTS_FILE, tensor_dtypes=widened)
+        opset = {"opset": reports["streaming"].opset} if "opset" in manifest["streaming"] else {}
+        set_streaming(manifest, dataclasses.replace(contract.streaming, kv_dtype="fp32", graph=graph), **opset)
         files.append(contract.streaming.graph.path)
     manifest["engines"] = []       # engines of the source do not run these graphs
     scheme = scheme_of(plan.scheme)

@@ -4,8 +4,10 @@ Every stage talks through this module: the export writes the manifest with
 :func:`write_manifest`, `siren build` adds engine records, the runtime opens a bundle with
 :func:`read_bundle`. The reader validates every field the runtime uses and raises
 :class:`BundleError` naming the field, so a malformed manifest is refused before any
-session exists. Graph tensor names are defined once, in :data:`SCORE_IO` and
-:data:`STEP_IO`, for the exporter, the runners, the parity checks and the engine profiles.
+session exists. Graph tensor names and axes are defined once, in :data:`SCORE_IO` and
+:data:`STEP_IO` (dynamic axes and their bounds: :data:`DYNAMIC_AXES`), for the exporter,
+the runners, the parity checks and the engine profiles. The files themselves (hashing,
+staging, publishing) are :mod:`siren_runtime.bundle_files`.
 
 Format history (the version moves only when the files on disk change):
   1: step graph with one shared past length per batch (inputs input_ids, past_kv,
@@ -16,11 +18,6 @@ Format history (the version moves only when the files on disk change):
 from __future__ import annotations
 
 import copy
-import errno
-try:
-    import fcntl        # POSIX: staging folders are locked while a run writes them
-except ImportError:     # Windows: no locks, stale staging folders are left alone
-    fcntl = None
 import hashlib
 import json
 import logging
@@ -29,23 +26,24 @@ import time
 import os
 import posixpath
 import re
-import shutil
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import BundleError
 from . import private_copy
+# the files of a bundle (hashing, safe paths, staging and publishing) live in bundle_files; the
+# names stages use are re-exported here, beside the manifest they describe
+from .bundle_files import (Staging, describe_file, is_staging_name, lock_if_idle, publish,  # noqa: F401
+                           read_into_memory, remove_stale_staging, safe_relative_path, sha256_file)
 
 MANIFEST_NAME = "siren_bundle.json"
 FORMAT_NAME = "siren-bundle"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MAX_LENGTH_LIMIT = 1 << 20
-_HASH_CHUNK = 8 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DTYPES = ("fp32", "fp16", "bf16")
 #: files at least this large say when they are read and hashed (an 8 GB weights file takes seconds)
@@ -54,53 +52,49 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 log = logging.getLogger("siren_runtime.bundle")
 
 
+#: the axes a graph takes at any size, and the range each may take: the exporter marks them
+#: dynamic with these bounds, engine profiles choose ranges inside them, runners size them
+DYNAMIC_AXES = {"batch": (1, 4096), "sequence": (1, MAX_LENGTH_LIMIT), "new": (1, MAX_LENGTH_LIMIT),
+                "past": (0, MAX_LENGTH_LIMIT)}
+
+
 @dataclass(frozen=True)
 class GraphIO:
-    """Tensor names of one graph, in the graph's input/output order."""
+    """Tensor names of one graph, in the graph's input/output order, and each tensor's axes:
+    a dynamic axis (:data:`DYNAMIC_AXES`), a model dimension the bundle sizes ("kv_layers",
+    "kv_heads", "head_dim", "features") or a fixed size."""
     inputs: tuple
     outputs: tuple
+    axes: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def shape(self, tensor: str, **sizes) -> tuple:
+        """`tensor`'s shape, each named axis sized from `sizes`."""
+        try:
+            return tuple(a if isinstance(a, int) else int(sizes[a]) for a in self.axes[tensor])
+        except KeyError as e:
+            raise KeyError(f"{tensor}: no size given for axis {e.args[0]!r}") from None
+
+    def dynamic(self, tensor: str) -> dict:
+        """{axis index: axis name} of `tensor`'s dynamic axes."""
+        return {i: a for i, a in enumerate(self.axes[tensor]) if a in DYNAMIC_AXES}
 
 
-#: full scoring graph: padded ids + mask -> score (and logits)
-SCORE_IO = GraphIO(inputs=("input_ids", "attention_mask"), outputs=("score", "logits"))
-#: batched streaming step graph. Shapes: input_ids int64 [B, new] (right-padded),
-#: new_lengths / past_lengths int64 [B], past_kv [layers, 2, B, kv_heads, past, head_dim]
-#: (each row's past right-padded to the longest), past_sums float32 [B, features]
-#: -> score float32 [B], new_kv [layers, 2, B, kv_heads, new, head_dim],
-#: sums float32 [B, new, features] (running sums after each new token).
+#: full scoring graph: right-padded ids + mask -> score (and the two logits)
+SCORE_IO = GraphIO(inputs=("input_ids", "attention_mask"), outputs=("score", "logits"), axes={
+    "input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence"),
+    "score": ("batch",), "logits": ("batch", 2)})
+#: batched streaming step graph: input_ids int64 (right-padded), new_lengths / past_lengths
+#: int64, past_kv (each row's past right-padded to the longest), past_sums float32 -> score
+#: float32, new_kv, sums float32 (the running sums after each new token)
 STEP_IO = GraphIO(inputs=("input_ids", "new_lengths", "past_lengths", "past_kv", "past_sums"),
-                  outputs=("score", "new_kv", "sums"))
+                  outputs=("score", "new_kv", "sums"), axes={
+    "input_ids": ("batch", "new"), "new_lengths": ("batch",), "past_lengths": ("batch",),
+    "past_kv": ("kv_layers", 2, "batch", "kv_heads", "past", "head_dim"), "past_sums": ("batch", "features"),
+    "score": ("batch",), "new_kv": ("kv_layers", 2, "batch", "kv_heads", "new", "head_dim"),
+    "sums": ("batch", "new", "features")})
 #: the shortest past_kv a runner hands the step graph: TensorRT may clamp an empty profile
 #: minimum to 1, so a batch of first feeds carries one zeroed position that past_lengths (0) masks
 STEP_MIN_PAST = 1
-
-
-# -- file-level helpers ----------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    """Streamed sha256, so multi-GB weight files never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def safe_relative_path(bundle_dir: Path, rel: str) -> Path:
-    """Resolve a manifest path, refusing anything that could escape the bundle."""
-    if not isinstance(rel, str) or not rel or rel in (".", "./"):
-        raise BundleError(f"{bundle_dir}: manifest holds an invalid file path {rel!r}")
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in rel or os.path.isabs(rel) or "\x00" in rel:
-        raise BundleError(f"{bundle_dir}: manifest path {rel!r} escapes the bundle directory")
-    if str(pure) != rel:     # "./x", "a//b", "x/": one file, one spelling (paths are compared as written)
-        raise BundleError(f"{bundle_dir}: manifest path {rel!r} is not in its plain form {str(pure)!r}")
-    return Path(bundle_dir) / pure
-
-
-def describe_file(bundle_dir: Path, rel: str) -> dict[str, Any]:
-    """A `files` record: what the reader will check the file against."""
-    path = safe_relative_path(Path(bundle_dir), rel)
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -113,139 +107,6 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def publish(staging: Path, output: Path, overwrite: bool = False) -> None:
-    """Move a finished bundle from its staging directory to `output`.
-
-    overwrite: a bundle already there is renamed aside first and removed after, so `output`
-    is never a half-written bundle. Without it nothing is ever replaced, also when `output`
-    appeared while the bundle was being written (FileExistsError; the rename is atomic)."""
-    staging, output = Path(staging), Path(output)
-    os.chmod(staging, 0o755)
-    if not overwrite:
-        try:
-            _rename_no_replace(staging, output)
-        except FileExistsError:
-            raise FileExistsError(f"{output} appeared while this run was writing its bundle; nothing was "
-                                  "replaced (pass --overwrite to replace it)") from None
-        return
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
-def _rename_no_replace(source: Path, target: Path) -> None:
-    """rename(2) that fails when `target` exists (renameat2 RENAME_NOREPLACE; where the
-    kernel or file system lacks it, a check just before a rename, which could only replace
-    an empty folder made in between)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        renameat2 = None
-    if renameat2 is not None:
-        at_fdcwd, no_replace = -100, 1
-        if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), no_replace) == 0:
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(errno.EEXIST, os.strerror(err), str(target))
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(target))
-    if os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-    os.rename(source, target)
-
-
-# -- staging: where a bundle is written before it is published -------------------------
-#: staging folders are named ".{output name}.partial-XXXX" beside the output
-PARTIAL_MARK = ".partial-"
-
-
-def _is_staging_name(name: str) -> bool:
-    return name.startswith(".") and PARTIAL_MARK in name
-
-
-def _lock_if_idle(path: Path) -> Optional[int]:
-    """An fd holding `path`'s flock if no process holds it (a stale staging folder), else None."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
-
-
-class Staging:
-    """A hidden folder beside `output` that one run writes a bundle into, held under a flock
-    while the run lives: a run killed outright (SIGKILL) leaves the folder unlocked, and the
-    next run for the same output removes it (:func:`remove_stale_staging`); read_bundle
-    refuses such a folder, so a half-written bundle never loads."""
-
-    def __init__(self, output: Path):
-        self.output = Path(output)
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.removed = remove_stale_staging(self.output)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{PARTIAL_MARK}", dir=self.output.parent))
-        self._fd = None
-        if fcntl is not None:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def publish(self, overwrite: bool = False) -> Path:
-        """Move the bundle to the output (see :func:`publish`); the lock goes with it."""
-        try:
-            publish(self.path, self.output, overwrite=overwrite)
-        except BaseException:
-            self.discard()
-            raise
-        self._release()
-        return self.output
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._release()
-
-    def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def remove_stale_staging(output: Path) -> int:
-    """Remove the staging folders of `output` that no live run holds; returns how many."""
-    output = Path(output)
-    removed = 0
-    try:
-        entries = list(output.parent.iterdir())
-    except OSError:
-        return 0
-    for entry in entries:
-        if not entry.name.startswith(f".{output.name}{PARTIAL_MARK}") or not entry.is_dir() or entry.is_symlink():
-            continue
-        fd = _lock_if_idle(entry)
-        if fd is None:
-            continue
-        try:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-        finally:
-            os.close(fd)
-    if removed:
-        log.warning("removed %d unfinished bundle folder(s) of %s left by an interrupted run", removed, output)
-    return removed
 
 
 # -- typed sections --------------------------------------------------------------------
@@ -288,6 +149,11 @@ class StreamingSpec:
     head_dim: int
     kv_dtype: str
     feature_dim: int
+
+    def sizes(self, **dynamic) -> dict:
+        """The model dimensions of STEP_IO's axes (and `dynamic` ones): what STEP_IO.shape takes."""
+        return {"kv_layers": self.kv_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "features": self.feature_dim, **dynamic}
 
 
 @dataclass(frozen=True)
@@ -440,7 +306,7 @@ class Bundle:
                 raise BundleError(f"{path}: size differs from the manifest's {record.bytes} bytes (truncated or "
                                   "altered file)") from None
         if data is None:
-            data = self._read_into_memory(path, record.bytes, digest)
+            data = read_into_memory(path, record.bytes, digest)
         if digest is not None and digest.hexdigest() != record.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest (altered or corrupted file)")
         if flip and not recoded:                # after the check: what was hashed is the file
@@ -452,26 +318,6 @@ class Bundle:
             log.info("%s: %.1f s (%.2f GB/s)%s", rel, seconds, record.bytes / 1e9 / max(seconds, 1e-9),
                      ", sha256 matches the manifest" if digest else "")
         self._loaded[key] = data
-        return data
-
-    @staticmethod
-    def _read_into_memory(path: Path, size: int, digest):
-        import numpy as np
-        data = np.empty(size, dtype=np.uint8)
-        view = memoryview(data)
-        with open(path, "rb", buffering=0) as f:
-            filled = 0
-            while filled < size:
-                n = f.readinto(view[filled:filled + _HASH_CHUNK])
-                if not n:
-                    break
-                if digest is not None:
-                    digest.update(view[filled:filled + n])
-                filled += n
-            longer = bool(f.read(1))
-        if filled != size or longer:
-            raise BundleError(f"{path}: size differs from the manifest's {size} bytes (truncated or "
-                              "altered file)")
         return data
 
     def raw(self) -> dict:
@@ -551,8 +397,8 @@ def read_bundle(bundle_dir) -> Bundle:
         raise FileNotFoundError(f"bundle not found: {bundle_dir} does not exist")
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir} is not a bundle directory (it is a file)")
-    if _is_staging_name(bundle_dir.resolve().name):
-        fd = _lock_if_idle(bundle_dir)
+    if is_staging_name(bundle_dir.resolve().name):
+        fd = lock_if_idle(bundle_dir)
         if fd is not None:          # no run is writing it: an interrupted export or quantize left it
             os.close(fd)
             raise BundleError(f"{bundle_dir} is an unfinished bundle left by an interrupted `siren export` or "
@@ -787,6 +633,49 @@ def _read_streaming(f: _Fields, bundle_dir: Path, manifest: dict, version: int, 
         feature_dim=f.integer(section, "feature_dim", "streaming.", 1, 1 << 24))
 
 
+# -- the writers: each section as its typed view says, beside the reader of that section --
+def _write_graph(section: dict, graph: GraphSpec) -> dict:
+    """A graph's section as `graph` says (the inverse of :func:`_read_graph`): the fields the
+    reader reads come from `graph`, the section's other recorded fields (opset, shapes, the
+    exporter's notes) are kept."""
+    out = {**section, "path": graph.path, "external_data": graph.external_data}
+    if "dtype" in section or graph.dtype != "fp32":
+        out["dtype"] = graph.dtype
+    if "batch_invariant" in section or graph.batch_invariant:
+        out["batch_invariant"] = graph.batch_invariant
+    for key in ("inputs", "outputs"):
+        if isinstance(section.get(key), list):
+            out[key] = [{**t, "dtype": graph.tensor_dtypes[t["name"]]}
+                        if isinstance(t, dict) and t.get("name") in graph.tensor_dtypes else t for t in section[key]]
+    return out
+
+
+def set_model(manifest: dict, graph: GraphSpec, **recorded) -> None:
+    """Write the `model` section from `graph` (and `recorded` fields such as the opset)."""
+    manifest["model"] = {**_write_graph(manifest.get("model") or {}, graph), **recorded}
+
+
+def set_streaming(manifest: dict, streaming: StreamingSpec, **recorded) -> None:
+    """Write the `streaming` section from `streaming` (and `recorded` fields)."""
+    section = _write_graph(manifest.get("streaming") or {}, streaming.graph)
+    section.update(kv_layers=streaming.kv_layers, kv_heads=streaming.kv_heads, head_dim=streaming.head_dim,
+                   kv_dtype=streaming.kv_dtype, feature_dim=streaming.feature_dim, **recorded)
+    manifest["streaming"] = section
+
+
+def record_engine(bundle_dir, engine: EngineRecord) -> None:
+    """Add `engine` to the bundle's `engines` (replacing one at its path) with its file's
+    record, written atomically once the section's reader accepts it (else nothing changes)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_bundle(bundle_dir).raw()
+    entry = {**engine.record, "graph": engine.graph, "path": engine.path}
+    manifest["engines"] = [e for e in manifest.get("engines") or [] if e.get("path") != engine.path] + [entry]
+    manifest["files"][engine.path] = describe_file(bundle_dir, engine.path)
+    fields = _Fields(bundle_dir / MANIFEST_NAME)
+    _read_engines(fields, bundle_dir, manifest, _read_files(fields, bundle_dir, manifest))
+    write_manifest(bundle_dir, manifest)
+
+
 def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> tuple:
     entries = manifest.get("engines") or []
     if not isinstance(entries, list):
@@ -808,5 +697,5 @@ def _read_engines(f: _Fields, bundle_dir: Path, manifest: dict, files: dict) -> 
 
 
 __all__ = ["Bundle", "GuardSpec", "GraphIO", "GraphSpec", "StreamingSpec", "InferenceSpec", "EngineRecord", "FileRecord",
-           "SCORE_IO", "STEP_IO", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
+           "SCORE_IO", "STEP_IO", "DYNAMIC_AXES", "set_model", "set_streaming", "record_engine", "MANIFEST_NAME", "FORMAT_NAME", "FORMAT_VERSION", "read_bundle",
            "write_manifest", "publish", "Staging", "remove_stale_staging", "describe_file", "sha256_file", "safe_relative_path"]

@@ -146,3 +146,73 @@ def test_contract_round_trip(pristine):
     assert contract.streaming.graph.io.outputs == ("score", "new_kv", "sums")
     assert set(contract.model.files()) | {contract.tokenizer_path} | set(contract.streaming.graph.files()) \
         <= set(contract.files)
+
+
+def test_graph_axes_are_declared_once_and_size_every_tensor(pristine):
+    """SCORE_IO / STEP_IO carry each tensor's axes: the runners' batch tensors, the engine
+    profiles and the exporter's dynamic shapes are read from them, and what they give agrees
+    with the exported graph's own declared shapes."""
+    import onnx
+    from siren_runtime.bundle import DYNAMIC_AXES, SCORE_IO, STEP_IO
+    bundle, _ = pristine
+    contract = read_bundle(bundle)
+    spec = contract.streaming
+    for io in (SCORE_IO, STEP_IO):
+        assert set(io.axes) == set(io.inputs) | set(io.outputs)
+    sizes = spec.sizes(batch=3, past=5, new=2)
+    assert STEP_IO.shape("past_kv", **sizes) == (spec.kv_layers, 2, 3, spec.kv_heads, 5, spec.head_dim)
+    assert STEP_IO.shape("sums", **sizes) == (3, 2, spec.feature_dim)
+    assert STEP_IO.dynamic("past_kv") == {2: "batch", 4: "past"}
+    with pytest.raises(KeyError, match="past"):
+        STEP_IO.shape("past_kv", batch=1, kv_layers=1, kv_heads=1, head_dim=1)
+    for path, io, dims in ((contract.model.path, SCORE_IO, {}), (spec.graph.path, STEP_IO, sizes)):
+        graph = onnx.load(str(bundle / path), load_external_data=False).graph
+        for value in list(graph.input) + list(graph.output):
+            declared = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            axes = io.axes[value.name]
+            assert len(declared) == len(axes), value.name
+            for have, axis in zip(declared, axes):
+                if axis in DYNAMIC_AXES:
+                    assert isinstance(have, str), (value.name, axis, have)       # dynamic in the graph
+                elif isinstance(axis, int):
+                    assert have == axis, (value.name, axis, have)
+                else:
+                    assert have == dims[axis], (value.name, axis, have)
+    from siren_engines.profiles import step_profiles
+    [profile] = step_profiles(64, spec.kv_layers, spec.kv_heads, spec.head_dim, spec.feature_dim, max_batch=8)
+    assert profile.shapes["past_kv"]["max"] == list(STEP_IO.shape("past_kv", **spec.sizes(batch=8, past=64)))
+    assert profile.shapes["past_kv"]["min"][4] == 1 and profile.shapes["input_ids"]["max"] == [8, 64]
+
+
+def test_section_writers_are_the_readers_inverse(pristine, tmp_path):
+    """set_model / set_streaming write a section from its typed view: read, write, read gives
+    the same view, and what a writer changes is what the reader then sees; record_engine adds
+    an engine (its file recorded) only when the section's reader accepts it."""
+    import dataclasses
+    from siren_runtime.bundle import EngineRecord, record_engine, set_model, set_streaming, write_manifest
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pristine[0], bundle)
+    contract = read_bundle(bundle)
+    manifest = contract.raw()
+    set_model(manifest, contract.model)
+    set_streaming(manifest, contract.streaming)
+    assert manifest == contract.raw()                        # the inverse: nothing else moves
+    step = dataclasses.replace(contract.streaming.graph, tensor_dtypes={
+        **contract.streaming.graph.tensor_dtypes, "past_kv": "float16"})
+    set_model(manifest, dataclasses.replace(contract.model, batch_invariant=False), opset=99)
+    set_streaming(manifest, dataclasses.replace(contract.streaming, kv_dtype="fp16", graph=step))
+    write_manifest(bundle, manifest)
+    again = read_bundle(bundle)
+    assert again.model.batch_invariant is False and again.raw()["model"]["opset"] == 99
+    assert again.streaming.kv_dtype == "fp16" and again.streaming.graph.tensor_dtypes["past_kv"] == "float16"
+    assert again.streaming.graph.files() == contract.streaming.graph.files() and again.model.dtype == contract.model.dtype
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / "model-x.plan").write_bytes(b"plan")
+    before = (bundle / MANIFEST_NAME).read_bytes()
+    with pytest.raises(BundleError, match="graph"):
+        record_engine(bundle, EngineRecord(graph="neither", path="engines/model-x.plan",
+                                           record={"profiles": []}))
+    assert (bundle / MANIFEST_NAME).read_bytes() == before            # refused: nothing written
+    record_engine(bundle, EngineRecord(graph="model", path="engines/model-x.plan", record={"profiles": []}))
+    [engine] = read_bundle(bundle).engines
+    assert engine.graph == "model" and read_bundle(bundle).files["engines/model-x.plan"].bytes == 4

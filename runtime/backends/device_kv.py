@@ -160,9 +160,9 @@ class DeviceStepRunner(BaseStepRunner):
             "past_sums": np.ascontiguousarray(np.stack([r.past_sums for r in rows]), dtype=np.float32),
         }
         shapes = {name: array.shape for name, array in host.items()}
-        shapes["past_kv"] = (s.kv_layers, 2, batch, s.kv_heads, past, s.head_dim)
-        out_shapes = {"score": (batch,), "new_kv": (s.kv_layers, 2, batch, s.kv_heads, width, s.head_dim),
-                      "sums": (batch, width, s.feature_dim)}
+        sizes = s.sizes(batch=batch, past=past, new=width)
+        shapes["past_kv"] = STEP_IO.shape("past_kv", **sizes)
+        out_shapes = {name: STEP_IO.shape(name, **sizes) for name in STEP_IO.outputs}
         sizes = {name: array.nbytes for name, array in host.items()}
         sizes["past_kv"] = int(np.prod(shapes["past_kv"])) * self._elem
         sizes["new_kv"] = int(np.prod(out_shapes["new_kv"])) * self._elem

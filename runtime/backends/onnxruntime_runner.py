@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..bundle import SCORE_IO, STEP_IO, Bundle, StreamingSpec, parse_version
+from ..bundle import DYNAMIC_AXES, SCORE_IO, STEP_IO, Bundle, StreamingSpec, parse_version
 from ..errors import BackendUnavailableError, BundleError
 from .base import BaseStepRunner, Runner, RunnerLimits, StepOutput, StepRow, check_state
 from .cuda_env import CudaError, cudart
@@ -98,7 +98,8 @@ class OnnxRuntimeStepRunner(_SessionRunner, BaseStepRunner):
             raise BundleError(f"{problem} (does streaming.path point at the right graph?)")
         kv = session.get_inputs()[STEP_IO.inputs.index("past_kv")].shape
         sums = session.get_inputs()[STEP_IO.inputs.index("past_sums")].shape
-        declared = [spec.kv_layers, 2, None, spec.kv_heads, None, spec.head_dim]
+        fixed = STEP_IO.shape("past_kv", **spec.sizes(batch=0, past=0))
+        declared = [None if axis in DYNAMIC_AXES else size for axis, size in zip(STEP_IO.axes["past_kv"], fixed)]
         for axis, (have, want) in enumerate(zip(kv, declared)):
             if want is not None and isinstance(have, int) and have != want:
                 raise BundleError(f"streaming: the step graph's past_kv axis {axis} is {have}, the manifest "
@@ -131,8 +132,8 @@ class OnnxRuntimeStepRunner(_SessionRunner, BaseStepRunner):
             np.ascontiguousarray(input_ids, dtype=np.int64),
             np.asarray(attention_mask, dtype=np.int64).sum(axis=1),
             np.zeros(batch, dtype=np.int64),
-            np.zeros((s.kv_layers, 2, batch, s.kv_heads, 0, s.head_dim), dtype=self._dtype),
-            np.zeros((batch, s.feature_dim), dtype=np.float32)))), self._run_options)
+            np.zeros(STEP_IO.shape("past_kv", **s.sizes(batch=batch, past=0)), dtype=self._dtype),
+            np.zeros(STEP_IO.shape("past_sums", **s.sizes(batch=batch)), dtype=np.float32)))), self._run_options)
         return np.asarray(score, dtype=np.float32).reshape(-1)
 
     def score_in_pieces(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -196,8 +197,8 @@ class OnnxRuntimeStepRunner(_SessionRunner, BaseStepRunner):
         ids = np.zeros((batch, width), dtype=np.int64)
         # each row's past, then zeros to the longest (masked, but must be finite: 0 x NaN is NaN);
         # only the padding is zeroed, not the whole buffer
-        past_kv = np.empty((s.kv_layers, 2, batch, s.kv_heads, past, s.head_dim), dtype=self._dtype)
-        sums = np.empty((batch, s.feature_dim), dtype=np.float32)
+        past_kv = np.empty(STEP_IO.shape("past_kv", **s.sizes(batch=batch, past=past)), dtype=self._dtype)
+        sums = np.empty(STEP_IO.shape("past_sums", **s.sizes(batch=batch)), dtype=np.float32)
         for b, row in enumerate(rows):
             ids[b, :len(row.new_ids)] = row.new_ids
             past_kv[:, :, b, :, :row.resume] = row.state.kv[:, :, :, :row.resume]

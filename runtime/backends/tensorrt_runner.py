@@ -147,7 +147,8 @@ class TensorRTRunner(Runner):
                  SCORE_IO.outputs[0]: batch * 4, SCORE_IO.outputs[1]: batch * self._classes * 4}
         addresses = {name: self._buffers[name].ensure(sizes.get(name, batch * 4 * self._classes))
                      for name in self._buffers}
-        self._engine.bind(self.stream, profile, {name: (batch, seq) for name in SCORE_IO.inputs}, addresses)
+        self._engine.bind(self.stream, profile, {name: SCORE_IO.shape(name, batch=batch, sequence=seq)
+                                                 for name in SCORE_IO.inputs}, addresses)
         self.stream.upload(addresses[SCORE_IO.inputs[0]], ids)
         self.stream.upload(addresses[SCORE_IO.inputs[1]], mask)
         self._engine.execute(self.stream)

@@ -47,17 +47,22 @@ def step_copies(streams: int, layers: int, heads: int, head_dim: int, element: i
     return gather, scatter
 
 
+#: a stream handle that is only converted, never used (not 0 or 1: the legacy NULL stream, which
+#: batched copies refuse): without a driver the call answers "no driver"; with one, "invalid handle"
+FAKE_STREAM = 0x5EED
+
+
 def timed_copy(stream, copies, repeat: int) -> float:
-    """Median ms of queueing `copies` (the call answers "no driver" once converted)."""
+    """Median ms of queueing `copies`: the bindings convert every argument, then the call
+    answers with an error (no driver here, an invalid handle on a GPU box)."""
     from siren_runtime.backends.cuda_env import CudaError
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         try:
             stream.copy_blocks(copies)
-        except CudaError as e:
-            if e.code not in (35, 100):         # no driver, no device: the arguments were converted
-                raise
+        except CudaError:
+            pass
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -83,7 +88,7 @@ def main() -> int:
                                       args.past, new=4)
         for label, three_d in PATHS.items():
             features = {"batched_copy": True, "batched_copy_3d": three_d, "async_alloc": False}
-            stream = CudaStream(rt, features, handle=1)      # a stream handle is only converted, never used
+            stream = CudaStream(rt, features, handle=FAKE_STREAM)
             ms = timed_copy(stream, gather, args.repeat) + timed_copy(stream, scatter, args.repeat)
             entries = 2 * streams if three_d else 2 * streams * 2 * dims["num_layers"] * dims["num_kv_heads"]
             print(f"| {streams} | {label} | {entries:,} | {ms:.2f} |")

@@ -85,7 +85,11 @@ def python_page() -> str:
             lines += [_doc(obj), ""]
         if not inspect.isclass(obj) or issubclass(obj, Exception):
             continue
-        for attr, member in obj.__dict__.items():
+        members = dict(obj.__dict__)                  # the class's own, then what it inherits
+        for base in obj.__mro__[1:-1]:
+            for attr, member in base.__dict__.items():
+                members.setdefault(attr, member)
+        for attr, member in members.items():
             if attr.startswith("_") and attr not in ("__call__",):
                 continue
             if isinstance(member, property):

@@ -23,6 +23,7 @@ from .backends import Runners, open_runners
 from .batching import length_groups
 from .bundle import Bundle
 from .chat_template import ChatTemplate, TemplateError
+from .guard_base import GuardBase
 from .guard import (DEFAULT_MAX_BATCH, DEFAULT_STREAM_CACHE, DEFAULT_STREAM_CACHE_BYTES, DEFAULT_TOKEN_BUDGET,
                     check_kind, locate_bundle)
 from .render import fold_system, messages_of
@@ -91,7 +92,7 @@ class TrajectoryEncoder:
         return pad_right(id_lists, self.pad_token_id, self.max_length)
 
 
-class AgentSirenGuard:
+class AgentSirenGuard(GuardBase):
     """Scores agent trajectories from an exported Agent-SIREN bundle (llm-siren's
     ``AgentSirenGuard`` API: ``score_trajectory``, ``score_batch``, ``score_streaming``,
     ``__call__``, ``default_threshold``). Thread-safe like SirenGuard; ``close()`` frees it."""
@@ -148,63 +149,8 @@ class AgentSirenGuard:
             runners.close()
             raise
 
-    # -- properties ---------------------------------------------------------------------
-    @property
-    def default_threshold(self) -> float:
-        return self._default_threshold
-
-    @property
-    def base_model_id(self) -> str:
-        return str((self._bundle.manifest.get("backbone") or {}).get("model_id", ""))
-
-    @property
-    def backend(self) -> str:
-        return self._runners.score.name
-
-    @property
-    def device(self) -> str:
-        return self._runners.score.device
-
-    @property
-    def max_length(self) -> int:
-        return self._encoder.max_length
-
-    @property
-    def limits(self) -> dict:
-        """What one engine call takes at most (rows, padded tokens) and the longest input
-        in tokens: what a server reports at /info."""
-        return {"max_batch_size": self._max_batch, "token_budget": self._token_budget,
-                "max_length": self.max_length}
-
-    @property
-    def runners(self) -> Runners:
-        """The backend runners this guard scores with (their limits, their names)."""
-        return self._runners
-
-    @property
-    def bundle(self) -> Bundle:
-        return self._bundle
-
-    @property
-    def batch_invariant(self) -> bool:
-        return bool(getattr(self._runners.score, "batch_invariant", False))
-
-    @property
-    def incremental_streaming(self) -> bool:
-        """Whether sessions and score_streaming run only new ids (a step graph is loaded)."""
-        return self._incremental is not None
-
-    def close(self) -> None:
-        self._closed = True
+    def _forget(self) -> None:
         self._recent.clear()
-        self._stream_cache.clear()
-        self._runners.close()
-
-    def __enter__(self) -> "AgentSirenGuard":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- scoring ------------------------------------------------------------------------
     def score_trajectory(self, trajectory: Any = None, *, messages: Optional[list] = None,
@@ -313,10 +259,6 @@ class AgentSirenGuard:
         return self._encoder.ids(self.render(trajectory))
 
     # -- internals ----------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this AgentSirenGuard is closed")
-
     def _ids_of(self, trajectory: Trajectory) -> list:
         """Rendered, tokenized and truncated: every input check a score makes."""
         return self._encoder.ids(self._encoder.render(trajectory))

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .backends import Runners, backend_name, open_runners, warn_once
 from .batching import length_groups
 from .bundle import Bundle, read_bundle
+from .guard_base import GuardBase
 from .hub import download_bundle, is_repo_id
 from .private_copy import trim_heap
 from .prefixes import PrefixHead, PrefixScores, check_sustain, first_sustained, token_spans
@@ -73,7 +74,7 @@ def check_kind(bundle: Bundle, kind: str) -> None:
                          f"not {GUARD_CLASSES[kind]}")
 
 
-class SirenGuard:
+class SirenGuard(GuardBase):
     """Scores text for harmfulness from an exported SIREN bundle.
 
     Same calls and results as ``siren_guard.SirenGuard`` (llm-siren), plus ``stream()``
@@ -170,66 +171,6 @@ class SirenGuard:
         except BaseException:
             runners.close()
             raise
-
-    def close(self) -> None:
-        """Free the runners (sessions, engines, stream states); later calls raise."""
-        self._closed = True
-        self._stream_cache.clear()
-        self._runners.close()
-
-    def __enter__(self) -> "SirenGuard":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this SirenGuard is closed")
-
-    # -- properties -------------------------------------------------------------------
-    @property
-    def default_threshold(self) -> float:
-        return self._default_threshold
-
-    @property
-    def backend(self) -> str:
-        return self._runners.score.name
-
-    @property
-    def device(self) -> str:
-        return self._runners.score.device
-
-    @property
-    def batch_invariant(self) -> bool:
-        """Whether a text's score is bit-identical whatever shares its batch: ONNX Runtime on
-        the CPU with a bundle exported for it (bundle.model.batch_invariant) or pre-packed
-        weights. GPU kernels and int8 activations (one scale per batch) give no such promise."""
-        return bool(getattr(self._runners.score, "batch_invariant", False))
-
-    @property
-    def max_length(self) -> int:
-        return self._encoder.max_length
-
-    @property
-    def limits(self) -> dict:
-        """What one engine call takes at most (rows, padded tokens) and the longest input
-        in tokens: what a server reports at /info."""
-        return {"max_batch_size": self._max_batch, "token_budget": self._token_budget,
-                "max_length": self.max_length}
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        """The bundle's manifest (a copy)."""
-        return self._bundle.raw()
-
-    @property
-    def bundle(self) -> Bundle:
-        return self._bundle
-
-    @property
-    def runners(self) -> Runners:
-        return self._runners
 
     # -- scoring API ------------------------------------------------------------------
     def score(self, text: Optional[str] = None, *, prompt: Optional[str] = None,
@@ -441,10 +382,6 @@ class SirenGuard:
     @property
     def stream_cache(self) -> StreamCache:
         return self._stream_cache
-
-    @property
-    def incremental_streaming(self) -> bool:
-        return self._incremental is not None
 
     def __call__(self, *args, **kwargs) -> ScoreResult:
         return self.score(*args, **kwargs)

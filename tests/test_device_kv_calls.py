@@ -143,6 +143,46 @@ def test_row_batches_convert_an_entry_per_row_still_constant_calls():
     assert min(entries[36][1:]) > 8 * 36 * 2 * 2 > max(entries[2][1:])
 
 
+@pytest.mark.parametrize("refused, path", [
+    ({"cudaMemcpy3DBatchAsync": 801}, "cudaMemcpyBatchAsync"),
+    ({"cudaMemcpy3DBatchAsync": 801, "cudaMemcpyBatchAsync": 801}, "cudaMemcpy2DAsync")])
+def test_a_driver_that_refuses_a_batched_copy_falls_back_once_still_exact(refused, path, caplog):
+    """A driver that answers a batched copy with an error (not "no driver") is said once; the
+    refused copies are replayed on the older path and every later step takes it; the pasts
+    gathered stay exact."""
+    from trt_standin import StandIn
+    standin = StandIn(refuse_batch=refused)
+    runner = emulated_runner(standin, 4)
+    with caplog.at_level("WARNING", logger="siren_runtime.backends"):
+        run_steps(runner, standin, 8, steps=4)
+    warned = [r.getMessage() for r in caplog.records if r.name == "siren_runtime.backends"]
+    assert len(warned) == len(refused) and all("(801)" in w and "from now on" in w for w in warned), warned
+    assert all(standin.gpu.calls[name] == 1 for name in refused)            # tried once each, then not again
+    assert standin.gpu.calls[path] > 0
+    runner.close()
+    assert standin.gpu.live_bytes() == 0
+
+
+def test_other_batched_copy_errors_are_raised_not_papered_over():
+    from trt_standin import StandIn
+    from siren_runtime.backends.cuda_env import CudaError
+    standin = StandIn(refuse_batch={"cudaMemcpy3DBatchAsync": 2})          # out of memory: not a refusal
+    runner = emulated_runner(standin, 2)
+    with pytest.raises(CudaError, match=r"\(2\) in cudaMemcpy3DBatchAsync"):
+        run_steps(runner, standin, 4, steps=3)
+    assert standin.gpu.calls["cudaMemcpyBatchAsync"] == standin.gpu.calls["cudaMemcpy2DAsync"] == 0
+    runner.close()
+
+
+def test_a_legacy_stream_handle_is_refused():
+    from trt_standin import StandIn
+    from siren_runtime.backends.cuda_memory import CudaStream
+    standin = StandIn()
+    for legacy in (0, 1):
+        with pytest.raises(ValueError, match="legacy NULL stream"):
+            CudaStream(standin.cudart, handle=legacy)
+
+
 def test_older_bindings_fall_back_to_pitched_copies_still_exact():
     """Without batched copies (or below CUDA 12.8 in the runtime or the driver) and
     without stream-ordered allocation, the 2D-copy path runs and the gathered pasts still

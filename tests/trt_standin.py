@@ -278,6 +278,7 @@ class FakeGPU:
     batch_copy: bool = True               # the binding has cudaMemcpyBatchAsync
     batch_copy_3d: bool = True            # the binding has cudaMemcpy3DBatchAsync
     copy_entries: int = 0                 # copies described to the binding (a batch's entries, 1 per plain call)
+    refuse_batch: dict = field(default_factory=dict)  # batched-copy call name -> the error the driver answers
     async_alloc: bool = True              # the binding has cudaMallocAsync / cudaFreeAsync
     memory_pools: bool = True             # the device supports memory pools (cudaDevAttrMemoryPoolsSupported)
     pool_release_threshold: int = 0       # what cudaMemPoolSetAttribute set on the default pool
@@ -421,6 +422,19 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
                                f"source {'device' if src_dev else 'host/outside'} (or out of bounds)")
         return {1: "h2d", 2: "d2h", 3: "d2d"}[int(kind)]
 
+    def _unordered(writes: list, reads: list, what: str) -> None:
+        """The copies of one batch run in no particular order: a write that overlaps another
+        write or any read is undefined behaviour on a real GPU, an error here."""
+        spans = sorted([(start, start + size, True) for start, size in writes if size] +
+                       [(start, start + size, False) for start, size in reads if size])
+        written_to = any_to = -1
+        for start, end, is_write in spans:
+            if start < written_to or (is_write and start < any_to):
+                raise StandInError(f"{what}: copies of one batch overlap at {start:#x} (they run in no order)")
+            any_to = max(any_to, end)
+            if is_write:
+                written_to = max(written_to, end)
+
     def cudaMemcpyAsync(dst, src, count, kind, stream):
         _stream(stream)
         label = _directions(kind, int(dst), int(src), int(count), "cudaMemcpyAsync")
@@ -458,6 +472,10 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         for a in attrs:
             if not isinstance(a, cudaMemcpyAttributes) or a.srcAccessOrder == 0:
                 raise StandInError("cudaMemcpyBatchAsync: each attribute needs a valid srcAccessOrder")
+        if "cudaMemcpyBatchAsync" in gpu.refuse_batch:
+            err = cudaError_t(gpu.refuse_batch["cudaMemcpyBatchAsync"])
+            return (err, 0) if gpu.binding_line == 12 else (err,)
+        _unordered(list(zip(map(int, dsts), sizes)), list(zip(map(int, srcs), sizes)), "cudaMemcpyBatchAsync")
         for dst, src, size in zip(dsts, srcs, sizes):
             _directions(cudaMemcpyKind.cudaMemcpyDeviceToDevice, int(dst), int(src), size, "cudaMemcpyBatchAsync")
             ctypes.memmove(int(dst), int(src), size)
@@ -475,7 +493,10 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
         if not isinstance(opList, (list, tuple)) or len(opList) != numOps or not numOps or flags != 0:
             raise StandInError(f"{what}({numOps!r}, {len(opList) if isinstance(opList, (list, tuple)) else opList!r} "
                                f"ops, flags {flags!r})")
-        total = 0
+        if "cudaMemcpy3DBatchAsync" in gpu.refuse_batch:
+            err = cudaError_t(gpu.refuse_batch["cudaMemcpy3DBatchAsync"])
+            return (err, 0) if gpu.binding_line == 12 else (err,)
+        total, moves = 0, []
         for op in opList:
             if not isinstance(op, cudaMemcpy3DBatchOp) or op.srcAccessOrder == 0 or op.flags != 0:
                 raise StandInError(f"{what}: each op needs a valid srcAccessOrder and no flags")
@@ -497,8 +518,11 @@ def make_cudart(gpu: FakeGPU) -> types.ModuleType:
                 for r in range(height):
                     d, s_ = dst + k * dst_layer + r * dst_pitch, src + k * src_layer + r * src_pitch
                     _directions(cudaMemcpyKind.cudaMemcpyDeviceToDevice, d, s_, width, what)
-                    ctypes.memmove(d, s_, width)
+                    moves.append((d, s_, width))
             total += width * height * depth
+        _unordered([(d, n) for d, _, n in moves], [(s_, n) for _, s_, n in moves], what)
+        for d, s_, n in moves:
+            ctypes.memmove(d, s_, n)
         gpu.copies.append(Copy("d2d", int(opList[0].dst.op.ptr.ptr), int(opList[0].src.op.ptr.ptr), total))
         gpu.copy_entries += numOps
         return (ok, 0) if gpu.binding_line == 12 else (ok,)

@@ -14,7 +14,7 @@ On the GPU it checks:
   on the runner's CUDA stream over its bound buffers, at Qwen3-0.6B dims (random weights made on
   the box), fp32 and bf16 KV, 1/16/64 streams, every copy path (3-D batch, row batch, 2-D);
   scores against llm-siren on the same GPU, every stream's KV read back against a whole-prefix
-  recompute, host calls and copy entries per step, copy host ms, device ms (CUDA events),
+  recompute, host calls and copy entries per step, copy host ms, the engine call's GPU ms (CUDA events),
   memory held and after close;
 - llm-siren on torch+CUDA as the GPU anchor: bf16 latency at batch 1/8/32 x 64/256 tokens, a
   saturated batch of 256 x 64 and 64 streams rescored, at Qwen3-0.6B dims (Qwen3-4B with

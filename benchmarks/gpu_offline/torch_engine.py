@@ -8,7 +8,9 @@ tensors on that same stream and writes its outputs into the bound output buffers
 with no host synchronization (the runner downloads the score after it, on its stream). So
 the gather, the scatter, stream-ordered allocation and every copy path run for real, and
 each stream's score and KV cache can be checked against llm-siren and a whole-prefix
-recompute on the same GPU.
+recompute on the same GPU. Step time is host wall time (the runner synchronizes on the
+score); the engine call's GPU time comes from CUDA events around it on the runner's stream;
+memory is the device's in-use bytes less torch's own allocator (which grows on that stream).
 
 Lives in the GPU check kit only: the runtime never imports torch.
 """
@@ -81,6 +83,8 @@ class DeviceTensors:
                                             "data": (int(address), False), "version": 3, "strides": None,
                                             "stream": None}
             tensor = torch.as_tensor(Interface(), device="cuda")
+            # the buffer itself, never a copy (as_tensor copies a pointer of another device)
+            assert tensor.data_ptr() == int(address), "torch copied the device buffer instead of viewing it"
         return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
 
 
@@ -99,14 +103,24 @@ def torch_engine_runner(rt, spec, module, tensors: DeviceTensors, max_length: in
         def __init__(self):
             super().__init__(rt, spec, max_length, max_batch)
             self.torch_stream = torch.cuda.ExternalStream(int(self.stream.handle)) if cuda else None
+            self.engine_events = []               # (start, stop) CUDA events around each engine call
 
         def _execute(self, shapes, out_shapes, addresses):
             inputs = [tensors.at(addresses[n], shapes[n], types[n])
                       for n in ("input_ids", "new_lengths", "past_lengths", "past_kv", "past_sums")]
             outputs = [tensors.at(addresses[n], out_shapes[n], types[n]) for n in ("score", "new_kv", "sums")]
             with torch.no_grad(), (torch.cuda.stream(self.torch_stream) if cuda else _nothing()):
-                for out, value in zip(outputs, module(*inputs)):
+                if cuda:
+                    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    events[0].record(self.torch_stream)
+                for name, out, value in zip(("score", "new_kv", "sums"), outputs, module(*inputs)):
+                    if tuple(value.shape) != tuple(out.shape):    # copy_ would broadcast a wrong shape
+                        raise AssertionError(f"{name}: the step module gave {tuple(value.shape)}, the runner "
+                                             f"bound {tuple(out.shape)}")
                     out.copy_(value)                   # in place, queued on the runner's stream
+                if cuda:
+                    events[1].record(self.torch_stream)
+                    self.engine_events.append(events)
 
     return TorchEngineStep()
 
@@ -158,7 +172,6 @@ def _read_cache(runner, state, spec, cuda: bool, standin):
 
 def _whole_prefix_kv(module, token_lists, spec, device):
     """Every stream's keys/values recomputed from its whole prefix, in one module call."""
-    import numpy as np
     import torch
     kv = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.kv_dtype]
     width = max(len(t) for t in token_lists)
@@ -183,10 +196,17 @@ def run_config(raw_rt, path: str, module, reference, spec, streams: int, max_len
     from siren_runtime.backends.base import StepRow
     cuda = standin is None
     rt = CountingRuntime(raw_rt, COPY_PATHS[path])
-    if cuda:
+    def runner_bytes() -> int:
+        """Device memory in use less torch's own (its allocator grows on the runner's stream)."""
+        if not cuda:
+            return device_bytes()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    before = device_bytes()
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
+        return device_bytes() - torch.cuda.memory_reserved()
+    before = runner_bytes()
     runner = torch_engine_runner(rt, spec, module, DeviceTensors(standin), max_length, max_batch=max(streams, 1),
                                  cuda=cuda)
     runner.copy_ms = 0.0
@@ -212,20 +232,17 @@ def run_config(raw_rt, path: str, module, reference, spec, streams: int, max_len
             end = cuts[j][feed]
             rows.append(StepRow(states[j], held[j], list(t[held[j]:end]), sums[j]))
         calls, entries, copy_ms = dict(rt.calls), rt.entries, runner.copy_ms
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(runner.torch_stream)
         t0 = time.perf_counter()
         out = runner.step(rows)
         host_ms = 1000 * (time.perf_counter() - t0)
-        device_ms = None
-        if cuda:
-            stop.record(runner.torch_stream)
+        engine_ms = None
+        if cuda:                       # the engine call's GPU time, from events around it on the stream
+            start, stop = runner.engine_events.pop()
             stop.synchronize()
-            device_ms = start.elapsed_time(stop)
+            engine_ms = start.elapsed_time(stop)
         per_step.append({"calls": sum(n - calls.get(k, 0) for k, n in rt.calls.items() if k not in ALLOCATION_CALLS),
                          "entries": rt.entries - entries, "copy_host_ms": runner.copy_ms - copy_ms,
-                         "step_ms": host_ms, "device_ms": device_ms})
+                         "step_ms": host_ms, "engine_ms": engine_ms})
         for j, o in enumerate(out):
             sums[j] = o.sums[-1]
             held[j] = cuts[j][feed]
@@ -236,12 +253,9 @@ def run_config(raw_rt, path: str, module, reference, spec, streams: int, max_len
     recomputed = _whole_prefix_kv(module, tokens, spec, "cuda" if cuda else "cpu")
     scale = max(float(np.abs(r).max()) for r in recomputed) or 1.0
     kv_diff = max(float(np.abs(c - r).max()) for c, r in zip(caches, recomputed)) / scale
-    held_bytes = device_bytes() - before
+    held_bytes = runner_bytes() - before
     runner.close()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    after = device_bytes() - before
+    after = runner_bytes() - before
     steady = per_step[1:]                          # the first step has no past to gather
     tol = TOLERANCE[spec.kv_dtype]
     return {"path": path, "streams": streams, "kv_dtype": spec.kv_dtype, "layers": spec.kv_layers,
@@ -250,7 +264,7 @@ def run_config(raw_rt, path: str, module, reference, spec, streams: int, max_len
             "entries_per_step": statistics.median(s["entries"] for s in steady),
             "copy_host_ms_per_step": statistics.median(s["copy_host_ms"] for s in steady),
             "step_ms": statistics.median(s["step_ms"] for s in steady),
-            "device_ms": statistics.median(s["device_ms"] for s in steady) if cuda else None,
+            "engine_ms": statistics.median(s["engine_ms"] for s in steady) if cuda else None,
             "device_mib_held": held_bytes / 2 ** 20, "device_mib_after_close": after / 2 ** 20,
             "passed": score_diff <= tol["score"] and kv_diff <= tol["kv"]}
 
@@ -284,12 +298,12 @@ def torch_engine_check(artifact: Path, raw_rt, device_bytes, standin=None, strea
 
 def print_rows(result: dict) -> None:
     print("\n| torch as the step engine | KV | layers | max abs diff vs llm-siren | KV rel diff vs recompute "
-          "| host calls/step | copy entries/step | copy host ms/step | step ms | device ms | MiB held "
+          "| host calls/step | copy entries/step | copy host ms/step | step ms | engine GPU ms | MiB held "
           "| MiB after close | result |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in result["rows"]:
         ok = "PASS" if r["passed"] and r["entries_o_streams"] else "FAIL"
-        device = f"{r['device_ms']:.2f}" if r["device_ms"] is not None else "n/a"
+        device = f"{r['engine_ms']:.2f}" if r["engine_ms"] is not None else "n/a"
         calls = "/".join(str(c) for c in r["host_calls_per_step"])
         print(f"| {r['streams']} streams, {r['path']} | {r['kv_dtype']} | {r['layers']} | "
               f"{r['score_diff_vs_llm_siren']:.2e} | {r['kv_rel_diff_vs_recompute']:.2e} | {calls} | "

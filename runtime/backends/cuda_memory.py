@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .cuda_env import check
+from .cuda_env import CudaError, check
+
+log = logging.getLogger("siren_runtime.backends")
+#: what a driver answers to a batched copy it cannot do here (an argument form it does not take,
+#: no support, a capturing stream): the older copy path is taken instead; any other error is raised
+_REFUSED = {1: "cudaErrorInvalidValue", 801: "cudaErrorNotSupported", 900: "cudaErrorStreamCaptureUnsupported"}
 
 #: TensorRT wants tensor addresses aligned and non-null even for empty tensors
 _MIN_BYTES = 256
@@ -128,7 +134,11 @@ class CudaStream:
     """A CUDA stream and the copies queued on it; ``close()`` destroys it."""
 
     def __init__(self, rt, features: Optional[dict] = None, handle=None):
-        """A new stream, or `handle`: an existing one to queue on (its owner destroys it)."""
+        """A new stream, or `handle`: an existing one to queue on (its owner destroys it; not
+        the legacy NULL stream, which batched copies refuse)."""
+        if handle is not None and int(handle) in (0, 1):
+            raise ValueError("CudaStream needs a created stream, not the legacy NULL stream (0 or 1): batched copies "
+                             "refuse it")
         self.rt = rt
         self._owned = handle is None
         self.handle = check(rt.cudaStreamCreate(), "cudaStreamCreate") if handle is None else handle
@@ -185,9 +195,23 @@ class CudaStream:
         dsts = (dst[:, None] + rows * dst_pitch[:, None]).ravel()
         srcs = (src[:, None] + rows * src_pitch[:, None]).ravel()
         sizes = np.repeat(width, height)
-        check(self.rt.cudaMemcpyBatchAsync(dsts.tolist(), srcs.tolist(), sizes.tolist(), len(sizes),
-                                           self._batch_attrs, [0], 1, self.handle),
-              f"cudaMemcpyBatchAsync ({len(sizes)} device-to-device copies)")
+        try:
+            check(self.rt.cudaMemcpyBatchAsync(dsts.tolist(), srcs.tolist(), sizes.tolist(), len(sizes),
+                                               self._batch_attrs, [0], 1, self.handle),
+                  f"cudaMemcpyBatchAsync ({len(sizes)} device-to-device copies)")
+        except CudaError as e:
+            self._fall_back(e, "one cudaMemcpy2DAsync per slab")
+            self._batch_attrs = None
+            self.copy_rows_many(dst, dst_pitch, src, src_pitch, width, height)
+
+    @staticmethod
+    def _fall_back(error: CudaError, to: str) -> None:
+        """A batched copy this driver refuses (_REFUSED): say so once and take the older path
+        from now on; the copies are replayed there (a batch whose call failed queued nothing,
+        and replaying a copy writes the same bytes). Any other error is raised."""
+        if error.code not in _REFUSED:
+            raise error
+        log.warning("%s; this stream's KV copies use %s from now on", error, to)
 
     def copy_blocks(self, copies: BlockCopies) -> None:
         """Queue many 3-D device-to-device copies: one ``cudaMemcpy3DBatchAsync`` entry per
@@ -214,8 +238,13 @@ class CudaStream:
             op.extent.width, op.extent.height, op.extent.depth = width, copies.height, copies.depth
             op.srcAccessOrder = in_stream_order
             ops.append(op)
-        check(rt.cudaMemcpy3DBatchAsync(len(ops), ops, 0, self.handle),
-              f"cudaMemcpy3DBatchAsync ({len(ops)} device-to-device copies)")
+        try:
+            check(rt.cudaMemcpy3DBatchAsync(len(ops), ops, 0, self.handle),
+                  f"cudaMemcpy3DBatchAsync ({len(ops)} device-to-device copies)")
+        except CudaError as e:
+            self._fall_back(e, "a batch of row copies")
+            self._blocks_3d = False
+            self.copy_rows_many(*copies.layers(), copies.height)
 
     def allocate(self, nbytes: int, what: str) -> int:
         """Device memory ordered on this stream (no device-wide synchronization) where the

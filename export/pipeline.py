@@ -109,9 +109,8 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
     pad_id = pad_token_id(tokenizer, model_id)
     pad_token = tokenizer.pad_token if tokenizer.pad_token is not None else tokenizer.eos_token
     progress.done()
-    stage = Staging(output)
-    staging = stage.path
-    try:
+    with Staging(output) as stage:
+        staging = stage.path
         progress.start("writing the tokenizer and measuring activations")
         save_bare_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         encoder = TextEncoder(staging / TOKENIZER_FILE, max_length=art.max_length, pad_token_id=pad_id)
@@ -229,7 +228,4 @@ def export_bundle(artifact: str, output: str | Path, *, backbone: Optional[str] 
         read_bundle(staging).verify()          # the contract's own reader accepts what was written
         stage.publish(overwrite=overwrite)
         progress.done(f"{output / MANIFEST_NAME}")
-    except BaseException:
-        stage.discard()
-        raise
     return output

@@ -273,9 +273,8 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
     stepper = trajectory_step_scorer(loaded.model, art) if streaming else None
     progress.done()
 
-    stage = Staging(output)
-    staging = stage.path
-    try:
+    with Staging(output) as stage:
+        staging = stage.path
         progress.start("writing the tokenizer and chat template, tracing the ONNX graph")
         save_bare_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         (staging / TEMPLATE_FILE).write_text(template, encoding="utf-8")
@@ -385,9 +384,6 @@ def export_trajectory_bundle(artifact: str, output: Path, *, backbone: Optional[
         read_bundle(staging).verify()
         stage.publish(overwrite=overwrite)
         progress.done(f"{output / MANIFEST_NAME}")
-    except BaseException:
-        stage.discard()
-        raise
     return output
 
 

@@ -319,9 +319,8 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                 rows.append({**_summary(plan, {"passed": False}, None, 0, 0.0), "why": "skipped: no fp32 graph"})
                 continue
             t0 = time.perf_counter()
-            stage = Staging(output)
-            staging = stage.path
-            try:
+            with Staging(output) as stage:
+                staging = stage.path
                 reports, treatment = _rewrite(staging, source, contract, plan, weights_source, calibration,
                                               show_progress)
                 for rel in (contract.tokenizer_path, *_carried(contract)):
@@ -365,9 +364,6 @@ def quantize_bundle(source: str | Path, output: str | Path, *, weights: str = "i
                     os.chmod(staging / name, 0o644)
                 stage.publish(overwrite=overwrite)
                 break
-            except BaseException:
-                stage.discard()
-                raise
         else:
             _say(show_progress and len(plans) > 1, format_candidates(rows))
             report = {**last_report, "candidates": rows}

@@ -146,6 +146,15 @@ class Staging:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
 
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        """Leaving with an error (an interrupt included) removes the unfinished bundle."""
+        if kind is not None:
+            self.discard()
+        return False
+
     def publish(self, overwrite: bool = False) -> Path:
         """Move the bundle to the output (see :func:`publish`); the lock goes with it."""
         try:

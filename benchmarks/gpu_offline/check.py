@@ -29,7 +29,6 @@ Exit 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import platform

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -109,17 +109,17 @@ class BlockCopies:
     def __len__(self) -> int:
         return len(self.width)
 
+    #: the per-copy arrays (the rest is one shape for all copies)
+    ARRAYS = ("dst", "dst_pitch", "dst_layer_rows", "src", "src_pitch", "src_layer_rows", "width")
+
     def __add__(self, other: "BlockCopies") -> "BlockCopies":
         if (self.height, self.depth) != (other.height, other.depth):
             raise ValueError("block copies of different heights or depths")
-        fields = ("dst", "dst_pitch", "dst_layer_rows", "src", "src_pitch", "src_layer_rows", "width")
-        joined = {f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in fields}
-        return BlockCopies(**joined, height=self.height, depth=self.depth)
+        return replace(self, **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.ARRAYS})
 
     def nonempty(self) -> "BlockCopies":
         keep = self.width > 0
-        fields = ("dst", "dst_pitch", "dst_layer_rows", "src", "src_pitch", "src_layer_rows", "width")
-        return BlockCopies(**{f: getattr(self, f)[keep] for f in fields}, height=self.height, depth=self.depth)
+        return replace(self, **{f: getattr(self, f)[keep] for f in self.ARRAYS})
 
     def layers(self) -> tuple:
         """The same copies as 2-D ones, one per (copy, layer): copy_rows_many's arguments."""
